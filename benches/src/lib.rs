@@ -1,0 +1,98 @@
+//! Shared helpers of the DWCP benchmarks: simulated guests and an in-process loopback migration.
+//!
+//! The benchmarks themselves live in `benches/`: `hde` (page encoder and decoder throughput) and `e2e`
+//! (a whole migration over loopback TCP). Run them with `cargo bench -p dwcp-benches` or through
+//! `cargo xtask bench hde|e2e|all`.
+#![deny(missing_docs)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dwcp::{Listener, Migration, MigrationConfig, MigrationReport, ReceiveReport, ReceiverConfig};
+use dwcp_core::handshake::Psk;
+use dwcp_core::sim::{ContentMix, SimulatedGuest, SimulatedGuestConfig};
+use dwcp_core::{Error, GuestRam};
+
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+
+/// Guest memory size used by the benchmarks.
+pub const GUEST_BYTES: u64 = 256 * MIB;
+
+/// The content mixes the benchmarks cover, with the names used in benchmark ids.
+pub const MIXES: [(&str, ContentMix); 2] = [
+    ("idle", ContentMix::IDLE_GUEST),
+    ("random", ContentMix::RANDOM),
+];
+
+/// Seed of every benchmark guest, so that runs compare like with like.
+pub const SEED: u64 = 0xD3C9_2025;
+
+/// A simulated guest of `size_bytes` filled with `mix` (no workload running).
+pub fn guest(size_bytes: u64, mix: ContentMix) -> Arc<SimulatedGuest> {
+    SimulatedGuest::new(SimulatedGuestConfig {
+        size_bytes,
+        mix,
+        seed: SEED,
+    })
+    .unwrap_or_else(|e| panic!("creating a {size_bytes}-byte simulated guest: {e}"))
+}
+
+/// What a loopback migration produced.
+#[derive(Debug)]
+pub struct Loopback {
+    /// The source's report.
+    pub source: MigrationReport,
+    /// The destination's report.
+    pub destination: ReceiveReport,
+    /// Wall time from starting the migration to the destination's return (listener setup excluded).
+    pub elapsed: Duration,
+    /// The destination's copy of the memory; dropping it (unmapping) is left to the caller so that it can
+    /// happen outside a timed region.
+    pub destination_ram: GuestRam,
+}
+
+/// Migrates `guest` to a destination in a thread of this process, over TCP on 127.0.0.1, into anonymous
+/// memory. The guest is reusable afterwards as long as no workload runs on it.
+pub fn loopback_migration(
+    guest: &SimulatedGuest,
+    config: MigrationConfig,
+) -> Result<Loopback, Error> {
+    let psk = Psk::generate();
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("a valid socket address");
+    let listener = Listener::bind(any, psk.clone(), ReceiverConfig::default())?;
+    let addr = listener.local_addr()?;
+    let receiver = std::thread::Builder::new()
+        .name("bench-destination".into())
+        .spawn(move || -> Result<(ReceiveReport, GuestRam), Error> {
+            let incoming = listener.accept()?;
+            let ram = GuestRam::anonymous(incoming.layout().clone())?;
+            let report = incoming.receive_into(&ram)?;
+            Ok((report, ram))
+        })
+        .map_err(|e| Error::io("spawning the destination thread", e))?;
+    let start = Instant::now();
+    let source = Migration::new(addr, psk).config(config).run(
+        guest,
+        &mut guest.dirty_log(),
+        &mut guest.control(),
+    );
+    if source.is_err() {
+        // The source may have failed before connecting; wake the destination from `accept` so that it
+        // fails too instead of waiting for ever.
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+    let destination = receiver
+        .join()
+        .map_err(|_| Error::Protocol("the destination thread panicked".into()))?;
+    let elapsed = start.elapsed();
+    let source = source?;
+    let (destination, destination_ram) = destination?;
+    Ok(Loopback {
+        source,
+        destination,
+        elapsed,
+        destination_ram,
+    })
+}

@@ -1,0 +1,263 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use dwcp::MigrationConfig;
+use dwcp_core::sim::ContentMix;
+use dwcp_hde::Codec;
+
+use crate::size::parse_size;
+
+/// Live migration of VM memory over multi-stream TCP.
+#[derive(Debug, Parser)]
+#[command(name = "dwcp", version, propagate_version = true)]
+pub struct Cli {
+    /// More logging on stderr (-v: info, -vv: debug). RUST_LOG sets the filter; the default is `warn`.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate a simulated, running guest to a destination in this process, over loopback.
+    Demo(DemoArgs),
+    /// Migrate a memory image file to a `dwcp recv`.
+    Send(SendArgs),
+    /// Wait for one migration and write the received memory to an image file.
+    Recv(RecvArgs),
+    /// Write a fresh random pre-shared key (hex) to a file readable only by its owner.
+    Keygen(KeygenArgs),
+    /// Write a memory image filled like a simulated guest's memory.
+    Mkimage(MkimageArgs),
+}
+
+/// Content of a simulated guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mix {
+    /// Like an idle Linux guest: mostly zero pages, some text, a little random data.
+    Idle,
+    /// Incompressible: every page random.
+    Random,
+    /// Every page zero.
+    Zero,
+}
+
+impl Mix {
+    /// The simulator's content fractions.
+    pub fn content(self) -> ContentMix {
+        match self {
+            Mix::Idle => ContentMix::IDLE_GUEST,
+            Mix::Random => ContentMix::RANDOM,
+            Mix::Zero => ContentMix::ZERO,
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::Idle => "idle",
+            Mix::Random => "random",
+            Mix::Zero => "zero",
+        }
+    }
+}
+
+/// Parameters of the source side shared by `demo` and `send`.
+#[derive(Debug, Args)]
+pub struct MigrateOpts {
+    /// Parallel TCP streams.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
+    /// Compressor of literal pages: none, lz4, zstd or zstd:LEVEL (1..19).
+    #[arg(long, default_value = "lz4", value_parser = parse_codec)]
+    pub codec: Codec,
+    /// Largest acceptable guest pause, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Pre-copy passes before stop-and-copy is forced.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_iterations: u32,
+}
+
+impl MigrateOpts {
+    /// The engine's configuration.
+    pub fn config(&self) -> MigrationConfig {
+        MigrationConfig {
+            streams: usize::from(self.streams),
+            downtime_limit: Duration::from_millis(self.downtime_ms),
+            max_iterations: self.max_iterations,
+            codec: self.codec,
+            ..MigrationConfig::default()
+        }
+    }
+}
+
+/// Output options shared by the migrating commands.
+#[derive(Debug, Args)]
+pub struct OutputOpts {
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the command runs.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+}
+
+/// `dwcp demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Guest memory size (4096, 64K, 512M, 1G, 1GiB: powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Rate at which the guest writes its memory during the migration, in MiB/s (0: it does not).
+    #[arg(long, default_value_t = 100)]
+    pub dirty_rate: u64,
+    /// Initial memory content.
+    #[arg(long, value_enum, default_value_t = Mix::Idle)]
+    pub mix: Mix,
+    /// Seed of the memory content and of the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub migrate: MigrateOpts,
+    /// Output.
+    #[command(flatten)]
+    pub output: OutputOpts,
+    /// Do not show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Leave the destination's RAM unallocated until pages arrive, so first-touch page faults happen
+    /// during the migration (by default it is preallocated before, as a VMM preallocates guest RAM).
+    #[arg(long)]
+    pub lazy_destination: bool,
+}
+
+/// `dwcp send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Address of the `dwcp recv` (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// Memory image to send (a whole number of 4 KiB pages).
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    /// File holding the pre-shared key (see `dwcp keygen`).
+    #[arg(long, value_name = "PATH")]
+    pub psk_file: PathBuf,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub migrate: MigrateOpts,
+    /// Output.
+    #[command(flatten)]
+    pub output: OutputOpts,
+    /// Do not show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `dwcp recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Address to listen on (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Image file to write the received memory to (created or truncated).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// File holding the pre-shared key (see `dwcp keygen`).
+    #[arg(long, value_name = "PATH")]
+    pub psk_file: PathBuf,
+    /// Largest guest memory accepted.
+    #[arg(long, default_value = "1T", value_parser = parse_size)]
+    pub max_memory: u64,
+    /// Output.
+    #[command(flatten)]
+    pub output: OutputOpts,
+}
+
+/// `dwcp keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Key file to create (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `dwcp mkimage`.
+#[derive(Debug, Args)]
+pub struct MkimageArgs {
+    /// Image size (4096, 64K, 512M, 1G, 1GiB: powers of 1024; rounded up to whole pages).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Memory content.
+    #[arg(long, value_enum)]
+    pub mix: Mix,
+    /// Seed of the content.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Image file to write (created or truncated).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+fn parse_codec(s: &str) -> Result<Codec, String> {
+    Codec::parse(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn demo_defaults() {
+        let cli = Cli::try_parse_from(["dwcp", "demo"]).unwrap();
+        let Command::Demo(a) = cli.command else {
+            panic!("not demo")
+        };
+        assert_eq!(a.size, 1 << 30);
+        assert_eq!(a.dirty_rate, 100);
+        assert_eq!(a.mix, Mix::Idle);
+        let cfg = a.migrate.config();
+        assert_eq!(cfg.streams, 4);
+        assert_eq!(cfg.codec, Codec::Lz4);
+        assert_eq!(cfg.downtime_limit, Duration::from_millis(50));
+        assert_eq!(cfg.max_iterations, 30);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["dwcp", "demo", "--streams", "0"][..],
+            &["dwcp", "demo", "--streams", "65"],
+            &["dwcp", "demo", "--codec", "gzip"],
+            &["dwcp", "demo", "--size", "12Q"],
+            &["dwcp", "demo", "--max-iterations", "0"],
+            &["dwcp", "demo", "--mix", "busy"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
+        }
+        let cli =
+            Cli::try_parse_from(["dwcp", "demo", "--codec", "zstd:3", "--size", "64K"]).unwrap();
+        let Command::Demo(a) = cli.command else {
+            panic!("not demo")
+        };
+        assert_eq!(a.migrate.codec, Codec::Zstd(3));
+        assert_eq!(a.size, 64 << 10);
+    }
+}

@@ -1,0 +1,163 @@
+//! `dwcp send` and `dwcp recv`: an image file migrated between two processes.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use dwcp::{Listener, Migration, Progress, ReceiverConfig};
+use dwcp_core::handshake::Psk;
+use dwcp_core::memory::{GuestRam, NoDirtyLog, NoVmControl};
+
+use crate::args::{RecvArgs, SendArgs};
+use crate::output::{self, JsonReport};
+use crate::progress::ProgressView;
+use crate::rss::RssSampler;
+
+/// Failed connection attempts `recv` tolerates before it gives up.
+const MAX_FAILED_ACCEPTS: u32 = 16;
+
+/// Reads a pre-shared key file, saying which file and how to make one if that fails.
+fn load_psk(path: &Path) -> anyhow::Result<Psk> {
+    Psk::from_file(path).with_context(|| {
+        format!(
+            "cannot use {} as the pre-shared key file (both sides need the same key; create one with \
+             `dwcp keygen --out {}`)",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+/// The first address `addr` (HOST:PORT) resolves to.
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("invalid address {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| anyhow!("address {addr:?} resolves to nothing"))
+}
+
+/// `dwcp send`: migrates an image file to a `dwcp recv`.
+pub fn send(args: SendArgs) -> anyhow::Result<()> {
+    let rss = RssSampler::start();
+    let psk = load_psk(&args.psk_file)?;
+    let addr = resolve(&args.to)?;
+    let metrics = args
+        .output
+        .metrics
+        .as_deref()
+        .map(crate::metrics::serve)
+        .transpose()?;
+    let image = GuestRam::open_image(&args.image)?;
+    tracing::info!(%addr, image = %args.image.display(), bytes = image.layout().total_bytes(), "sending");
+
+    let progress = ProgressView::new(!args.output.json && !args.no_progress);
+    let on_progress = |p: &Progress| progress.update(p);
+    let mut migration = Migration::new(addr, psk)
+        .config(args.migrate.config())
+        .on_progress(&on_progress);
+    if let Some(m) = metrics {
+        migration = migration.metrics(m);
+    }
+    // An image does not change while it is sent: nothing is ever dirty, and there is no guest to pause.
+    let result = migration.run(&image, &mut NoDirtyLog, &mut NoVmControl);
+    progress.finish();
+    let peak_rss = rss.finish();
+    let report = result.with_context(|| format!("migrating {} to {addr}", args.image.display()))?;
+
+    if args.output.json {
+        let mut j = JsonReport::migration(&report)?;
+        j.set("peak_rss_anon_bytes", peak_rss);
+        j.set("image", args.image.display().to_string());
+        j.set("destination", addr.to_string());
+        j.print()
+    } else {
+        output::emit(&output::migration_text(&report))
+    }
+}
+
+/// `dwcp recv`: waits for one migration and writes it to an image file.
+pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
+    let rss = RssSampler::start();
+    let psk = load_psk(&args.psk_file)?;
+    let addr = resolve(&args.listen)?;
+    let metrics = args
+        .output
+        .metrics
+        .as_deref()
+        .map(crate::metrics::serve)
+        .transpose()?;
+    let config = ReceiverConfig {
+        max_memory_bytes: args.max_memory,
+        ..ReceiverConfig::default()
+    };
+    let listener =
+        Listener::bind(addr, psk, config).with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    // Tells people (and scripts) that the port is open, without polluting stdout.
+    eprintln!("dwcp: listening on {local}");
+
+    let mut failures = 0;
+    let incoming = loop {
+        match listener.accept() {
+            Ok(incoming) => break incoming,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, max = MAX_FAILED_ACCEPTS, "refused a connection; still waiting");
+                if failures >= MAX_FAILED_ACCEPTS {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "giving up after {failures} failed connection attempts on {local}"
+                    )));
+                }
+            }
+        }
+    };
+    let peer = incoming.peer();
+    let layout = incoming.layout().clone();
+    tracing::info!(%peer, bytes = layout.total_bytes(), out = %args.out.display(), "receiving");
+    let out = match GuestRam::create_file(&args.out, layout) {
+        Ok(out) => out,
+        Err(e) => {
+            incoming.refuse(
+                dwcp_core::ErrorCode::Internal,
+                &format!("the destination cannot create its output file: {e}"),
+            );
+            return Err(e).context("preparing the output image");
+        }
+    };
+    let result = incoming.receive_into(&out);
+    drop(out);
+    if let Some(m) = &metrics {
+        m.migrations
+            .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+            .inc();
+    }
+    let peak_rss = rss.finish();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // The file holds an unverified mix of pages: nobody should mistake it for the guest's memory.
+            let removed = std::fs::remove_file(&args.out).is_ok();
+            let what = if removed {
+                "removed the incomplete output"
+            } else {
+                "the output is incomplete"
+            };
+            return Err(e).context(format!(
+                "receiving from {peer} into {} failed ({what})",
+                args.out.display()
+            ));
+        }
+    };
+
+    if args.output.json {
+        let mut j = JsonReport::receive(&report)?;
+        j.set("peak_rss_anon_bytes", peak_rss);
+        j.set("out", args.out.display().to_string());
+        j.set("peer", peer.to_string());
+        j.print()
+    } else {
+        let mut text = output::receive_text(&report, &peer.to_string());
+        text.push_str(&format!("  written to        {}\n", args.out.display()));
+        output::emit(&text)
+    }
+}

@@ -1,0 +1,559 @@
+//! End-to-end tests of the `dwcp` binary: real processes talking over loopback. Every wait is bounded,
+//! and a child still running when a test ends (or fails) is killed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dwcp");
+
+/// Upper bound of a migration in these tests (debug builds are slow, the machine may be busy).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Upper bound of anything that should be quick.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `dwcp` whose output is collected in the background; killed on drop if still running.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Arc<Mutex<String>>,
+    stderr_lines: Receiver<String>,
+}
+
+/// How a process ended.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn json(&self) -> Value {
+        // Exactly one JSON object: parsing the whole (trimmed) stdout as one value rejects anything else.
+        let v: Value = serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not one JSON object ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        });
+        assert!(v.is_object(), "not an object: {v}");
+        v
+    }
+
+    fn assert_success(&self, what: &str) {
+        assert!(
+            self.status.success(),
+            "{what} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {BIN}: {e}"));
+        let mut out = child.stdout.take().unwrap();
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let err = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, stderr_lines) = mpsc::channel();
+        let acc = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut a = acc.lock().unwrap();
+                a.push_str(&line);
+                a.push('\n');
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr,
+            stderr_lines,
+        }
+    }
+
+    /// Waits until a line of stderr contains `needle`.
+    fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .stderr_lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let f = self.wait(SHORT_TIMEOUT);
+                    panic!(
+                        "{} exited ({}) before printing {needle:?}\nstderr:\n{}",
+                        self.name, f.status, f.stderr
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "{} did not print {needle:?} within {timeout:?}\nstderr:\n{}",
+                    self.name,
+                    self.stderr_text()
+                );
+            }
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running.
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("polling a child").is_none())
+    }
+
+    /// Waits for the process to exit; kills it and fails the test after `timeout`.
+    fn wait(&mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let mut child = self.child.take().expect("waited twice");
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("polling a child") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within {timeout:?}\nstderr:\n{}",
+                    self.name,
+                    self.stderr_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.take().unwrap().join().unwrap();
+        // The stderr reader ends at EOF, right after the exit; give it a moment to collect the last lines.
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            match self.stderr_lines.recv_timeout(Duration::from_millis(50)) {
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                _ => continue,
+            }
+        }
+        Finished {
+            status,
+            stdout,
+            stderr: self.stderr_text(),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `dwcp args` to completion.
+fn run(name: &str, args: &[&str], timeout: Duration) -> Finished {
+    Proc::spawn(name, args).wait(timeout)
+}
+
+/// Distinct loopback ports that were free a moment ago.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temp path")
+}
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    run("keygen", &["keygen", "--out", s(&path)], SHORT_TIMEOUT).assert_success("keygen");
+    path
+}
+
+fn mkimage(dir: &Path, name: &str, size: &str, mix: &str) -> PathBuf {
+    let path = dir.join(name);
+    run(
+        "mkimage",
+        &[
+            "mkimage",
+            "--size",
+            size,
+            "--mix",
+            mix,
+            "--seed",
+            "7",
+            "--out",
+            s(&path),
+        ],
+        SHORT_TIMEOUT,
+    )
+    .assert_success("mkimage");
+    path
+}
+
+/// Starts `dwcp recv` and waits until it listens.
+fn start_recv(dir: &Path, port: u16, key: &Path, out: &str, extra: &[&str]) -> (Proc, PathBuf) {
+    let out = dir.join(out);
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "recv",
+        "--listen",
+        &listen,
+        "--out",
+        s(&out),
+        "--psk-file",
+        s(key),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let mut recv = Proc::spawn("recv", &args);
+    recv.wait_for_stderr("listening on", SHORT_TIMEOUT);
+    (recv, out)
+}
+
+fn send(port: u16, image: &Path, key: &Path) -> Finished {
+    let to = format!("127.0.0.1:{port}");
+    run(
+        "send",
+        &[
+            "send",
+            "--to",
+            &to,
+            "--image",
+            s(image),
+            "--psk-file",
+            s(key),
+            "--json",
+            "--no-progress",
+        ],
+        MIGRATION_TIMEOUT,
+    )
+}
+
+fn assert_migration_keys(v: &Value) {
+    for key in [
+        "total_ms",
+        "downtime_ms",
+        "iterations",
+        "logical_bytes",
+        "wire_bytes",
+        "digest_match",
+        "peak_rss_anon_bytes",
+    ] {
+        assert!(v.get(key).is_some(), "key {key} missing in {v}");
+    }
+    assert_eq!(v["digest_match"], Value::Bool(true), "{v}");
+    assert!(v["peak_rss_anon_bytes"].as_u64().is_some(), "{v}");
+}
+
+#[test]
+fn demo_json_report() {
+    let f = run(
+        "demo",
+        &[
+            "demo",
+            "--size",
+            "32M",
+            "--dirty-rate",
+            "20",
+            "--json",
+            "--no-progress",
+        ],
+        MIGRATION_TIMEOUT,
+    );
+    f.assert_success("demo");
+    let v = f.json();
+    assert_migration_keys(&v);
+    assert!(v["iterations"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["logical_bytes"].as_u64().unwrap() >= 32 << 20, "{v}");
+    assert!(v["wire_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["mix"], "idle");
+    assert_eq!(v["dirty_rate_mib_s"], 20);
+    assert_eq!(v["memory_bytes"], 32 << 20);
+    assert!(v["peak_rss_anon_bytes"].as_u64().unwrap() > 0, "{v}");
+    let receiver = &v["receiver"];
+    assert_eq!(receiver["digest_match"], Value::Bool(true), "{v}");
+    assert_eq!(receiver["digest"], v["digest"]);
+    assert_eq!(
+        v["passes"].as_array().unwrap().len() as u64,
+        v["iterations"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn demo_human_report() {
+    let f = run(
+        "demo",
+        &["demo", "--size", "4M", "--dirty-rate", "0", "--no-progress"],
+        MIGRATION_TIMEOUT,
+    );
+    f.assert_success("demo");
+    for needle in [
+        "migrated 4.00 MiB",
+        "downtime",
+        "iterations",
+        "ratio",
+        "GB/s",
+        "digest            match",
+        "pass",
+    ] {
+        assert!(
+            f.stdout.contains(needle),
+            "{needle:?} missing in\n{}",
+            f.stdout
+        );
+    }
+}
+
+#[test]
+fn send_recv_image_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        text.ends_with('\n')
+            && text.trim().len() == 64
+            && text.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+        "{text:?}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let image = mkimage(dir.path(), "image", "8M", "idle");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
+
+    let [port] = free_ports::<1>();
+    let (mut recv, out) = start_recv(dir.path(), port, &key, "received", &[]);
+    let sent = send(port, &image, &key);
+    let received = recv.wait(SHORT_TIMEOUT);
+    sent.assert_success("send");
+    received.assert_success("recv");
+
+    let (sv, rv) = (sent.json(), received.json());
+    assert_migration_keys(&sv);
+    assert_migration_keys(&rv);
+    assert_eq!(sv["digest"], rv["digest"]);
+    assert!(sv["logical_bytes"].as_u64().unwrap() >= 8 << 20, "{sv}");
+    assert_eq!(rv["memory_bytes"], 8 << 20);
+    assert_eq!(rv["downtime_ms"], 0.0);
+    assert_eq!(
+        rv["iterations"].as_u64().unwrap(),
+        rv["final_iteration"].as_u64().unwrap() + 1
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap(),
+        "the received image differs from the sent one"
+    );
+}
+
+#[test]
+fn wrong_key_is_refused_and_recv_keeps_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let other = keygen(dir.path(), "other-key");
+    let image = mkimage(dir.path(), "image", "2M", "random");
+
+    let [port] = free_ports::<1>();
+    let (mut recv, out) = start_recv(dir.path(), port, &key, "received", &[]);
+    let refused = send(port, &image, &other);
+    assert!(
+        !refused.status.success(),
+        "send with the wrong key succeeded:\n{}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.to_lowercase().contains("authentication"),
+        "the error does not mention authentication:\n{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stdout.trim().is_empty(),
+        "a failed send printed a report: {}",
+        refused.stdout
+    );
+
+    // The receiver logged the failed handshake and is still waiting for a legitimate source.
+    recv.wait_for_stderr("refused a connection", SHORT_TIMEOUT);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        recv.running(),
+        "recv exited after a failed handshake:\n{}",
+        recv.stderr_text()
+    );
+
+    let sent = send(port, &image, &key);
+    sent.assert_success("send with the right key");
+    let received = recv.wait(SHORT_TIMEOUT);
+    received.assert_success("recv");
+    assert_eq!(received.json()["digest_match"], Value::Bool(true));
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap());
+}
+
+#[test]
+fn recv_gives_up_after_16_failed_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let [port] = free_ports::<1>();
+    let (mut recv, _) = start_recv(dir.path(), port, &key, "received", &[]);
+    let deadline = Instant::now() + SHORT_TIMEOUT;
+    let mut attempts = 0;
+    while recv.running() && Instant::now() < deadline {
+        // Not a DWCP peer: says something meaningless and hangs up.
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = c.write_all(b"hello?\n");
+            attempts += 1;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let f = recv.wait(SHORT_TIMEOUT);
+    assert!(!f.status.success());
+    assert!(attempts >= 16, "exited after {attempts} connections");
+    assert!(
+        f.stderr
+            .contains("giving up after 16 failed connection attempts"),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
+fn recv_serves_prometheus_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let [port, metrics_port] = free_ports::<2>();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let (mut recv, _) = start_recv(dir.path(), port, &key, "received", &["--metrics", &metrics]);
+
+    let mut stream = TcpStream::connect(&metrics).expect("connecting to the metrics server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the metrics response");
+    let status = response.lines().next().unwrap_or_default();
+    assert!(
+        status.starts_with("HTTP/1.") && status.contains(" 200"),
+        "status line {status:?}\n{response}"
+    );
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(body.contains("dwcp_wire_bytes_total"), "body:\n{body}");
+    assert!(
+        body.contains("# TYPE dwcp_iterations_total counter"),
+        "body:\n{body}"
+    );
+
+    assert!(recv.running(), "scraping metrics ended recv");
+    recv.kill();
+}
+
+#[test]
+fn key_file_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = mkimage(dir.path(), "image", "64K", "zero");
+    let missing = dir.path().join("no-such-key");
+    let f = run(
+        "send",
+        &[
+            "send",
+            "--to",
+            "127.0.0.1:9",
+            "--image",
+            s(&image),
+            "--psk-file",
+            s(&missing),
+        ],
+        SHORT_TIMEOUT,
+    );
+    assert!(!f.status.success());
+    assert!(
+        f.stderr.contains(s(&missing)) && f.stderr.contains("dwcp keygen"),
+        "{}",
+        f.stderr
+    );
+
+    let short = dir.path().join("short-key");
+    std::fs::write(&short, "tooshort\n").unwrap();
+    let f = run(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--out",
+            s(&dir.path().join("o")),
+            "--psk-file",
+            s(&short),
+        ],
+        SHORT_TIMEOUT,
+    );
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("too short"), "{}", f.stderr);
+
+    // keygen does not overwrite an existing key unless told to.
+    let key = keygen(dir.path(), "key");
+    let f = run("keygen", &["keygen", "--out", s(&key)], SHORT_TIMEOUT);
+    assert!(
+        !f.status.success() && f.stderr.contains("--force"),
+        "{}",
+        f.stderr
+    );
+    run(
+        "keygen",
+        &["keygen", "--out", s(&key), "--force"],
+        SHORT_TIMEOUT,
+    )
+    .assert_success("keygen --force");
+}

@@ -1,0 +1,260 @@
+//! The one error hierarchy of DWCP.
+//!
+//! Every fallible operation in every DWCP crate returns [`Error`]. Variants group by where the fault lies
+//! (the bytes on the wire, the peer's identity, the local I/O, the migration's own checks) so that a
+//! caller can decide what to do without parsing messages.
+
+use std::io;
+
+/// A frame on the wire was not acceptable. Raised before any payload is acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Fewer bytes were available than the frame needs.
+    #[error("truncated frame: needed {needed} bytes, had {have}")]
+    Truncated {
+        /// Bytes the frame needs.
+        needed: usize,
+        /// Bytes that were available.
+        have: usize,
+    },
+    /// The frame does not start with the DWCP magic.
+    #[error("bad magic {0:#010x}: the peer does not speak DWCP")]
+    BadMagic(u32),
+    /// The frame's protocol version is not one this build speaks.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    /// The frame type byte is unknown.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// The declared payload length exceeds the negotiated maximum.
+    #[error("oversize frame: payload of {len} bytes exceeds the limit of {max}")]
+    Oversize {
+        /// Declared payload length.
+        len: u64,
+        /// Largest accepted payload length.
+        max: u64,
+    },
+    /// The checksum over header and payload does not match.
+    #[error("frame checksum mismatch: the frame was corrupted in transit")]
+    ChecksumMismatch,
+    /// A reserved header field is not zero.
+    #[error("reserved header bits are set")]
+    ReservedNonZero,
+    /// The stream sequence number is not the next one expected (a frame was lost or replayed).
+    #[error("unexpected stream sequence: expected {expected}, got {got}")]
+    UnexpectedSequence {
+        /// Sequence expected next.
+        expected: u64,
+        /// Sequence received.
+        got: u64,
+    },
+    /// The frame belongs to another session.
+    #[error("frame for session {got:#x} on a stream of session {expected:#x}")]
+    WrongSession {
+        /// Session of this stream.
+        expected: u64,
+        /// Session in the frame.
+        got: u64,
+    },
+    /// A payload field is out of range or inconsistent.
+    #[error("malformed {what} payload: {why}")]
+    Malformed {
+        /// Which payload.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// The connection handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peers have no protocol version in common.
+    #[error(
+        "no common protocol version: we speak {ours_min}..={ours_max}, the peer {theirs_min}..={theirs_max}"
+    )]
+    VersionMismatch {
+        /// Our lowest version.
+        ours_min: u8,
+        /// Our highest version.
+        ours_max: u8,
+        /// The peer's lowest version.
+        theirs_min: u8,
+        /// The peer's highest version.
+        theirs_max: u8,
+    },
+    /// The peer failed to prove knowledge of the pre-shared key (or we failed to prove ours to it).
+    #[error(
+        "peer authentication failed: the pre-shared keys differ or the peer is not a DWCP peer"
+    )]
+    AuthenticationFailed,
+    /// The pre-shared key is too short to be safe.
+    #[error("pre-shared key too short: {len} bytes, at least {min} required")]
+    WeakKey {
+        /// Length of the key given.
+        len: usize,
+        /// Minimum length.
+        min: usize,
+    },
+    /// The peer sent a frame that does not belong at this point of the handshake.
+    #[error("unexpected {got} frame during the handshake (expected {expected})")]
+    UnexpectedFrame {
+        /// What was expected.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+    /// A stream tried to join a session that does not exist or is complete.
+    #[error("unknown session {0:#x}")]
+    UnknownSession(u64),
+}
+
+/// Which side of a migration refused, when the peer reports an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Protocol violation.
+    Protocol = 1,
+    /// Authentication failed.
+    Authentication = 2,
+    /// No common version.
+    Version = 3,
+    /// The destination cannot hold the announced memory layout.
+    Layout = 4,
+    /// The migration was cancelled.
+    Cancelled = 5,
+    /// An internal failure on the peer.
+    Internal = 6,
+    /// The digests differ.
+    DigestMismatch = 7,
+}
+
+impl ErrorCode {
+    /// Parses a wire code; unknown codes map to [`ErrorCode::Internal`].
+    pub fn from_wire(code: u16) -> Self {
+        match code {
+            1 => Self::Protocol,
+            2 => Self::Authentication,
+            3 => Self::Version,
+            4 => Self::Layout,
+            5 => Self::Cancelled,
+            7 => Self::DigestMismatch,
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// A chunk payload could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkError {
+    /// The chunk is shorter than its own fields say.
+    #[error("truncated chunk: {0}")]
+    Truncated(&'static str),
+    /// A field is out of range.
+    #[error("invalid chunk: {0}")]
+    Invalid(String),
+    /// The compressed section does not decompress to the declared size.
+    #[error("chunk decompression failed: {0}")]
+    Decompress(String),
+    /// A page lies outside the negotiated memory layout.
+    #[error("page {page} outside the memory layout of {total_pages} pages")]
+    PageOutOfRange {
+        /// The offending page number.
+        page: u64,
+        /// Pages in the layout.
+        total_pages: u64,
+    },
+}
+
+/// Any DWCP failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A frame from the network was refused.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// A chunk payload was refused.
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    /// Local or socket I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer reported an error and closed the session.
+    #[error("peer reported {code:?}: {message}")]
+    Peer {
+        /// Category.
+        code: ErrorCode,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// The peer broke the protocol in a way not covered by a frame error.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The memory layouts of source and destination are incompatible.
+    #[error("memory layout mismatch: {0}")]
+    Layout(String),
+    /// The whole-memory digests differ: the destination is not a bit-exact copy.
+    #[error(
+        "memory digest mismatch: source {source_digest:032x}, destination {destination_digest:032x}"
+    )]
+    DigestMismatch {
+        /// Source digest.
+        source_digest: u128,
+        /// Destination digest.
+        destination_digest: u128,
+    },
+    /// An operation did not complete in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The migration was cancelled by the caller.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// Configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The source sent the handover decision but the destination did not confirm it: either side may own
+    /// the VM now, so the source was *not* resumed. The operator (or the cluster layer) must decide.
+    #[error("handover unconfirmed: {0}")]
+    HandoverUnconfirmed(String),
+    /// The hypervisor callback (pause, resume, handover) failed.
+    #[error("VM control failed: {0}")]
+    VmControl(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being attempted.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The code to send to the peer when this error ends a session.
+    pub fn wire_code(&self) -> ErrorCode {
+        match self {
+            Error::Frame(_) | Error::Chunk(_) | Error::Protocol(_) => ErrorCode::Protocol,
+            Error::Handshake(HandshakeError::VersionMismatch { .. }) => ErrorCode::Version,
+            Error::Handshake(_) => ErrorCode::Authentication,
+            Error::Layout(_) => ErrorCode::Layout,
+            Error::Cancelled => ErrorCode::Cancelled,
+            Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Result alias used throughout DWCP.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

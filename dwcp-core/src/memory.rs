@@ -1,0 +1,534 @@
+//! Guest memory as DWCP sees it: a layout of page-granular regions, a source to read pages from, a dirty
+//! log saying which pages changed, a sink to write pages into, and the hypervisor's pause/resume hooks.
+//!
+//! Guest memory is foreign memory: the guest (or, in tests, a workload thread) writes it while the
+//! migration reads it. Pages are therefore only ever *copied* out of or into a mapping through raw
+//! pointers, never borrowed as Rust slices while the guest may run; a page copied while it was being
+//! written may be torn, and the dirty log reports it again, exactly as with a hypervisor's dirty log.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::error::Error;
+
+/// The only page size of protocol v1.
+pub const PAGE_SIZE: usize = 4096;
+
+/// A page of zeros.
+pub static ZERO_PAGE: [u8; PAGE_SIZE] = [0u8; PAGE_SIZE];
+
+/// Most pages a layout may describe (2^40 pages = 4 PiB).
+pub const MAX_TOTAL_PAGES: u64 = 1 << 40;
+
+/// A contiguous range of guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Guest-physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in pages.
+    pub pages: u64,
+}
+
+/// The memory of one VM: ordered, non-overlapping regions. Pages are numbered globally from zero across
+/// the regions in order; that number is what travels on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayout {
+    page_size: u32,
+    regions: Vec<Region>,
+    total_pages: u64,
+}
+
+impl MemoryLayout {
+    /// Validates and builds a layout.
+    pub fn new(page_size: u32, regions: Vec<Region>) -> Result<Self, String> {
+        if page_size as usize != PAGE_SIZE {
+            return Err(format!(
+                "page size {page_size} (protocol v1 uses {PAGE_SIZE})"
+            ));
+        }
+        if regions.is_empty() {
+            return Err("no regions".into());
+        }
+        let mut total: u64 = 0;
+        let mut end_of_previous: u64 = 0;
+        for (i, r) in regions.iter().enumerate() {
+            if r.pages == 0 {
+                return Err(format!("region {i} is empty"));
+            }
+            if r.guest_addr % PAGE_SIZE as u64 != 0 {
+                return Err(format!("region {i} is not page aligned"));
+            }
+            let end = r
+                .pages
+                .checked_mul(PAGE_SIZE as u64)
+                .and_then(|len| r.guest_addr.checked_add(len))
+                .ok_or_else(|| format!("region {i} overflows the address space"))?;
+            if i > 0 && r.guest_addr < end_of_previous {
+                return Err(format!("region {i} overlaps or precedes region {}", i - 1));
+            }
+            end_of_previous = end;
+            total = total.checked_add(r.pages).ok_or("too many pages")?;
+        }
+        if total > MAX_TOTAL_PAGES {
+            return Err(format!(
+                "{total} pages exceed the limit of {MAX_TOTAL_PAGES}"
+            ));
+        }
+        Ok(Self {
+            page_size,
+            regions,
+            total_pages: total,
+        })
+    }
+
+    /// One region of `bytes` (rounded up to whole pages) at guest address zero.
+    pub fn flat(bytes: u64) -> Result<Self, String> {
+        let pages = bytes.div_ceil(PAGE_SIZE as u64);
+        Self::new(
+            PAGE_SIZE as u32,
+            vec![Region {
+                guest_addr: 0,
+                pages,
+            }],
+        )
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Pages in all regions.
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Bytes in all regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_pages * PAGE_SIZE as u64
+    }
+}
+
+/// Where pages are read from on the source.
+pub trait MemorySource: Send + Sync {
+    /// The memory layout.
+    fn layout(&self) -> &MemoryLayout;
+
+    /// Copies page `page` (a global page number below `layout().total_pages()`) into `out`
+    /// (`PAGE_SIZE` bytes). While the guest runs the copy may be torn; the dirty log covers that.
+    fn read_page(&self, page: u64, out: &mut [u8]);
+
+    /// Hash of page `page`, for the whole-memory digest. Called only while the guest is paused.
+    fn page_digest(&self, page: u64) -> u128 {
+        let mut buf = [0u8; PAGE_SIZE];
+        self.read_page(page, &mut buf);
+        xxh3_128(&buf)
+    }
+}
+
+/// The hypervisor's dirty log.
+pub trait DirtyLog: Send {
+    /// Clears the log; pages written from now on will be reported.
+    fn start(&mut self);
+
+    /// Appends the pages written since the previous call (or [`start`](Self::start)) to `out`, each once,
+    /// and clears them from the log.
+    fn take_dirty(&mut self, out: &mut Vec<u64>);
+}
+
+/// Where pages are written on the destination. Pages are written by several threads at once, never the
+/// same page by two threads at once.
+pub trait MemorySink: Send + Sync {
+    /// The memory layout; the destination refuses a source whose layout differs.
+    fn layout(&self) -> &MemoryLayout;
+
+    /// Writes page `page` (`data` is `PAGE_SIZE` bytes).
+    fn write_page(&self, page: u64, data: &[u8]);
+
+    /// Makes page `page` all zeros.
+    fn write_zero_page(&self, page: u64) {
+        self.write_page(page, &ZERO_PAGE);
+    }
+
+    /// Copies page `page` into `out`.
+    fn read_page(&self, page: u64, out: &mut [u8]);
+
+    /// Hash of page `page`, for the whole-memory digest. Called once all writes are done.
+    fn page_digest(&self, page: u64) -> u128 {
+        let mut buf = [0u8; PAGE_SIZE];
+        self.read_page(page, &mut buf);
+        xxh3_128(&buf)
+    }
+
+    /// Whether the sink's memory is all zeros before the first write (fresh anonymous memory, a new
+    /// file). Zero pages that were never written are then not touched at all, which keeps sparse memory
+    /// sparse and avoids faulting in pages that would only be cleared.
+    fn starts_zeroed(&self) -> bool {
+        false
+    }
+
+    /// Makes written pages durable (for file-backed sinks).
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// The hypervisor's control of the VM during the final phase.
+pub trait VmControl: Send {
+    /// Stops the guest's vCPUs; after this returns the guest writes no memory.
+    fn pause(&mut self) -> Result<(), Error>;
+    /// Restarts the guest on the source (the migration failed or was cancelled).
+    fn resume(&mut self);
+    /// The destination owns the VM now; the source may discard it.
+    fn handed_over(&mut self) {}
+}
+
+/// VM control for memory that no guest runs on (an image being copied).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoVmControl;
+
+impl VmControl for NoVmControl {
+    fn pause(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn resume(&mut self) {}
+}
+
+/// A dirty log for memory that never changes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDirtyLog;
+
+impl DirtyLog for NoDirtyLog {
+    fn start(&mut self) {}
+    fn take_dirty(&mut self, _out: &mut Vec<u64>) {}
+}
+
+/// Whether a page is all zeros, at memory speed.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    // Compare eight u64 lanes at a time; the compiler turns this into vector ORs.
+    let (prefix, words, suffix) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only yields correctly aligned middle words.
+        unsafe { page.align_to::<u64>() }
+    };
+    if prefix.iter().chain(suffix).any(|&b| b != 0) {
+        return false;
+    }
+    words
+        .chunks(8)
+        .all(|lane| lane.iter().fold(0u64, |acc, &w| acc | w) == 0)
+}
+
+// The mappings are held only to keep them alive; access goes through `GuestRam::base`.
+#[allow(dead_code)]
+enum Backing {
+    Anonymous(MmapMut),
+    FileRw(MmapMut),
+    FileRo(Mmap),
+}
+
+/// Page-granular memory in a mapping (anonymous, or a file), shared between threads.
+///
+/// This is the memory type of the simulated guest, of the destination's in-memory copy and of file
+/// images. All access copies whole pages through raw pointers (see the module docs).
+pub struct GuestRam {
+    _backing: Backing,
+    base: *mut u8,
+    writable: bool,
+    layout: MemoryLayout,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("layout", &self.layout)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+// SAFETY: the mapping lives as long as `GuestRam`; all access goes through page copies whose
+// concurrency rules are those of guest memory (module docs), never through shared Rust references.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Zero-filled anonymous memory for `layout`, faulted in lazily on first write.
+    pub fn anonymous(layout: MemoryLayout) -> Result<Self, Error> {
+        Self::anonymous_with(layout, false)
+    }
+
+    /// Zero-filled anonymous memory for `layout`, faulted in now (like a VMM's preallocated guest RAM),
+    /// so that first-touch costs are paid before a migration rather than during it.
+    pub fn anonymous_preallocated(layout: MemoryLayout) -> Result<Self, Error> {
+        Self::anonymous_with(layout, true)
+    }
+
+    fn anonymous_with(layout: MemoryLayout, populate: bool) -> Result<Self, Error> {
+        let len = usize::try_from(layout.total_bytes())
+            .map_err(|_| Error::Config("memory too large".into()))?;
+        let mut opts = MmapOptions::new();
+        opts.len(len);
+        if populate {
+            opts.populate();
+        }
+        let mut map = opts
+            .map_anon()
+            .map_err(|e| Error::io(format!("mapping {len} bytes of anonymous memory"), e))?;
+        if populate {
+            // Preallocated guest RAM is touched whole anyway: huge pages cut fault and TLB costs, as in
+            // QEMU. (Lazily faulted memory stays on small pages so one written page costs 4 KiB, not 2 MiB.)
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        let base = map.as_mut_ptr();
+        Ok(Self {
+            _backing: Backing::Anonymous(map),
+            base,
+            writable: true,
+            layout,
+        })
+    }
+
+    /// A new file of exactly `layout`'s size (created or truncated), mapped read-write.
+    pub fn create_file(path: &Path, layout: MemoryLayout) -> Result<Self, Error> {
+        let ctx = || format!("creating image file {}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(ctx(), e))?;
+        file.set_len(layout.total_bytes())
+            .map_err(|e| Error::io(ctx(), e))?;
+        // SAFETY: the file was just created and truncated by us; other processes modifying it while mapped
+        // would only change page contents, which this type treats as foreign memory anyway.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| Error::io(ctx(), e))?;
+        let base = map.as_mut_ptr();
+        Ok(Self {
+            _backing: Backing::FileRw(map),
+            base,
+            writable: true,
+            layout,
+        })
+    }
+
+    /// An existing image file mapped read-only; its size must be a whole number of pages.
+    pub fn open_image(path: &Path) -> Result<Self, Error> {
+        let ctx = || format!("opening image file {}", path.display());
+        let file = std::fs::File::open(path).map_err(|e| Error::io(ctx(), e))?;
+        let len = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
+        if len == 0 || len % PAGE_SIZE as u64 != 0 {
+            return Err(Error::Config(format!(
+                "image {} is {len} bytes; it must be a non-empty multiple of {PAGE_SIZE}",
+                path.display()
+            )));
+        }
+        let layout = MemoryLayout::flat(len).map_err(Error::Config)?;
+        // SAFETY: mapped read-only; concurrent changes by other processes are tolerated as for guest memory.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(ctx(), e))?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let base = map.as_ptr() as *mut u8;
+        Ok(Self {
+            _backing: Backing::FileRo(map),
+            base,
+            writable: false,
+            layout,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    fn page_ptr(&self, page: u64) -> *mut u8 {
+        assert!(
+            page < self.layout.total_pages,
+            "page {page} outside memory of {} pages",
+            self.layout.total_pages
+        );
+        // SAFETY: page < total_pages, so the offset lies inside the mapping of total_pages * PAGE_SIZE bytes.
+        unsafe { self.base.add(page as usize * PAGE_SIZE) }
+    }
+
+    /// Copies a page out.
+    pub fn copy_out(&self, page: u64, out: &mut [u8]) {
+        let src = self.page_ptr(page);
+        let out = &mut out[..PAGE_SIZE];
+        // SAFETY: `src` points at PAGE_SIZE mapped bytes; `out` is a distinct Rust buffer of that size.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), PAGE_SIZE) }
+    }
+
+    /// Copies `data` into bytes `offset..offset + data.len()` of a page.
+    pub fn copy_in(&self, page: u64, offset: usize, data: &[u8]) {
+        assert!(self.writable, "write to a read-only image");
+        assert!(offset + data.len() <= PAGE_SIZE, "write beyond the page");
+        let dst = self.page_ptr(page);
+        // SAFETY: offset + len <= PAGE_SIZE inside a mapped, writable page; `data` is a distinct Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.add(offset), data.len()) }
+    }
+
+    /// Hash of a page, read in place. Callers guarantee nobody writes the page meanwhile.
+    pub fn digest_in_place(&self, page: u64) -> u128 {
+        let p = self.page_ptr(page);
+        // SAFETY: PAGE_SIZE mapped bytes; the digest is only taken while the memory is quiescent (guest paused,
+        // or all writes applied), so no write overlaps this shared borrow.
+        crate::digest::page_hash(unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) })
+    }
+
+    /// Whether a page is all zeros, read in place (same rule as [`digest_in_place`](Self::digest_in_place)
+    /// for concurrent writers: a racing write makes the answer stale, never unsound to act on, because the
+    /// page is then written again).
+    fn is_zero_in_place(&self, page: u64) -> bool {
+        let mut buf = [0u8; PAGE_SIZE];
+        self.copy_out(page, &mut buf);
+        is_zero_page(&buf)
+    }
+}
+
+impl MemorySource for GuestRam {
+    fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        self.copy_out(page, out);
+    }
+    fn page_digest(&self, page: u64) -> u128 {
+        self.digest_in_place(page)
+    }
+}
+
+impl MemorySink for GuestRam {
+    fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+    fn write_page(&self, page: u64, data: &[u8]) {
+        self.copy_in(page, 0, &data[..PAGE_SIZE]);
+    }
+    fn write_zero_page(&self, page: u64) {
+        // Reading a never-touched page of a fresh mapping allocates nothing, so sparse memory stays sparse.
+        if !self.is_zero_in_place(page) {
+            self.copy_in(page, 0, &ZERO_PAGE);
+        }
+    }
+    fn starts_zeroed(&self) -> bool {
+        // Every writable constructor maps fresh memory: anonymous, or a file just truncated to its size.
+        self.writable
+    }
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        self.copy_out(page, out);
+    }
+    fn page_digest(&self, page: u64) -> u128 {
+        self.digest_in_place(page)
+    }
+    fn flush(&self) -> Result<(), Error> {
+        match &self._backing {
+            Backing::FileRw(m) => m
+                .flush()
+                .map_err(|e| Error::io("flushing the image file", e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_validation() {
+        assert!(MemoryLayout::new(4096, vec![]).is_err());
+        assert!(
+            MemoryLayout::new(
+                512,
+                vec![Region {
+                    guest_addr: 0,
+                    pages: 1
+                }]
+            )
+            .is_err()
+        );
+        assert!(
+            MemoryLayout::new(
+                4096,
+                vec![Region {
+                    guest_addr: 1,
+                    pages: 1
+                }]
+            )
+            .is_err()
+        );
+        let overlapping = vec![
+            Region {
+                guest_addr: 0,
+                pages: 2,
+            },
+            Region {
+                guest_addr: 4096,
+                pages: 1,
+            },
+        ];
+        assert!(MemoryLayout::new(4096, overlapping).is_err());
+        let ok = MemoryLayout::new(
+            4096,
+            vec![
+                Region {
+                    guest_addr: 0,
+                    pages: 2,
+                },
+                Region {
+                    guest_addr: 1 << 20,
+                    pages: 3,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.total_pages(), 5);
+        assert_eq!(MemoryLayout::flat(4097).unwrap().total_pages(), 2);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; PAGE_SIZE];
+        assert!(is_zero_page(&p));
+        for i in [0, 7, 8, 63, 64, 4095] {
+            p[i] = 1;
+            assert!(!is_zero_page(&p), "byte {i}");
+            p[i] = 0;
+        }
+        assert!(is_zero_page(&p[1..4001]));
+    }
+
+    #[test]
+    fn file_image_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let layout = MemoryLayout::flat(3 * PAGE_SIZE as u64).unwrap();
+        let ram = GuestRam::create_file(&path, layout).unwrap();
+        ram.write_page(1, &[7u8; PAGE_SIZE]);
+        ram.write_zero_page(1);
+        ram.write_page(2, &[9u8; PAGE_SIZE]);
+        MemorySink::flush(&ram).unwrap();
+        drop(ram);
+        let img = GuestRam::open_image(&path).unwrap();
+        let mut buf = [0u8; PAGE_SIZE];
+        img.copy_out(1, &mut buf);
+        assert!(is_zero_page(&buf));
+        img.copy_out(2, &mut buf);
+        assert_eq!(buf, [9u8; PAGE_SIZE]);
+        std::fs::write(dir.path().join("odd"), [1u8; 100]).unwrap();
+        assert!(matches!(
+            GuestRam::open_image(&dir.path().join("odd")),
+            Err(Error::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,286 @@
+//! Encoding and decoding of chunks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dwcp_core::digest::{PageHashes, ZERO_PAGE_HASH, page_hash};
+use dwcp_core::error::{ChunkError, Error};
+use dwcp_core::memory::{MemorySource, PAGE_SIZE, is_zero_page};
+
+use crate::chunk::{
+    CHUNK_HEADER_LEN, DecodedChunk, MAX_CHUNK_PAGES, PageClass, PageData, SectionCodec,
+    max_encoded_len, parse, runs_of,
+};
+
+/// Which compressor literal sections use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Codec {
+    /// Never compress.
+    None,
+    /// LZ4 (lz4_flex): fast, modest ratio. The datacenter default.
+    Lz4,
+    /// Zstandard at a level from 1 to 19.
+    Zstd(i32),
+}
+
+impl Codec {
+    /// Parses `none`, `lz4`, `zstd` (level 1) or `zstd:N`.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s {
+            "none" => Ok(Self::None),
+            "lz4" => Ok(Self::Lz4),
+            "zstd" => Ok(Self::Zstd(1)),
+            _ => {
+                let level = s
+                    .strip_prefix("zstd:")
+                    .and_then(|l| l.parse::<i32>().ok())
+                    .filter(|l| (1..=19).contains(l))
+                    .ok_or_else(|| {
+                        Error::Config(format!("unknown codec {s:?} (none, lz4, zstd, zstd:1..19)"))
+                    })?;
+                Ok(Self::Zstd(level))
+            }
+        }
+    }
+}
+
+/// Byte counters of an encoder, shared by its threads.
+#[derive(Debug, Default)]
+pub struct EncodeCounters {
+    /// Pages sent as ZERO.
+    pub zero_pages: AtomicU64,
+    /// Pages sent as LITERAL.
+    pub literal_pages: AtomicU64,
+    /// Literal bytes before compression.
+    pub literal_bytes: AtomicU64,
+    /// Chunk bytes produced (what goes into frames).
+    pub encoded_bytes: AtomicU64,
+    /// Chunks whose literal section was sent raw because compression did not pay.
+    pub raw_chunks: AtomicU64,
+    /// Chunks sent compressed.
+    pub compressed_chunks: AtomicU64,
+}
+
+/// A snapshot of [`EncodeCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EncodeStats {
+    /// Pages sent as ZERO.
+    pub zero_pages: u64,
+    /// Pages sent as LITERAL.
+    pub literal_pages: u64,
+    /// Literal bytes before compression.
+    pub literal_bytes: u64,
+    /// Chunk bytes produced.
+    pub encoded_bytes: u64,
+    /// Chunks sent raw.
+    pub raw_chunks: u64,
+    /// Chunks sent compressed.
+    pub compressed_chunks: u64,
+}
+
+impl EncodeCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> EncodeStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EncodeStats {
+            zero_pages: l(&self.zero_pages),
+            literal_pages: l(&self.literal_pages),
+            literal_bytes: l(&self.literal_bytes),
+            encoded_bytes: l(&self.encoded_bytes),
+            raw_chunks: l(&self.raw_chunks),
+            compressed_chunks: l(&self.compressed_chunks),
+        }
+    }
+}
+
+/// Compression must save at least this fraction of the literal bytes to be used.
+const MIN_SAVING: f64 = 0.03;
+/// Pages sampled to judge whether a chunk's literals compress at all.
+const PROBE_PAGES: usize = 3;
+
+/// Encodes one chunk of `pages` (ascending, at most [`MAX_CHUNK_PAGES`]) of `source` into `out`
+/// (cleared first). `scratch` is working space for compression. When `hashes` is given, the hash of each
+/// page as sent is recorded there (the bytes are in cache at that moment). Returns the bytes written.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_chunk(
+    codec: Codec,
+    iteration: u32,
+    pages: &[u64],
+    source: &dyn MemorySource,
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    counters: &EncodeCounters,
+    hashes: Option<&PageHashes>,
+) -> Result<usize, Error> {
+    if pages.is_empty() || pages.len() > MAX_CHUNK_PAGES {
+        return Err(Error::Config(format!(
+            "chunk of {} pages (1..={MAX_CHUNK_PAGES})",
+            pages.len()
+        )));
+    }
+    let run_count = runs_of(pages).count();
+    out.clear();
+    out.reserve(max_encoded_len(pages.len(), run_count));
+    out.extend_from_slice(&[0u8; CHUNK_HEADER_LEN]);
+    for (start, len) in runs_of(pages) {
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let classes_at = out.len();
+    out.resize(classes_at + pages.len(), 0);
+    let section_at = out.len();
+
+    // Copy every page straight into the literal section; a zero page is dropped again at once.
+    let mut literal_count = 0usize;
+    for (i, &page) in pages.iter().enumerate() {
+        let at = out.len();
+        out.resize(at + PAGE_SIZE, 0);
+        source.read_page(page, &mut out[at..]);
+        if is_zero_page(&out[at..]) {
+            out.truncate(at);
+            out[classes_at + i] = PageClass::Zero as u8;
+            if let Some(h) = hashes {
+                h.set(page, *ZERO_PAGE_HASH);
+            }
+        } else {
+            out[classes_at + i] = PageClass::Literal as u8;
+            literal_count += 1;
+            if let Some(h) = hashes {
+                h.set(page, page_hash(&out[at..]));
+            }
+        }
+    }
+    let literal_len = literal_count * PAGE_SIZE;
+    let mut section_codec = SectionCodec::Raw;
+    if literal_count > 0 && codec != Codec::None && probe_compressible(&out[section_at..], scratch)
+    {
+        let raw = &out[section_at..];
+        scratch.clear();
+        let compressed_len = match codec {
+            Codec::Lz4 => {
+                scratch.resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+                lz4_flex::block::compress_into(raw, scratch).ok()
+            }
+            Codec::Zstd(level) => {
+                scratch.resize(zstd::zstd_safe::compress_bound(raw.len()), 0);
+                zstd::bulk::compress_to_buffer(raw, scratch, level).ok()
+            }
+            Codec::None => None,
+        };
+        if let Some(n) = compressed_len {
+            if (n as f64) < literal_len as f64 * (1.0 - MIN_SAVING) {
+                out.truncate(section_at);
+                out.extend_from_slice(&scratch[..n]);
+                section_codec = if matches!(codec, Codec::Lz4) {
+                    SectionCodec::Lz4
+                } else {
+                    SectionCodec::Zstd
+                };
+            }
+        }
+    }
+    let section_len = out.len() - section_at;
+    out[0] = section_codec as u8;
+    out[2..4].copy_from_slice(&(pages.len() as u16).to_le_bytes());
+    out[4..8].copy_from_slice(&iteration.to_le_bytes());
+    out[8..10].copy_from_slice(&(run_count as u16).to_le_bytes());
+    out[12..16].copy_from_slice(&(section_len as u32).to_le_bytes());
+
+    counters
+        .zero_pages
+        .fetch_add((pages.len() - literal_count) as u64, Ordering::Relaxed);
+    counters
+        .literal_pages
+        .fetch_add(literal_count as u64, Ordering::Relaxed);
+    counters
+        .literal_bytes
+        .fetch_add(literal_len as u64, Ordering::Relaxed);
+    counters
+        .encoded_bytes
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    if literal_count > 0 {
+        let c = if section_codec == SectionCodec::Raw {
+            &counters.raw_chunks
+        } else {
+            &counters.compressed_chunks
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(out.len())
+}
+
+/// Cheap test whether literals compress: LZ4 on a few sampled pages. Random data (encrypted memory,
+/// compressed files) is skipped without paying for a full compression pass.
+fn probe_compressible(literals: &[u8], scratch: &mut Vec<u8>) -> bool {
+    let count = literals.len() / PAGE_SIZE;
+    if count <= PROBE_PAGES {
+        return true;
+    }
+    scratch.clear();
+    scratch.resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
+    let mut sampled = 0usize;
+    let mut compressed = 0usize;
+    for k in 0..PROBE_PAGES {
+        let i = k * (count - 1) / (PROBE_PAGES - 1);
+        let page = &literals[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+        compressed += lz4_flex::block::compress_into(page, scratch).unwrap_or(PAGE_SIZE);
+        sampled += PAGE_SIZE;
+    }
+    (compressed as f64) < sampled as f64 * (1.0 - MIN_SAVING)
+}
+
+/// Decodes a chunk whose pages must lie below `total_pages`. Literal bytes borrow from `payload` (raw)
+/// or from `scratch` (decompressed; grown to exactly the literal size, at most 256 pages).
+pub fn decode_chunk<'a>(
+    payload: &'a [u8],
+    total_pages: u64,
+    scratch: &'a mut Vec<u8>,
+) -> Result<DecodedChunk<'a>, Error> {
+    let parsed = parse(payload, total_pages)?;
+    let literal_len = parsed.literal_count * PAGE_SIZE;
+    let literals: &[u8] = match parsed.codec {
+        SectionCodec::Raw => parsed.section,
+        SectionCodec::Lz4 => {
+            scratch.clear();
+            scratch.resize(literal_len, 0);
+            let n = lz4_flex::block::decompress_into(parsed.section, scratch)
+                .map_err(|e| ChunkError::Decompress(format!("lz4: {e}")))?;
+            if n != literal_len {
+                return Err(ChunkError::Decompress(format!(
+                    "lz4 gave {n} bytes, expected {literal_len}"
+                ))
+                .into());
+            }
+            scratch
+        }
+        SectionCodec::Zstd => {
+            scratch.clear();
+            scratch.resize(literal_len, 0);
+            let n = zstd::bulk::decompress_to_buffer(parsed.section, &mut scratch[..])
+                .map_err(|e| ChunkError::Decompress(format!("zstd: {e}")))?;
+            if n != literal_len {
+                return Err(ChunkError::Decompress(format!(
+                    "zstd gave {n} bytes, expected {literal_len}"
+                ))
+                .into());
+            }
+            scratch
+        }
+    };
+    let mut next = 0usize;
+    let pages = parsed
+        .pages
+        .into_iter()
+        .map(|(page, class)| match class {
+            PageClass::Zero => (page, PageData::Zero),
+            PageClass::Literal => {
+                let data = &literals[next..next + PAGE_SIZE];
+                next += PAGE_SIZE;
+                (page, PageData::Literal(data))
+            }
+        })
+        .collect();
+    Ok(DecodedChunk {
+        iteration: parsed.iteration,
+        pages,
+    })
+}

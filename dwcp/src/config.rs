@@ -1,0 +1,132 @@
+//! Migration parameters, with defaults for datacenter mode.
+
+use std::time::Duration;
+
+use dwcp_hde::Codec;
+use dwcp_tcp::SocketProfile;
+
+/// How the whole-memory digest compared before the handover is obtained on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Verification {
+    /// Hash each page when it is encoded (the bytes are in cache then) and fold those hashes at pause
+    /// time. Proves the destination holds exactly what was sent, at a pause cost independent of memory
+    /// size (about 1 ms per 4 GiB). Trusts the hypervisor's dirty log to report every write.
+    #[default]
+    SentPages,
+    /// Additionally re-read and hash all of the source's memory while the guest is paused. Also catches a
+    /// dirty log that missed writes, but adds a full memory pass to the downtime (about 65 ms per GiB on
+    /// the reference machine, bound by memory bandwidth).
+    FullMemory,
+}
+
+/// Parameters of the source side of a migration.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Parallel TCP streams (1..=64).
+    pub streams: usize,
+    /// Largest acceptable pause of the guest, from pause to the destination's confirmation.
+    pub downtime_limit: Duration,
+    /// Pre-copy iterations before stop-and-copy is forced even if the downtime estimate is above the limit.
+    pub max_iterations: u32,
+    /// Compressor of literal pages.
+    pub codec: Codec,
+    /// Encoder threads (0: one per core).
+    pub encoder_threads: usize,
+    /// Pages per chunk (1..=256).
+    pub pages_per_chunk: usize,
+    /// Chunks encoded per parallel batch.
+    pub chunks_per_batch: usize,
+    /// Byte budget of the buffer pool that holds chunks between encoder and sockets.
+    pub buffer_budget: usize,
+    /// Socket options.
+    pub socket: SocketProfile,
+    /// Time allowed to connect and authenticate each stream.
+    pub connect_timeout: Duration,
+    /// Longest silence tolerated from the peer while it owes an answer.
+    pub io_timeout: Duration,
+    /// Threads computing the whole-memory digest (0: one per core).
+    pub digest_threads: usize,
+    /// How the source's digest is computed.
+    pub verification: Verification,
+    /// Stop-and-copy is forced when the dirty set has not shrunk for this many passes (a guest dirtying
+    /// memory faster than the link drains it never converges by iterating).
+    pub stall_passes: u32,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            downtime_limit: Duration::from_millis(50),
+            max_iterations: 30,
+            codec: Codec::Lz4,
+            encoder_threads: 0,
+            pages_per_chunk: 256,
+            chunks_per_batch: 16,
+            buffer_budget: 64 << 20,
+            socket: SocketProfile::datacenter(),
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            digest_threads: 0,
+            verification: Verification::SentPages,
+            stall_passes: 3,
+        }
+    }
+}
+
+impl MigrationConfig {
+    /// Checks the parameters; [`crate::Migration::run`] does this too, before connecting.
+    pub fn validate(&self) -> Result<(), dwcp_core::Error> {
+        let bad = |m: String| Err(dwcp_core::Error::Config(m));
+        if !(1..=64).contains(&self.streams) {
+            return bad(format!("streams = {} (1..=64)", self.streams));
+        }
+        if !(1..=dwcp_hde::MAX_CHUNK_PAGES).contains(&self.pages_per_chunk) {
+            return bad(format!(
+                "pages_per_chunk = {} (1..=256)",
+                self.pages_per_chunk
+            ));
+        }
+        if self.chunks_per_batch == 0 || self.max_iterations == 0 {
+            return bad("chunks_per_batch and max_iterations must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of the destination side.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Largest guest memory accepted from a source.
+    pub max_memory_bytes: u64,
+    /// Socket options.
+    pub socket: SocketProfile,
+    /// Longest silence tolerated from the source.
+    pub io_timeout: Duration,
+    /// Time allowed for the source's remaining streams to connect.
+    pub connect_timeout: Duration,
+    /// Threads computing the whole-memory digest (0: one per core).
+    pub digest_threads: usize,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            max_memory_bytes: 1 << 40,
+            socket: SocketProfile::datacenter(),
+            io_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            digest_threads: 0,
+        }
+    }
+}
+
+pub(crate) fn threads_or_cores(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}

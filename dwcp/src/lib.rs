@@ -1,0 +1,27 @@
+//! DWCP: live migration of a VM's memory between hosts over several authenticated TCP streams.
+//!
+//! The source side is a [`Migration`]: it connects `streams` TCP streams to a destination
+//! [`Listener`], authenticates each with the pre-shared key, announces the memory layout, and then runs
+//! pre-copy passes — every page first, then the pages the guest dirtied meanwhile — encoding chunks in
+//! parallel (`dwcp-hde`) and spreading them over the streams (`dwcp-tcp`). When the predicted downtime
+//! fits the limit it pauses the guest, sends the last dirty pages, waits until every chunk is
+//! acknowledged, and both sides compare a whole-memory digest. Only if they match does the source
+//! commit, the destination confirm, and the VM change hands; any failure before that resumes the source.
+//!
+//! On the destination, one thread per stream decodes chunks and applies pages; a page copy from an
+//! older pass never overwrites a newer one (see `dwcp_core::apply`).
+#![deny(missing_docs)]
+
+pub mod config;
+mod dest;
+pub mod metrics;
+pub mod report;
+mod session;
+mod source;
+
+pub use config::{MigrationConfig, ReceiverConfig, Verification};
+pub use dest::{Incoming, Listener};
+pub use dwcp_core::{Error, Result};
+pub use metrics::MigrationMetrics;
+pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
+pub use source::Migration;

@@ -1,0 +1,115 @@
+//! What a migration reports: per-iteration figures, totals, downtime and the digest verdict.
+
+use serde::Serialize;
+
+use dwcp_core::pool::PoolStats;
+use dwcp_hde::EncodeStats;
+
+/// One pre-copy iteration (or the final stop-and-copy pass).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct IterationReport {
+    /// Iteration number (0 sends every page).
+    pub iteration: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Chunk bytes put on the wire (frame headers excluded).
+    pub wire_bytes: u64,
+    /// Wall time of the pass.
+    pub duration_ms: f64,
+    /// Pages the guest dirtied while the pass ran (what the next pass must send).
+    pub dirtied_pages: u64,
+    /// Predicted downtime if the guest were paused now.
+    pub predicted_downtime_ms: f64,
+}
+
+/// Result of a completed migration, as seen by the source.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Session id (shared with the destination's logs).
+    pub session_id: String,
+    /// Wall time from connecting to the confirmed handover.
+    pub total_ms: f64,
+    /// Guest pause, from pause to the destination's confirmation.
+    pub downtime_ms: f64,
+    /// Part of the downtime spent computing the source digest.
+    pub digest_ms: f64,
+    /// Passes made, the stop-and-copy pass included.
+    pub iterations: u32,
+    /// Whether stop-and-copy started because the predicted downtime was within the limit.
+    pub converged: bool,
+    /// Why pre-copy ended: `converged`, `clean` (nothing left to send, the fixed pause cost alone is above
+    /// the limit), `stalled` (the dirty set stopped shrinking) or `iteration_limit`.
+    pub stop_reason: String,
+    /// How the source digest was computed.
+    pub verification: crate::config::Verification,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Guest bytes covered by all passes (pages sent times page size).
+    pub logical_bytes: u64,
+    /// Bytes written to the sockets, frame headers included.
+    pub wire_bytes: u64,
+    /// memory_bytes / total time, in bytes per second.
+    pub logical_throughput_bps: f64,
+    /// Whether the destination's digest equals the source's.
+    pub digest_match: bool,
+    /// The whole-memory digest, hex.
+    pub digest: String,
+    /// Streams used.
+    pub streams: usize,
+    /// Congestion control the streams got.
+    pub congestion: String,
+    /// Encoder counters.
+    pub encode: EncodeStats,
+    /// Buffer pool counters.
+    pub pool: PoolStats,
+    /// Each pass.
+    pub passes: Vec<IterationReport>,
+}
+
+/// Result of a completed migration, as seen by the destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiveReport {
+    /// Session id.
+    pub session_id: String,
+    /// Wall time from accepting the session to the handover.
+    pub total_ms: f64,
+    /// Streams the source used.
+    pub streams: usize,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Pages written to the sink.
+    pub pages_applied: u64,
+    /// Older copies of pages dropped because a newer one was already applied.
+    pub stale_pages_dropped: u64,
+    /// Guest bytes covered by all received pages.
+    pub logical_bytes: u64,
+    /// Bytes read from the sockets, frame headers included.
+    pub wire_bytes: u64,
+    /// Last iteration of the source.
+    pub final_iteration: u32,
+    /// Whether the digests matched (always true in a returned report: a mismatch is an error).
+    pub digest_match: bool,
+    /// The whole-memory digest, hex.
+    pub digest: String,
+}
+
+/// A progress event, emitted after every batch of chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Progress {
+    /// Current pass.
+    pub iteration: u32,
+    /// Whether the guest is paused (stop-and-copy).
+    pub paused: bool,
+    /// Pages of this pass sent so far.
+    pub pass_pages_sent: u64,
+    /// Pages this pass will send.
+    pub pass_pages_total: u64,
+    /// Guest bytes sent over all passes; never decreases.
+    pub logical_bytes: u64,
+    /// Chunk bytes sent over all passes; never decreases.
+    pub wire_bytes: u64,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Logical send rate of the current pass, bytes per second.
+    pub rate_bps: f64,
+}

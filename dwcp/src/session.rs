@@ -1,0 +1,87 @@
+//! Plumbing shared by both sides: stream setup, timeouts, and error reporting to the peer.
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use dwcp_core::error::{Error, ErrorCode};
+use dwcp_core::frame::{FrameReader, FrameType, FrameWriter};
+use dwcp_core::messages::ErrorMessage;
+
+/// Read side of a stream: buffered so that small frames cost no syscall each.
+pub(crate) type StreamReader = FrameReader<BufReader<TcpStream>>;
+
+/// Bytes buffered ahead on each read side.
+const READ_BUFFER: usize = 256 << 10;
+
+/// Splits a connected stream into its frame reader and writer, with `io_timeout` on both directions.
+pub(crate) fn split(
+    stream: TcpStream,
+    io_timeout: Duration,
+) -> Result<(StreamReader, FrameWriter<TcpStream>), Error> {
+    let ctx = |e| Error::io("configuring a stream", e);
+    stream.set_read_timeout(Some(io_timeout)).map_err(ctx)?;
+    stream.set_write_timeout(Some(io_timeout)).map_err(ctx)?;
+    let read_half = stream.try_clone().map_err(ctx)?;
+    Ok((
+        FrameReader::new(BufReader::with_capacity(READ_BUFFER, read_half)),
+        FrameWriter::new(stream),
+    ))
+}
+
+/// Turns socket time-outs into [`Error::Timeout`] so callers can tell a silent peer from a broken one.
+pub(crate) fn classify(e: Error, what: &str) -> Error {
+    match e {
+        Error::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::Timeout(format!(
+                "the peer sent nothing for too long while we waited for {what}"
+            ))
+        }
+        other => other,
+    }
+}
+
+/// Decodes an Error frame's payload into [`Error::Peer`].
+pub(crate) fn peer_error(payload: &[u8]) -> Error {
+    match ErrorMessage::decode(payload) {
+        Ok(m) => Error::Peer {
+            code: m.code,
+            message: m.message,
+        },
+        Err(e) => e.into(),
+    }
+}
+
+/// The payload of an Error frame reporting `error`.
+pub(crate) fn error_payload(error: &Error) -> Vec<u8> {
+    let code = match error {
+        Error::Peer { .. } => ErrorCode::Internal,
+        e => e.wire_code(),
+    };
+    ErrorMessage {
+        code,
+        message: error.to_string(),
+    }
+    .encode()
+}
+
+/// Best-effort: tells the peer why the session ends.
+pub(crate) fn report_error(writer: &mut FrameWriter<TcpStream>, error: &Error) {
+    if matches!(error, Error::Peer { .. }) {
+        return;
+    }
+    let _ = writer.write_frame(FrameType::Error, &error_payload(error));
+}
+
+pub(crate) fn unexpected(ft: FrameType, when: &str) -> Error {
+    Error::Protocol(format!("unexpected {} frame {when}", ft.name()))
+}
+
+pub(crate) fn hex(d: u128) -> String {
+    format!("{d:032x}")
+}

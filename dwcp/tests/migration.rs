@@ -1,0 +1,346 @@
+//! Live migrations over real loopback sockets.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use dwcp::{Migration, MigrationConfig};
+use dwcp_core::Error;
+use dwcp_core::memory::{MemorySource, VmControl};
+use dwcp_core::sim::ContentMix;
+use dwcp_hde::Codec;
+
+#[test]
+fn live_migration_with_a_dirtying_guest_is_bit_exact() {
+    let g = guest(64 << 20, ContentMix::IDLE_GUEST, 1);
+    g.start_workload(32 << 20, 7);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let report = Migration::new(addr, psk(1))
+        .config(MigrationConfig {
+            codec: Codec::Zstd(1),
+            ..source_config()
+        })
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let (received, ram) = rx.join().unwrap();
+    let received = received.unwrap();
+    let ram = ram.unwrap();
+    assert!(report.digest_match);
+    assert_eq!(report.digest, received.digest);
+    assert!(
+        g.pages_written() > 0,
+        "the guest really ran during the migration"
+    );
+    // The guest is stopped for good after the handover, so its memory is the state at pause time.
+    assert_same_memory(&*g, &ram);
+    assert!(
+        report.iterations >= 2,
+        "at least one pre-copy pass and the stop-and-copy pass"
+    );
+    assert_eq!(report.memory_bytes, 64 << 20);
+    assert!(report.logical_bytes >= report.memory_bytes);
+    assert!(
+        report.wire_bytes < report.logical_bytes,
+        "zero pages and compression shrink the transfer"
+    );
+    assert_eq!(report.passes.len() as u32, report.iterations);
+    assert_eq!(received.final_iteration + 1, report.iterations);
+    assert!(report.pool.peak_in_use_bytes <= report.pool.budget_bytes);
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        g.pages_written(),
+        before,
+        "the source guest must not run after the handover"
+    );
+}
+
+#[test]
+fn incompressible_memory_over_one_stream_and_many() {
+    for streams in [1, 7] {
+        let g = guest(16 << 20, ContentMix::RANDOM, streams as u64);
+        let (addr, rx) = spawn_receiver(psk(2), receiver_config());
+        let report = Migration::new(addr, psk(2))
+            .config(MigrationConfig {
+                streams,
+                pages_per_chunk: 100,
+                ..source_config()
+            })
+            .run(&*g, &mut g.dirty_log(), &mut g.control())
+            .unwrap();
+        let (received, ram) = rx.join().unwrap();
+        assert_eq!(received.unwrap().streams, streams);
+        assert_same_memory(&*g, &ram.unwrap());
+        assert_eq!(
+            report.encode.compressed_chunks, 0,
+            "random pages are sent raw"
+        );
+        assert!(report.converged);
+    }
+}
+
+#[test]
+fn wrong_key_is_refused_before_any_memory_is_written() {
+    let g = guest(1 << 20, ContentMix::RANDOM, 3);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let err = Migration::new(addr, psk(9))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Handshake(dwcp_core::HandshakeError::AuthenticationFailed)
+        ),
+        "source sees the server fail to prove the key: {err}"
+    );
+    let (server, ram) = rx.join().unwrap();
+    assert!(ram.is_none(), "no sink was ever created");
+    let server_err = server.unwrap_err();
+    assert!(
+        matches!(
+            server_err,
+            Error::Peer {
+                code: dwcp_core::ErrorCode::Authentication,
+                ..
+            }
+        ),
+        "the source tells the destination why it gave up: {server_err}"
+    );
+}
+
+#[test]
+fn layout_above_the_destination_limit_is_refused() {
+    let g = guest(8 << 20, ContentMix::ZERO, 4);
+    let cfg = dwcp::ReceiverConfig {
+        max_memory_bytes: 4 << 20,
+        ..receiver_config()
+    };
+    let (addr, rx) = spawn_receiver(psk(1), cfg);
+    let err = Migration::new(addr, psk(1))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Peer {
+                code: dwcp_core::ErrorCode::Layout,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(rx.join().unwrap().0, Err(Error::Layout(_))));
+}
+
+#[test]
+fn vanished_destination_fails_the_source_and_leaves_the_guest_running() {
+    let g = guest(32 << 20, ContentMix::RANDOM, 5);
+    g.start_workload(8 << 20, 1);
+    let listener =
+        dwcp::Listener::bind("127.0.0.1:0".parse().unwrap(), psk(1), receiver_config()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A destination that authenticates, accepts the layout, then dies after a few frames.
+    let t = std::thread::spawn(move || {
+        let incoming = listener.accept().unwrap();
+        let ram = dwcp_core::GuestRam::anonymous(incoming.layout().clone()).unwrap();
+        struct Dying(dwcp_core::GuestRam, std::sync::atomic::AtomicU64);
+        impl dwcp_core::MemorySink for Dying {
+            fn layout(&self) -> &dwcp_core::MemoryLayout {
+                self.0.layout()
+            }
+            fn write_page(&self, page: u64, data: &[u8]) {
+                if self.1.fetch_add(1, Ordering::Relaxed) == 2000 {
+                    panic!("destination crashed");
+                }
+                dwcp_core::MemorySink::write_page(&self.0, page, data)
+            }
+            fn read_page(&self, page: u64, out: &mut [u8]) {
+                self.0.copy_out(page, out)
+            }
+        }
+        let sink = Dying(ram, Default::default());
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            incoming.receive_into(&sink)
+        }));
+    });
+    let started = std::time::Instant::now();
+    let err = Migration::new(addr, psk(1))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    t.join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "failure is detected without waiting for the I/O timeout"
+    );
+    assert!(!matches!(err, Error::HandoverUnconfirmed(_)), "{err}");
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(
+        g.pages_written() > before,
+        "the source guest keeps running after a failed migration: {err}"
+    );
+}
+
+#[test]
+fn cancel_leaves_the_guest_running() {
+    let g = guest(64 << 20, ContentMix::RANDOM, 6);
+    g.start_workload(512 << 20, 2);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let m = Migration::new(addr, psk(1)).config(MigrationConfig {
+        max_iterations: 1000,
+        downtime_limit: Duration::ZERO,
+        ..source_config()
+    });
+    let cancel = m.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        cancel.store(true, Ordering::Relaxed);
+    });
+    let err = m
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    let (server, _) = rx.join().unwrap();
+    assert!(
+        matches!(
+            server,
+            Err(Error::Peer {
+                code: dwcp_core::ErrorCode::Cancelled,
+                ..
+            })
+        ),
+        "{server:?}"
+    );
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(g.pages_written() > before, "guest still running");
+}
+
+#[test]
+fn source_resumes_the_guest_when_the_digest_differs() {
+    // A sink that silently corrupts one page: the digest check must catch it and the source must resume.
+    struct Corrupting(dwcp_core::GuestRam);
+    impl dwcp_core::MemorySink for Corrupting {
+        fn layout(&self) -> &dwcp_core::MemoryLayout {
+            self.0.layout()
+        }
+        fn write_page(&self, page: u64, data: &[u8]) {
+            let mut d = data.to_vec();
+            if page == 3 {
+                d[100] ^= 0x40;
+            }
+            dwcp_core::MemorySink::write_page(&self.0, page, &d)
+        }
+        fn read_page(&self, page: u64, out: &mut [u8]) {
+            self.0.copy_out(page, out)
+        }
+    }
+    let g = guest(4 << 20, ContentMix::RANDOM, 8);
+    let listener =
+        dwcp::Listener::bind("127.0.0.1:0".parse().unwrap(), psk(1), receiver_config()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let incoming = listener.accept().unwrap();
+        let sink = Corrupting(dwcp_core::GuestRam::anonymous(incoming.layout().clone()).unwrap());
+        incoming.receive_into(&sink)
+    });
+    struct Recorder(Vec<&'static str>);
+    impl VmControl for Recorder {
+        fn pause(&mut self) -> Result<(), Error> {
+            self.0.push("pause");
+            Ok(())
+        }
+        fn resume(&mut self) {
+            self.0.push("resume");
+        }
+        fn handed_over(&mut self) {
+            self.0.push("handed_over");
+        }
+    }
+    let mut vm = Recorder(Vec::new());
+    let err = Migration::new(addr, psk(1))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut vm)
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert_eq!(vm.0, ["pause", "resume"]);
+    assert!(matches!(
+        t.join().unwrap(),
+        Err(Error::Peer {
+            code: dwcp_core::ErrorCode::DigestMismatch,
+            ..
+        })
+    ));
+    let _ = g.layout();
+}
+
+/// A dirty log that loses every other report: the hypervisor bug that only a full re-read can catch.
+struct LossyDirtyLog(dwcp_core::sim::SimDirtyLog);
+
+impl dwcp_core::DirtyLog for LossyDirtyLog {
+    fn start(&mut self) {
+        self.0.start()
+    }
+    fn take_dirty(&mut self, out: &mut Vec<u64>) {
+        let mut all = Vec::new();
+        self.0.take_dirty(&mut all);
+        out.extend(all.into_iter().step_by(2));
+    }
+}
+
+#[test]
+fn full_memory_verification_catches_a_dirty_log_that_misses_writes() {
+    let g = guest(16 << 20, ContentMix::IDLE_GUEST, 9);
+    g.start_workload(64 << 20, 3);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let cfg = MigrationConfig {
+        verification: dwcp::Verification::FullMemory,
+        max_iterations: 3,
+        ..source_config()
+    };
+    let err = Migration::new(addr, psk(1))
+        .config(cfg)
+        .run(&*g, &mut LossyDirtyLog(g.dirty_log()), &mut g.control())
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(rx.join().unwrap().0.is_err());
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(g.pages_written() > before, "the source guest was resumed");
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_still_finishes_with_a_reason() {
+    let g = guest(16 << 20, ContentMix::IDLE_GUEST, 10);
+    g.start_workload(1 << 30, 4);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let cfg = MigrationConfig {
+        downtime_limit: Duration::from_micros(1),
+        max_iterations: 50,
+        ..source_config()
+    };
+    let report = Migration::new(addr, psk(1))
+        .config(cfg)
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let (received, ram) = rx.join().unwrap();
+    received.unwrap();
+    assert_same_memory(&*g, &ram.unwrap());
+    assert!(!report.converged);
+    assert!(
+        ["stalled", "iteration_limit"].contains(&report.stop_reason.as_str()),
+        "{}",
+        report.stop_reason
+    );
+    assert!(
+        report.iterations < 50,
+        "a stalled migration stops early: {} passes",
+        report.iterations
+    );
+}

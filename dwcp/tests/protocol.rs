@@ -1,0 +1,385 @@
+//! The destination against hand-made peers: hostile input, reordering on purpose, silent peers.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dwcp::{Listener, ReceiverConfig};
+use dwcp_core::digest::memory_digest;
+use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, encode_frame};
+use dwcp_core::handshake::{Offer, client_handshake};
+use dwcp_core::memory::{GuestRam, MemoryLayout, MemorySink, MemorySource, PAGE_SIZE};
+use dwcp_core::messages::{Ack, ClientHello, DigestMessage, ErrorMessage, Finish, SessionInit};
+use dwcp_core::{Error, ErrorCode, FrameError, HandshakeError};
+use dwcp_hde::{Codec, EncodeCounters, encode_chunk};
+
+type Reader = FrameReader<TcpStream>;
+type Writer = FrameWriter<TcpStream>;
+
+fn listener(config: ReceiverConfig) -> (Listener, SocketAddr) {
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), psk(1), config).unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+fn open(addr: SocketAddr, session: u64, index: u16) -> (Reader, Writer, u64) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = FrameReader::new(s.try_clone().unwrap());
+    let mut w = FrameWriter::new(s);
+    let neg = client_handshake(&mut r, &mut w, &psk(1), Offer::default(), session, index).unwrap();
+    (r, w, neg.session_id)
+}
+
+fn read(r: &mut Reader) -> (FrameType, Vec<u8>) {
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p).unwrap();
+    (h.frame_type, p)
+}
+
+fn memory_with(pages: u64, byte: u8) -> GuestRam {
+    let ram = GuestRam::anonymous(MemoryLayout::flat(pages * PAGE_SIZE as u64).unwrap()).unwrap();
+    for p in 0..pages {
+        ram.write_page(p, &[byte.wrapping_add(p as u8); PAGE_SIZE]);
+    }
+    ram
+}
+
+fn chunk(iteration: u32, pages: &[u64], from: &GuestRam) -> Vec<u8> {
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    encode_chunk(
+        Codec::Lz4,
+        iteration,
+        pages,
+        from,
+        &mut out,
+        &mut scratch,
+        &EncodeCounters::default(),
+        None,
+    )
+    .unwrap();
+    out
+}
+
+fn digest_of(m: &GuestRam) -> u128 {
+    memory_digest(m.layout().total_pages(), 1, &|p| {
+        MemorySource::page_digest(m, p)
+    })
+}
+
+/// An authenticated source with `streams` streams that has announced a flat layout of `pages` pages.
+fn start_session(addr: SocketAddr, pages: u64, streams: u16) -> Vec<(Reader, Writer)> {
+    let (mut r0, mut w0, sid) = open(addr, 0, 0);
+    let init = SessionInit {
+        layout: MemoryLayout::flat(pages * PAGE_SIZE as u64).unwrap(),
+        stream_count: streams,
+    };
+    w0.write_frame(FrameType::SessionInit, &init.encode())
+        .unwrap();
+    assert_eq!(read(&mut r0).0, FrameType::SessionReady);
+    let mut all = vec![(r0, w0)];
+    for i in 1..streams {
+        let (r, w, joined) = open(addr, sid, i);
+        assert_eq!(joined, sid);
+        all.push((r, w));
+    }
+    all
+}
+
+#[test]
+fn an_older_copy_arriving_late_on_another_stream_never_wins() {
+    let (l, addr) = listener(receiver_config());
+    let rx = spawn_receiver_on(l);
+    let mut s = start_session(addr, 4, 2);
+    let old = memory_with(4, 1);
+    let new = memory_with(4, 100);
+    // Iteration 1 overtakes iteration 0: it is sent and applied first, on stream 1.
+    s[1].1
+        .write_frame(FrameType::Data, &chunk(1, &[0, 1, 2, 3], &new))
+        .unwrap();
+    let (ft, p) = read(&mut s[1].0);
+    assert_eq!(
+        (ft, Ack::decode(&p).unwrap().through_seq),
+        (FrameType::Ack, 2)
+    );
+    s[0].1
+        .write_frame(FrameType::Data, &chunk(0, &[0, 1, 2, 3], &old))
+        .unwrap();
+    assert_eq!(read(&mut s[0].0).0, FrameType::Ack);
+    s[0].1
+        .write_frame(
+            FrameType::Finish,
+            &Finish {
+                final_iteration: 1,
+                data_frames: 2,
+            }
+            .encode(),
+        )
+        .unwrap();
+    let (ft, p) = read(&mut s[0].0);
+    assert_eq!(ft, FrameType::Verdict);
+    assert_eq!(
+        DigestMessage::decode(&p).unwrap().digest,
+        digest_of(&new),
+        "destination holds the newer copy"
+    );
+    s[0].1
+        .write_frame(
+            FrameType::Commit,
+            &DigestMessage {
+                digest: digest_of(&new),
+            }
+            .encode(),
+        )
+        .unwrap();
+    assert_eq!(read(&mut s[0].0).0, FrameType::CommitAck);
+    for (_, w) in &mut s {
+        w.write_frame(FrameType::Close, &[]).unwrap();
+    }
+    let (report, ram) = rx.join().unwrap();
+    let report = report.unwrap();
+    assert_eq!(report.stale_pages_dropped, 4);
+    assert_eq!(report.pages_applied, 4);
+    let ram = ram.unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for p in 0..4 {
+        ram.copy_out(p, &mut buf);
+        assert_eq!(buf, vec![100 + p as u8; PAGE_SIZE]);
+    }
+}
+
+#[test]
+fn finish_with_missing_frames_or_pages_is_refused() {
+    let (l, addr) = listener(receiver_config());
+    let rx = spawn_receiver_on(l);
+    let mut s = start_session(addr, 4, 1);
+    let m = memory_with(4, 1);
+    s[0].1
+        .write_frame(FrameType::Data, &chunk(0, &[0, 1], &m))
+        .unwrap();
+    read(&mut s[0].0);
+    // Claims two data frames were sent; only one arrived (and pages 2 and 3 never did).
+    s[0].1
+        .write_frame(
+            FrameType::Finish,
+            &Finish {
+                final_iteration: 0,
+                data_frames: 2,
+            }
+            .encode(),
+        )
+        .unwrap();
+    let (ft, p) = read(&mut s[0].0);
+    assert_eq!(ft, FrameType::Error);
+    assert_eq!(ErrorMessage::decode(&p).unwrap().code, ErrorCode::Protocol);
+    assert!(matches!(rx.join().unwrap().0, Err(Error::Protocol(_))));
+}
+
+#[test]
+fn pages_outside_the_layout_are_refused_and_reported() {
+    let (l, addr) = listener(receiver_config());
+    let rx = spawn_receiver_on(l);
+    let mut s = start_session(addr, 4, 1);
+    let bigger = memory_with(8, 1);
+    s[0].1
+        .write_frame(FrameType::Data, &chunk(0, &[6], &bigger))
+        .unwrap();
+    let (ft, p) = read(&mut s[0].0);
+    assert_eq!(ft, FrameType::Error);
+    assert_eq!(ErrorMessage::decode(&p).unwrap().code, ErrorCode::Protocol);
+    let (result, ram) = rx.join().unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(Error::Chunk(dwcp_core::ChunkError::PageOutOfRange {
+                page: 6,
+                total_pages: 4
+            }))
+        ),
+        "{result:?}"
+    );
+    let ram = ram.unwrap();
+    assert_eq!(
+        digest_of(&ram),
+        digest_of(&memory_with_zero(4)),
+        "nothing was written"
+    );
+}
+
+fn memory_with_zero(pages: u64) -> GuestRam {
+    GuestRam::anonymous(MemoryLayout::flat(pages * PAGE_SIZE as u64).unwrap()).unwrap()
+}
+
+#[test]
+fn garbage_and_oversize_frames_are_refused_before_authentication() {
+    let (l, addr) = listener(receiver_config());
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n")
+        .unwrap();
+    let e = l.accept().unwrap_err();
+    assert!(matches!(e, Error::Frame(FrameError::BadMagic(_))), "{e:?}");
+
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut frame = Vec::new();
+    encode_frame(FrameType::ClientHello, 0, 0, &[0u8; 8], &mut frame);
+    frame[24..28].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    s.write_all(&frame).unwrap();
+    assert!(matches!(
+        l.accept().unwrap_err(),
+        Error::Frame(FrameError::Oversize { .. })
+    ));
+
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut frame = Vec::new();
+    encode_frame(
+        FrameType::ClientHello,
+        0,
+        0,
+        &ClientHello {
+            min_version: 1,
+            max_version: 1,
+            capabilities: 0,
+            nonce: [0; 32],
+            session_id: 0,
+            stream_index: 0,
+        }
+        .encode(),
+        &mut frame,
+    );
+    frame[50] ^= 1;
+    s.write_all(&frame).unwrap();
+    assert!(matches!(
+        l.accept().unwrap_err(),
+        Error::Frame(FrameError::ChecksumMismatch)
+    ));
+
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&frame[..30]).unwrap();
+    drop(s);
+    assert!(matches!(l.accept().unwrap_err(), Error::Io { .. }));
+}
+
+#[test]
+fn unsupported_versions_are_refused_with_a_typed_error_on_both_sides() {
+    let (l, addr) = listener(receiver_config());
+    let t = std::thread::spawn(move || l.accept().map(|_| ()));
+    let s = TcpStream::connect(addr).unwrap();
+    let mut r = FrameReader::new(s.try_clone().unwrap());
+    let mut w = FrameWriter::new(s);
+    let future = Offer {
+        min_version: 2,
+        max_version: 3,
+        capabilities: 0,
+    };
+    let err = client_handshake(&mut r, &mut w, &psk(1), future, 0, 0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Peer {
+                code: ErrorCode::Version,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        t.join().unwrap(),
+        Err(Error::Handshake(HandshakeError::VersionMismatch {
+            theirs_min: 2,
+            theirs_max: 3,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn a_client_that_cannot_prove_the_key_is_refused() {
+    let (l, addr) = listener(receiver_config());
+    let t = std::thread::spawn(move || l.accept().map(|_| ()));
+    let s = TcpStream::connect(addr).unwrap();
+    let mut r = FrameReader::new(s.try_clone().unwrap());
+    let mut w = FrameWriter::new(s);
+    let hello = ClientHello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: 3,
+        nonce: [7; 32],
+        session_id: 0,
+        stream_index: 0,
+    };
+    w.write_frame(FrameType::ClientHello, &hello.encode())
+        .unwrap();
+    let (ft, p) = read(&mut r);
+    assert_eq!(ft, FrameType::ServerHello);
+    // Ignore the server's proof and answer with a forged one (its own MAC reflected back).
+    let sid = u64::from_le_bytes(p[37..45].try_into().unwrap());
+    w.bind_session(sid);
+    r.bind_session(sid, 4096);
+    w.write_frame(FrameType::ClientAuth, &p[45..77]).unwrap();
+    let (ft, p) = read(&mut r);
+    assert_eq!(ft, FrameType::Error);
+    assert_eq!(
+        ErrorMessage::decode(&p).unwrap().code,
+        ErrorCode::Authentication
+    );
+    assert!(matches!(
+        t.join().unwrap(),
+        Err(Error::Handshake(HandshakeError::AuthenticationFailed))
+    ));
+}
+
+#[test]
+fn a_silent_source_times_out_instead_of_hanging() {
+    let cfg = ReceiverConfig {
+        io_timeout: Duration::from_millis(300),
+        ..receiver_config()
+    };
+    let (l, addr) = listener(cfg);
+    let rx = spawn_receiver_on(l);
+    let _s = start_session(addr, 4, 1);
+    let started = Instant::now();
+    let (result, _) = rx.join().unwrap();
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_destination_that_stops_acknowledging_fails_the_source_which_keeps_running() {
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    // Authenticates, accepts the layout, then reads nothing more and never acknowledges.
+    let t = std::thread::spawn(move || {
+        let (s, _) = fake.accept().unwrap();
+        let mut r = FrameReader::new(s.try_clone().unwrap());
+        let mut w = FrameWriter::new(s);
+        dwcp_core::handshake::server_handshake(&mut r, &mut w, &psk(1), Offer::default(), |_| {
+            Ok(77)
+        })
+        .unwrap();
+        let mut p = Vec::new();
+        r.read_frame(&mut p).unwrap();
+        w.write_frame(FrameType::SessionReady, &[]).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let g = guest(4 << 20, dwcp_core::sim::ContentMix::RANDOM, 1);
+    g.start_workload(4 << 20, 1);
+    let cfg = dwcp::MigrationConfig {
+        streams: 1,
+        io_timeout: Duration::from_millis(500),
+        ..source_config()
+    };
+    let started = Instant::now();
+    let err = dwcp::Migration::new(addr, psk(1))
+        .config(cfg)
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(g.pages_written() > before, "the source guest was resumed");
+    t.join().unwrap();
+}

@@ -1,0 +1,189 @@
+//! DWCP development automation, run as `cargo xtask <command>`:
+//!
+//! - `ci`: `cargo fmt --check`, `cargo clippy -D warnings` and `cargo test` over the workspace, in that
+//!   order, stopping at the first failure.
+//! - `bench hde|e2e|all [--quick] [--strict] [--headline-only]`: the Criterion benchmarks of
+//!   `dwcp-benches`; `e2e` also measures the headline figures against their targets (iperf3 loopback, the
+//!   `dwcp` binary's demo and memory-mapped image runs), prints them as a table and writes them to
+//!   `target/xtask/bench-e2e.json`. `--quick` shrinks sizes and repetitions, `--strict` fails when a target
+//!   is missed, `--headline-only` skips Criterion's e2e run.
+//!
+//! Every child process runs under a time limit and is killed, with whatever it started, when the xtask
+//! fails or gives up waiting.
+
+mod headline;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use process::{Io, run};
+
+/// Limit of one cargo invocation (builds of the whole workspace on a small machine included).
+const CARGO_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "DWCP development automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Format check, clippy with warnings denied, and the test suite, failing fast.
+    Ci,
+    /// Runs benchmarks; `e2e` also prints the headline table against its targets.
+    Bench {
+        /// Which benchmarks.
+        which: Which,
+        /// Smaller sizes and one repetition (and Criterion's --quick).
+        #[arg(long)]
+        quick: bool,
+        /// Fail when a headline target is missed (by default only a failed measurement fails).
+        #[arg(long)]
+        strict: bool,
+        /// With `e2e`/`all`: skip the Criterion e2e benchmark and only measure the headline table.
+        #[arg(long)]
+        headline_only: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// Page encoder/decoder throughput.
+    Hde,
+    /// End-to-end migration, plus the headline table.
+    E2e,
+    /// Both.
+    All,
+}
+
+/// Where the workspace is and where cargo puts its output.
+#[derive(Debug)]
+pub struct Workspace {
+    /// The workspace root.
+    pub root: PathBuf,
+    /// cargo's target directory.
+    pub target: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("the xtask crate has no parent directory")?
+            .to_path_buf();
+        let out = run(
+            cargo(&root).args(["metadata", "--format-version", "1", "--no-deps"]),
+            Io::Capture,
+            Duration::from_secs(120),
+        )?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&out.stdout).context("parsing `cargo metadata`")?;
+        let target = meta["target_directory"]
+            .as_str()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        Ok(Self { root, target })
+    }
+
+    /// A `cargo` command run in the workspace root.
+    pub fn cargo(&self) -> Command {
+        cargo(&self.root)
+    }
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+fn step(ws: &Workspace, args: &[&str]) -> Result<()> {
+    let mut cmd = ws.cargo();
+    cmd.args(args);
+    eprintln!("\n==> cargo {}", args.join(" "));
+    run(&mut cmd, Io::Inherit, CARGO_TIMEOUT)?;
+    Ok(())
+}
+
+fn ci(ws: &Workspace) -> Result<()> {
+    step(ws, &["fmt", "--all", "--", "--check"])?;
+    step(
+        ws,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    step(ws, &["test", "--workspace"])?;
+    eprintln!("\nci: all steps passed");
+    Ok(())
+}
+
+fn criterion(ws: &Workspace, bench: &str, quick: bool) -> Result<()> {
+    let mut args = vec!["bench", "-p", "dwcp-benches", "--bench", bench];
+    if quick {
+        args.extend(["--", "--quick"]);
+    }
+    step(ws, &args)
+}
+
+fn bench(
+    ws: &Workspace,
+    which: Which,
+    quick: bool,
+    strict: bool,
+    headline_only: bool,
+) -> Result<()> {
+    if which != Which::Hde {
+        // Before spending minutes on anything else.
+        headline::require_iperf3()?;
+    }
+    if which == Which::Hde || (which == Which::All && !headline_only) {
+        criterion(ws, "hde", quick)?;
+    }
+    if matches!(which, Which::E2e | Which::All) {
+        if !headline_only {
+            criterion(ws, "e2e", quick)?;
+        }
+        let all_met = headline::measure(ws, quick)?;
+        if strict && !all_met {
+            bail!("some headline targets were missed (--strict)");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = Workspace::locate().and_then(|ws| match cli.command {
+        Cmd::Ci => ci(&ws),
+        Cmd::Bench {
+            which,
+            quick,
+            strict,
+            headline_only,
+        } => bench(&ws, which, quick, strict, headline_only),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
