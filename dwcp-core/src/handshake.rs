@@ -21,7 +21,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, FrameError, HandshakeError};
-use crate::frame::{FrameReader, FrameType, FrameWriter, MAX_PAYLOAD, PROTOCOL_VERSION};
+use crate::frame::{
+    FrameReader, FrameType, FrameWriter, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD, PROTOCOL_VERSION,
+};
 use crate::messages::{ClientHello, ErrorMessage, MAC_LEN, NONCE_LEN, ServerHello};
 
 /// Shortest pre-shared key accepted.
@@ -384,7 +386,8 @@ pub fn server_handshake<R: Read, W: Write>(
         writer.bind_session(session_id);
         writer.write_frame(FrameType::ServerHello, &sh.encode())?;
         writer.flush()?;
-        reader.bind_session(session_id, MAX_HANDSHAKE_AUTH_PAYLOAD);
+        // Until the client has proven the key, frames stay small.
+        reader.bind_session(session_id, MAX_HANDSHAKE_PAYLOAD);
         let h = reader.read_frame(&mut p)?;
         expect(h.frame_type, FrameType::ClientAuth, &p)?;
         if p.len() != MAC_LEN {
@@ -405,9 +408,6 @@ pub fn server_handshake<R: Read, W: Write>(
     }
     result
 }
-
-/// Until the client has proven the key, frames stay small.
-const MAX_HANDSHAKE_AUTH_PAYLOAD: u32 = crate::frame::MAX_HANDSHAKE_PAYLOAD;
 
 /// Best-effort report of `error` to the peer (the stream is being abandoned anyway).
 pub fn send_error<W: Write>(writer: &mut FrameWriter<W>, error: &Error) {

@@ -215,13 +215,10 @@ impl<'l> Incoming<'l> {
             stale: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
         };
-        let writers: Vec<Arc<Mutex<FrameWriter<TcpStream>>>> = Vec::new();
-        let mut writers = writers;
-        let mut readers = Vec::new();
-        for (r, w) in streams {
-            readers.push(r);
-            writers.push(Arc::new(Mutex::new(w)));
-        }
+        let (readers, writers): (Vec<StreamReader>, Vec<_>) = streams
+            .into_iter()
+            .map(|(r, w)| (r, Arc::new(Mutex::new(w))))
+            .unzip();
         let (tx, events) = unbounded();
         let session_id = self.session_id;
         let outcome = std::thread::scope(|scope| {

@@ -150,6 +150,9 @@ struct Run {
     data_frames: u64,
     passes: Vec<IterationReport>,
     hashes: PageHashes,
+    /// Encoder counters and socket bytes already added to the metrics.
+    published: dwcp_hde::EncodeStats,
+    published_wire: u64,
     /// Round trip of the first stream's handshake, seconds.
     rtt: f64,
 }
@@ -242,6 +245,8 @@ impl Run {
             data_frames: 0,
             passes: Vec::new(),
             hashes: PageHashes::new(source.layout().total_pages()),
+            published: Default::default(),
+            published_wire: 0,
             rtt,
         })
     }
@@ -365,6 +370,7 @@ impl Run {
         let memory_bytes = source.layout().total_bytes();
         if let Some(mt) = &m.metrics {
             mt.downtime.set(downtime.as_secs_f64());
+            self.publish_counters(mt);
         }
         for (i, s) in self.lanes.stats().iter().enumerate() {
             tracing::debug!(lane = i, frames = s.frames, bytes = s.bytes, "lane totals");
@@ -521,6 +527,7 @@ impl Run {
             if let Some(mt) = &m.metrics {
                 mt.throughput.set(rate);
                 mt.pool_in_use.set(self.pool.stats().in_use_bytes as i64);
+                self.publish_counters(mt);
             }
             if let Some(f) = m.progress {
                 f(&Progress {
@@ -535,20 +542,24 @@ impl Run {
                 });
             }
         }
-        if let Some(mt) = &m.metrics {
-            let s = self.encoder.stats();
-            let (z, l) = (
-                s.zero_pages * PAGE_SIZE as u64,
-                s.literal_pages * PAGE_SIZE as u64,
-            );
-            let zc = mt.page_bytes.with_label_values(&["zero"]);
-            let lc = mt.page_bytes.with_label_values(&["literal"]);
-            zc.inc_by(z.saturating_sub(zc.get()));
-            lc.inc_by(l.saturating_sub(lc.get()));
-            mt.wire_bytes
-                .inc_by(self.wire_bytes.saturating_sub(mt.wire_bytes.get()));
-        }
         Ok(())
+    }
+
+    /// Adds what was sent since the last call to the (possibly shared, cumulative) counters.
+    fn publish_counters(&mut self, mt: &MigrationMetrics) {
+        let now = self.encoder.stats();
+        let wire: u64 = self.lanes.stats().iter().map(|s| s.bytes).sum();
+        let page = PAGE_SIZE as u64;
+        mt.page_bytes
+            .with_label_values(&["zero"])
+            .inc_by((now.zero_pages - self.published.zero_pages) * page);
+        mt.page_bytes
+            .with_label_values(&["literal"])
+            .inc_by((now.literal_pages - self.published.literal_pages) * page);
+        mt.wire_bytes
+            .inc_by(wire.saturating_sub(self.published_wire));
+        self.published = now;
+        self.published_wire = self.published_wire.max(wire);
     }
 
     fn check_events(&self) -> Result<(), Error> {

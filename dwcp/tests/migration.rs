@@ -344,3 +344,37 @@ fn a_guest_dirtying_faster_than_the_link_still_finishes_with_a_reason() {
         report.iterations
     );
 }
+
+#[test]
+fn metrics_add_up_across_migrations_sharing_a_registry() {
+    let registry = prometheus::Registry::new();
+    let metrics = dwcp::MigrationMetrics::register(&registry).unwrap();
+    let mut wire = 0;
+    let mut logical = 0;
+    for seed in [11, 12] {
+        let g = guest(8 << 20, ContentMix::IDLE_GUEST, seed);
+        let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+        let r = Migration::new(addr, psk(1))
+            .config(source_config())
+            .metrics(metrics.clone())
+            .run(&*g, &mut g.dirty_log(), &mut g.control())
+            .unwrap();
+        rx.join().unwrap().0.unwrap();
+        wire += r.wire_bytes;
+        logical += r.logical_bytes;
+    }
+    assert_eq!(metrics.wire_bytes.get(), wire);
+    let zero = metrics.page_bytes.with_label_values(&["zero"]).get();
+    let literal = metrics.page_bytes.with_label_values(&["literal"]).get();
+    assert_eq!(zero + literal, logical);
+    assert!(zero > literal, "an idle guest is mostly zero pages");
+    assert_eq!(metrics.migrations.with_label_values(&["ok"]).get(), 2);
+    assert!(metrics.iterations.get() >= 2);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("dwcp_page_bytes_total{class=\"zero\"}"),
+        "{text}"
+    );
+}
