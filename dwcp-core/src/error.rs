@@ -247,7 +247,10 @@ impl Error {
         match self {
             Error::Frame(_) | Error::Chunk(_) | Error::Protocol(_) => ErrorCode::Protocol,
             Error::Handshake(HandshakeError::VersionMismatch { .. }) => ErrorCode::Version,
-            Error::Handshake(_) => ErrorCode::Authentication,
+            Error::Handshake(
+                HandshakeError::AuthenticationFailed | HandshakeError::WeakKey { .. },
+            ) => ErrorCode::Authentication,
+            Error::Handshake(_) => ErrorCode::Protocol,
             Error::Layout(_) => ErrorCode::Layout,
             Error::Cancelled => ErrorCode::Cancelled,
             Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,

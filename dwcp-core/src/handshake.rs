@@ -8,7 +8,7 @@
 //!                                          ◄─ AuthOk
 //! MACs = HMAC-SHA256(psk, "DWCP server" ‖ transcript)
 //! MACc = HMAC-SHA256(psk, "DWCP client" ‖ transcript)
-//! transcript = Nc ‖ Ns ‖ sid ‖ i ‖ v ‖ caps
+//! transcript = min_v ‖ max_v ‖ offered caps ‖ Nc ‖ Ns ‖ sid ‖ i ‖ v ‖ caps
 //! ```
 //! Both nonces are fresh per stream, so a recorded exchange cannot be replayed, and the distinct labels
 //! stop a server's proof from being reflected as a client's. The state machines here do no I/O;
@@ -141,19 +141,23 @@ impl Default for Offer {
     }
 }
 
+/// The bytes both proofs cover. It includes the client's whole offer, so an on-path change of the
+/// offered versions or capabilities (a downgrade) makes the proofs disagree.
 fn transcript(
-    nc: &[u8; NONCE_LEN],
+    hello: &ClientHello,
     ns: &[u8; NONCE_LEN],
     sid: u64,
-    idx: u16,
     version: u8,
     caps: u32,
 ) -> Vec<u8> {
-    let mut t = Vec::with_capacity(2 * NONCE_LEN + 15);
-    t.extend_from_slice(nc);
+    let mut t = Vec::with_capacity(2 * NONCE_LEN + 21);
+    t.push(hello.min_version);
+    t.push(hello.max_version);
+    t.extend_from_slice(&hello.capabilities.to_le_bytes());
+    t.extend_from_slice(&hello.nonce);
     t.extend_from_slice(ns);
     t.extend_from_slice(&sid.to_le_bytes());
-    t.extend_from_slice(&idx.to_le_bytes());
+    t.extend_from_slice(&hello.stream_index.to_le_bytes());
     t.push(version);
     t.extend_from_slice(&caps.to_le_bytes());
     t
@@ -217,10 +221,9 @@ impl ClientHandshake {
             return Err(Error::Protocol("server assigned session id 0".into()));
         }
         let t = transcript(
-            &self.hello.nonce,
+            &self.hello,
             &sh.nonce,
             sh.session_id,
-            self.hello.stream_index,
             sh.version,
             sh.capabilities,
         );
@@ -273,14 +276,7 @@ impl ServerHandshake {
         }
         let capabilities = hello.capabilities & offer.capabilities;
         let nonce = random_bytes();
-        let t = transcript(
-            &hello.nonce,
-            &nonce,
-            session_id,
-            hello.stream_index,
-            version,
-            capabilities,
-        );
+        let t = transcript(hello, &nonce, session_id, version, capabilities);
         let mac = psk.mac(SERVER_LABEL, &t).finalize().into_bytes().into();
         let negotiated = Negotiated {
             version,
@@ -470,6 +466,19 @@ mod tests {
             ServerHandshake::on_client_hello(key(1), Offer::default(), &hello, 42).unwrap();
         assert!(matches!(
             s2.on_client_auth(&old_mac),
+            Err(Error::Handshake(HandshakeError::AuthenticationFailed))
+        ));
+    }
+
+    #[test]
+    fn a_tampered_offer_is_detected() {
+        let (c, hello) = ClientHandshake::start(key(1), Offer::default(), 0, 0);
+        let mut downgraded = hello.clone();
+        downgraded.capabilities = 0;
+        let (_, sh) =
+            ServerHandshake::on_client_hello(key(1), Offer::default(), &downgraded, 42).unwrap();
+        assert!(matches!(
+            c.on_server_hello(&sh),
             Err(Error::Handshake(HandshakeError::AuthenticationFailed))
         ));
     }

@@ -8,6 +8,7 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use xxhash_rust::xxh3::xxh3_128;
@@ -161,16 +162,18 @@ pub trait MemorySink: Send + Sync {
     /// Copies page `page` into `out`.
     fn read_page(&self, page: u64, out: &mut [u8]);
 
-    /// Hash of page `page`, for the whole-memory digest. Called once all writes are done.
+    /// Hash of page `page`, for the whole-memory digest. Called right after the page was written, while
+    /// no other write to that page is in progress (other pages may be written meanwhile).
     fn page_digest(&self, page: u64) -> u128 {
         let mut buf = [0u8; PAGE_SIZE];
         self.read_page(page, &mut buf);
         xxh3_128(&buf)
     }
 
-    /// Whether the sink's memory is all zeros before the first write (fresh anonymous memory, a new
-    /// file). Zero pages that were never written are then not touched at all, which keeps sparse memory
-    /// sparse and avoids faulting in pages that would only be cleared.
+    /// Whether every page of the sink is zero right now because nothing was ever written to it (fresh
+    /// anonymous memory, a new file). Asked once, when a migration into the sink starts; zero pages
+    /// that were never written during that migration are then not touched at all, which keeps sparse
+    /// memory sparse and avoids faulting in pages only to clear them. Must be `false` when in doubt.
     fn starts_zeroed(&self) -> bool {
         false
     }
@@ -242,6 +245,8 @@ pub struct GuestRam {
     _backing: Backing,
     base: *mut u8,
     writable: bool,
+    /// No page was written since the mapping was created zero-filled.
+    pristine: AtomicBool,
     layout: MemoryLayout,
 }
 
@@ -293,6 +298,7 @@ impl GuestRam {
             _backing: Backing::Anonymous(map),
             base,
             writable: true,
+            pristine: AtomicBool::new(true),
             layout,
         })
     }
@@ -317,6 +323,7 @@ impl GuestRam {
             _backing: Backing::FileRw(map),
             base,
             writable: true,
+            pristine: AtomicBool::new(true),
             layout,
         })
     }
@@ -341,6 +348,7 @@ impl GuestRam {
             _backing: Backing::FileRo(map),
             base,
             writable: false,
+            pristine: AtomicBool::new(false),
             layout,
         })
     }
@@ -372,6 +380,10 @@ impl GuestRam {
     pub fn copy_in(&self, page: u64, offset: usize, data: &[u8]) {
         assert!(self.writable, "write to a read-only image");
         assert!(offset + data.len() <= PAGE_SIZE, "write beyond the page");
+        // Load first: after the first write the flag is only read, so writers do not contend on it.
+        if self.pristine.load(Ordering::Relaxed) {
+            self.pristine.store(false, Ordering::Relaxed);
+        }
         let dst = self.page_ptr(page);
         // SAFETY: offset + len <= PAGE_SIZE inside a mapped, writable page; `data` is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.add(offset), data.len()) }
@@ -421,8 +433,9 @@ impl MemorySink for GuestRam {
         }
     }
     fn starts_zeroed(&self) -> bool {
-        // Every writable constructor maps fresh memory: anonymous, or a file just truncated to its size.
-        self.writable
+        // Writable constructors map fresh zero-filled memory (anonymous, or a file just truncated to
+        // its size); any write since then makes that unknowable without reading everything.
+        self.pristine.load(Ordering::Relaxed)
     }
     fn read_page(&self, page: u64, out: &mut [u8]) {
         self.copy_out(page, out);
@@ -506,6 +519,25 @@ mod tests {
             p[i] = 0;
         }
         assert!(is_zero_page(&p[1..4001]));
+    }
+
+    #[test]
+    fn only_never_written_memory_claims_to_start_zeroed() {
+        let layout = MemoryLayout::flat(2 * PAGE_SIZE as u64).unwrap();
+        let ram = GuestRam::anonymous(layout.clone()).unwrap();
+        assert!(ram.starts_zeroed());
+        ram.write_page(1, &[3u8; PAGE_SIZE]);
+        assert!(
+            !ram.starts_zeroed(),
+            "a reused sink must not skip zero pages"
+        );
+        ram.write_zero_page(1);
+        assert!(!ram.starts_zeroed());
+        assert!(
+            GuestRam::anonymous_preallocated(layout)
+                .unwrap()
+                .starts_zeroed()
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 /// Most regions a memory layout may announce.
 pub const MAX_REGIONS: usize = 1024;
+/// Most streams one session may use.
+pub const MAX_STREAMS: u16 = 64;
 /// Longest error message carried in an Error frame.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 

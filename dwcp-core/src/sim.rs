@@ -2,7 +2,7 @@
 //! chosen rate, with a dirty log and pause/resume like a hypervisor's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -177,7 +177,6 @@ struct Shared {
     dirty: DirtyBitmap,
     run: Mutex<RunState>,
     wake: Condvar,
-    tracking: AtomicBool,
     pages_written: AtomicU64,
 }
 
@@ -217,7 +216,6 @@ impl SimulatedGuest {
                 dirty: DirtyBitmap::new(pages),
                 run: Mutex::new(RunState::default()),
                 wake: Condvar::new(),
-                tracking: AtomicBool::new(false),
                 pages_written: AtomicU64::new(0),
             }),
             workload: Mutex::new(None),
@@ -310,9 +308,9 @@ fn workload(shared: Arc<Shared>, bytes_per_sec: u64, seed: u64) {
                 let offset = rng.random_range(0..=(PAGE_SIZE - len) / 512) * 512;
                 fill_text(&mut rng, &mut buf[..len]);
                 shared.ram.copy_in(page, offset, &buf[..len]);
-                if shared.tracking.load(Ordering::Relaxed) {
-                    shared.dirty.mark(page);
-                }
+                // Always marked: `DirtyLog::start` clears the bits, and the release/acquire pair on them
+                // makes a write made just before `start` visible to the first pass that reads the page.
+                shared.dirty.mark(page);
                 shared.pages_written.fetch_add(1, Ordering::Relaxed);
                 written += len as u64;
                 budget_steps -= 1;
@@ -342,7 +340,6 @@ pub struct SimDirtyLog {
 
 impl DirtyLog for SimDirtyLog {
     fn start(&mut self) {
-        self.shared.tracking.store(true, Ordering::SeqCst);
         let mut discard = Vec::new();
         self.shared.dirty.take(&mut discard);
     }

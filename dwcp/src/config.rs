@@ -87,8 +87,21 @@ impl MigrationConfig {
                 self.pages_per_chunk
             ));
         }
-        if self.chunks_per_batch == 0 || self.max_iterations == 0 {
-            return bad("chunks_per_batch and max_iterations must be positive".into());
+        if self.chunks_per_batch == 0 || !(1..=1_000_000).contains(&self.max_iterations) {
+            return bad(
+                "chunks_per_batch must be positive and max_iterations in 1..=1000000".into(),
+            );
+        }
+        // The encoder holds a whole batch of chunk buffers at once; a smaller budget would block forever.
+        let chunk = dwcp_hde::chunk::max_encoded_len(self.pages_per_chunk, self.pages_per_chunk);
+        let class =
+            dwcp_core::pool::SizeClass::for_len(chunk).expect("a chunk fits the largest class");
+        let needed = (self.chunks_per_batch * class.capacity()).max(dwcp_core::pool::MIN_BUDGET);
+        if self.buffer_budget < needed {
+            return bad(format!(
+                "buffer_budget = {} bytes; {} chunks of {} pages per batch need at least {needed}",
+                self.buffer_budget, self.chunks_per_batch, self.pages_per_chunk
+            ));
         }
         Ok(())
     }

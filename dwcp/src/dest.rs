@@ -13,7 +13,7 @@ use dwcp_core::apply::{Applied, PageVersions};
 use dwcp_core::digest::{PageHashes, ZERO_PAGE_HASH};
 use dwcp_core::error::{Error, HandshakeError};
 use dwcp_core::frame::{FrameType, FrameWriter, HEADER_LEN};
-use dwcp_core::handshake::{Offer, Psk, new_session_id, server_handshake};
+use dwcp_core::handshake::{Negotiated, Offer, Psk, new_session_id, server_handshake};
 use dwcp_core::memory::{MemoryLayout, MemorySink, PAGE_SIZE};
 use dwcp_core::messages::{Ack, DigestMessage, Finish, SessionInit};
 use dwcp_hde::{PageData, decode_chunk};
@@ -91,7 +91,14 @@ impl Listener {
             .read_frame(&mut p)
             .map_err(|e| classify(e, "SessionInit"))?;
         let init = match h.frame_type {
-            FrameType::SessionInit => SessionInit::decode(&p)?,
+            FrameType::SessionInit => match SessionInit::decode(&p) {
+                Ok(init) => init,
+                Err(e) => {
+                    let e = Error::from(e);
+                    report_error(&mut writer, &e);
+                    return Err(e);
+                }
+            },
             FrameType::Error => return Err(peer_error(&p)),
             other => {
                 let e = unexpected(other, "instead of SessionInit");
@@ -143,6 +150,10 @@ enum Event {
 
 struct Shared<'s> {
     sink: &'s dyn MemorySink,
+    /// The sink was all zeros when this migration started (asked once: writes change the answer).
+    sink_started_zeroed: bool,
+    /// The source sent Finish: any further data frame is a protocol violation.
+    finished: std::sync::atomic::AtomicBool,
     versions: PageVersions,
     hashes: PageHashes,
     total_pages: u64,
@@ -204,9 +215,12 @@ impl<'l> Incoming<'l> {
         }
         for s in &sockets {
             let _ = s.set_read_timeout(Some(cfg.io_timeout));
+            let _ = s.set_write_timeout(Some(cfg.io_timeout));
         }
         let shared = Shared {
             sink,
+            sink_started_zeroed: sink.starts_zeroed(),
+            finished: std::sync::atomic::AtomicBool::new(false),
             versions: PageVersions::new(self.init.layout.total_pages()),
             hashes: PageHashes::new(self.init.layout.total_pages()),
             total_pages: self.init.layout.total_pages(),
@@ -275,7 +289,9 @@ impl<'l> Incoming<'l> {
 }
 
 impl Listener {
-    /// Accepts the remaining streams of a session (handshakes bound to `session_id`).
+    /// Accepts the remaining streams of a session (handshakes bound to `session_id`). Each connection is
+    /// authenticated on its own short-lived thread, so a silent or hostile stranger cannot hold up the
+    /// real streams; strangers are turned away without ending the session.
     fn accept_joining(
         &self,
         session_id: u64,
@@ -283,61 +299,70 @@ impl Listener {
         streams: &mut Vec<(StreamReader, FrameWriter<TcpStream>)>,
         sockets: &mut Vec<TcpStream>,
     ) -> Result<(), Error> {
+        type Joined = Result<(Negotiated, StreamReader, FrameWriter<TcpStream>, TcpStream), Error>;
         let deadline = Instant::now() + self.config.connect_timeout;
         let mut slots: Vec<Option<(StreamReader, FrameWriter<TcpStream>, TcpStream)>> =
             (1..count).map(|_| None).collect();
         let mut missing = count - 1;
+        // Bounds the threads a flood of connections can start.
+        let max_attempts = 4 * count + 16;
+        let mut attempts = 0;
+        let (tx, rx) = unbounded::<Joined>();
         self.listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("polling the listener", e))?;
         let result = (|| {
             while missing > 0 {
+                while let Ok(joined) = rx.try_recv() {
+                    match joined {
+                        Ok((neg, r, mut w, socket)) => {
+                            let idx = neg.stream_index as usize;
+                            if idx == 0 || idx >= count || slots[idx - 1].is_some() {
+                                let e = Error::Protocol(format!(
+                                    "stream index {idx} is invalid or taken"
+                                ));
+                                report_error(&mut w, &e);
+                                return Err(e);
+                            }
+                            slots[idx - 1] = Some((r, w, socket));
+                            missing -= 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "refused a stream that does not belong to the session")
+                        }
+                    }
+                }
+                if missing == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "{missing} of {count} streams did not connect"
+                    )));
+                }
                 let stream = match self.listener.accept() {
                     Ok((s, _)) => s,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() >= deadline {
-                            return Err(Error::Timeout(format!(
-                                "{missing} of {count} streams did not connect"
-                            )));
-                        }
                         std::thread::sleep(Duration::from_millis(1));
                         continue;
                     }
                     Err(e) => return Err(Error::io("accepting a stream", e)),
                 };
-                stream
-                    .set_nonblocking(false)
-                    .map_err(|e| Error::io("configuring a stream", e))?;
-                dwcp_tcp::apply(&stream, &self.config.socket)?;
-                let socket = stream
-                    .try_clone()
-                    .map_err(|e| Error::io("cloning a stream", e))?;
-                let (mut r, mut w) = split(stream, self.config.connect_timeout)?;
-                let joined =
-                    server_handshake(&mut r, &mut w, &self.psk, Offer::default(), |requested| {
-                        if requested == session_id {
-                            Ok(session_id)
-                        } else {
-                            Err(HandshakeError::UnknownSession(requested).into())
-                        }
-                    });
-                match joined {
-                    Ok(neg) => {
-                        let idx = neg.stream_index as usize;
-                        if idx == 0 || idx >= count || slots[idx - 1].is_some() {
-                            let e =
-                                Error::Protocol(format!("stream index {idx} is invalid or taken"));
-                            report_error(&mut w, &e);
-                            return Err(e);
-                        }
-                        slots[idx - 1] = Some((r, w, socket));
-                        missing -= 1;
-                    }
-                    // A stranger (wrong key, other session) is turned away without ending this session.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refused a stream that does not belong to the session")
-                    }
+                attempts += 1;
+                if attempts > max_attempts {
+                    return Err(Error::Protocol(format!(
+                        "{attempts} connection attempts while {missing} streams were due"
+                    )));
                 }
+                let (psk, profile, tx) = (self.psk.clone(), self.config.socket.clone(), tx.clone());
+                let remaining = deadline - now;
+                std::thread::Builder::new()
+                    .name("amst-join".into())
+                    .spawn(move || {
+                        let _ = tx.send(join_stream(stream, &psk, &profile, remaining, session_id));
+                    })
+                    .map_err(|e| Error::io("starting a handshake thread", e))?;
             }
             Ok(())
         })();
@@ -351,6 +376,33 @@ impl Listener {
         }
         Ok(())
     }
+}
+
+/// Authenticates one connection that claims to join `session_id`, within `timeout`.
+fn join_stream(
+    stream: TcpStream,
+    psk: &Psk,
+    profile: &dwcp_tcp::SocketProfile,
+    timeout: Duration,
+    session_id: u64,
+) -> Result<(Negotiated, StreamReader, FrameWriter<TcpStream>, TcpStream), Error> {
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| Error::io("configuring a stream", e))?;
+    dwcp_tcp::apply(&stream, profile)?;
+    let socket = stream
+        .try_clone()
+        .map_err(|e| Error::io("cloning a stream", e))?;
+    let (mut r, mut w) = split(stream, timeout.max(Duration::from_millis(1)))?;
+    let neg = server_handshake(&mut r, &mut w, psk, Offer::default(), |requested| {
+        if requested == session_id {
+            Ok(session_id)
+        } else {
+            Err(HandshakeError::UnknownSession(requested).into())
+        }
+    })
+    .map_err(|e| classify(e, "a joining stream's handshake"))?;
+    Ok((neg, r, w, socket))
 }
 
 /// Reads one stream until the source closes it, applying data frames.
@@ -373,13 +425,16 @@ fn apply_stream(
             .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
         match h.frame_type {
             FrameType::Data => {
+                if shared.finished.load(Ordering::Acquire) {
+                    return Err(Error::Protocol("data frame after Finish".into()));
+                }
                 let chunk = decode_chunk(&payload, shared.total_pages, &mut scratch)?;
                 let (mut applied, mut stale) = (0, 0);
                 for (page, data) in &chunk.pages {
                     let outcome = shared.versions.apply(*page, chunk.iteration, |previous| {
                         match data {
                             // Fresh memory is already zero where nothing was written: leave it untouched.
-                            PageData::Zero if previous.is_none() && shared.sink.starts_zeroed() => {
+                            PageData::Zero if previous.is_none() && shared.sink_started_zeroed => {
                                 shared.hashes.set(*page, *ZERO_PAGE_HASH);
                                 return;
                             }
@@ -433,6 +488,7 @@ fn control(
         Event::Failed(lane, e) => return Err(stream_error(lane, e)),
         Event::Commit(_) => return Err(Error::Protocol("commit before finish".into())),
     };
+    shared.finished.store(true, Ordering::Release);
     let applied = shared.frames_applied.load(Ordering::Acquire);
     if applied != finish.data_frames {
         return Err(Error::Protocol(format!(

@@ -12,11 +12,11 @@ use parking_lot::{Condvar, Mutex};
 use dwcp_core::digest::{PageHashes, memory_digest};
 use dwcp_core::error::Error;
 use dwcp_core::frame::FrameType;
-use dwcp_core::handshake::{Offer, Psk, client_handshake};
+use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Offer, Psk, client_handshake};
 use dwcp_core::memory::{DirtyLog, MemorySource, PAGE_SIZE, VmControl};
 use dwcp_core::messages::{Ack, DigestMessage, Finish, SessionInit};
 use dwcp_core::pool::BufferPool;
-use dwcp_hde::Encoder;
+use dwcp_hde::{Codec, Encoder};
 use dwcp_tcp::{Lanes, Outgoing, Payload};
 
 use crate::config::{MigrationConfig, Verification, threads_or_cores};
@@ -168,8 +168,8 @@ impl Run {
         let mut sockets = Vec::new();
         let mut congestion = String::new();
         let mut rtt = 0.0;
+        let mut codec = cfg.codec;
         for index in 0..cfg.streams {
-            let hs_start = Instant::now();
             let (stream, applied) = dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
             congestion = applied.congestion;
             sockets.push(
@@ -178,12 +178,14 @@ impl Run {
                     .map_err(|e| Error::io("cloning a stream", e))?,
             );
             let (mut r, mut w) = split(stream, cfg.connect_timeout)?;
+            let hs_start = Instant::now();
             let neg = client_handshake(&mut r, &mut w, &m.psk, offer, session_id, index as u16)
                 .map_err(|e| classify(e, "the handshake"))?;
             session_id = neg.session_id;
             if index == 0 {
                 // The handshake takes two round trips.
                 rtt = hs_start.elapsed().as_secs_f64() / 2.0;
+                codec = usable_codec(cfg.codec, neg.capabilities);
                 let init = SessionInit {
                     layout: source.layout().clone(),
                     stream_count: cfg.streams as u16,
@@ -239,7 +241,7 @@ impl Run {
             sent_per_lane: vec![0; cfg.streams],
             congestion,
             pool: BufferPool::new(cfg.buffer_budget)?,
-            encoder: Encoder::new(cfg.codec, cfg.encoder_threads)?,
+            encoder: Encoder::new(codec, cfg.encoder_threads)?,
             wire_bytes: 0,
             logical_bytes: 0,
             data_frames: 0,
@@ -301,7 +303,11 @@ impl Run {
             let dirtied = pages.len() as u64;
             // Pages the guest wrote are almost never zero, so charge the whole pass to its literal pages:
             // a conservative cost per page that zero pages cannot make look cheap.
-            let per_page = elapsed / literal.max(1) as f64;
+            let per_page = if literal > 0 {
+                elapsed / literal as f64
+            } else {
+                elapsed / count.max(1) as f64
+            };
             let predicted = dirtied as f64 * per_page + digest_estimate + 3.0 * self.rtt;
             let reason = stop_reason(
                 dirtied,
@@ -677,7 +683,7 @@ fn ack_reader(
         let event = match h.frame_type {
             FrameType::Ack => match Ack::decode(&p) {
                 Ok(a) => {
-                    acks.acked[lane].fetch_max(a.through_seq + 1, Ordering::AcqRel);
+                    acks.acked[lane].fetch_max(a.through_seq.saturating_add(1), Ordering::AcqRel);
                     let _g = acks.changed.lock();
                     acks.wake.notify_all();
                     continue;
@@ -698,6 +704,24 @@ fn ack_reader(
         if failed {
             return;
         }
+    }
+}
+
+/// The configured codec if the destination decodes it, else no compression (with a warning).
+fn usable_codec(wanted: Codec, capabilities: u32) -> Codec {
+    let needed = match wanted {
+        Codec::None => return wanted,
+        Codec::Lz4 => CAP_LZ4,
+        Codec::Zstd(_) => CAP_ZSTD,
+    };
+    if capabilities & needed != 0 {
+        wanted
+    } else {
+        tracing::warn!(
+            ?wanted,
+            "the destination does not decode this codec; sending literal pages uncompressed"
+        );
+        Codec::None
     }
 }
 
@@ -733,15 +757,17 @@ fn time_it<T>(f: impl FnOnce() -> T) -> f64 {
 /// Predicts a full pass over source memory from a sample of pages. Hashing memory is bound by memory
 /// bandwidth, so more threads barely help: the estimate is per core.
 fn estimate_full_digest(source: &dyn MemorySource) -> f64 {
+    // The guest is running: copy pages out (never hash them in place) to time a sample.
     let total = source.layout().total_pages();
     let sample = total.min(2048);
-    let start = Instant::now();
     let step = (total / sample.max(1)).max(1);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let start = Instant::now();
     let mut acc = 0u128;
     for i in 0..sample {
-        acc ^= source.page_digest(i * step);
+        source.read_page(i * step, &mut buf);
+        acc ^= dwcp_core::digest::page_hash(&buf);
     }
     std::hint::black_box(acc);
-    let per_page = start.elapsed().as_secs_f64() / sample.max(1) as f64;
-    per_page * total as f64
+    start.elapsed().as_secs_f64() / sample.max(1) as f64 * total as f64
 }

@@ -378,3 +378,44 @@ fn metrics_add_up_across_migrations_sharing_a_registry() {
         "{text}"
     );
 }
+
+#[test]
+fn a_destination_memory_that_was_written_before_gets_every_zero_page_written() {
+    let g = guest(8 << 20, ContentMix::IDLE_GUEST, 13);
+    let listener =
+        dwcp::Listener::bind("127.0.0.1:0".parse().unwrap(), psk(1), receiver_config()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let incoming = listener.accept().unwrap();
+        let ram = dwcp_core::GuestRam::anonymous(incoming.layout().clone()).unwrap();
+        // Stale content from an earlier use of this memory.
+        for p in 0..ram.layout().total_pages() {
+            dwcp_core::MemorySink::write_page(&ram, p, &[0xAA; dwcp_core::PAGE_SIZE]);
+        }
+        let r = incoming.receive_into(&ram);
+        (r, ram)
+    });
+    let report = Migration::new(addr, psk(1))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let (received, ram) = t.join().unwrap();
+    received.unwrap();
+    assert!(report.encode.zero_pages > 0);
+    assert_same_memory(&*g, &ram);
+}
+
+#[test]
+fn a_buffer_budget_too_small_for_a_batch_is_refused_before_connecting() {
+    let g = guest(1 << 20, ContentMix::ZERO, 14);
+    let cfg = MigrationConfig {
+        buffer_budget: 8 << 20,
+        ..source_config()
+    };
+    // Nothing listens on this address: a configuration error must come first.
+    let err = Migration::new("127.0.0.1:9".parse().unwrap(), psk(1))
+        .config(cfg)
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}

@@ -383,3 +383,79 @@ fn a_destination_that_stops_acknowledging_fails_the_source_which_keeps_running()
     assert!(g.pages_written() > before, "the source guest was resumed");
     t.join().unwrap();
 }
+
+#[test]
+fn data_after_finish_is_refused() {
+    let (l, addr) = listener(receiver_config());
+    let rx = spawn_receiver_on(l);
+    let mut s = start_session(addr, 2, 1);
+    let m = memory_with(2, 1);
+    s[0].1
+        .write_frame(FrameType::Data, &chunk(0, &[0, 1], &m))
+        .unwrap();
+    read(&mut s[0].0);
+    s[0].1
+        .write_frame(
+            FrameType::Finish,
+            &Finish {
+                final_iteration: 0,
+                data_frames: 1,
+            }
+            .encode(),
+        )
+        .unwrap();
+    assert_eq!(read(&mut s[0].0).0, FrameType::Verdict);
+    s[0].1
+        .write_frame(FrameType::Data, &chunk(1, &[0], &memory_with(2, 9)))
+        .unwrap();
+    let (ft, p) = read(&mut s[0].0);
+    assert_eq!(ft, FrameType::Error, "{:?}", ErrorMessage::decode(&p));
+    assert!(matches!(rx.join().unwrap().0, Err(Error::Protocol(_))));
+}
+
+#[test]
+fn a_silent_stranger_does_not_hold_up_the_streams_of_a_session() {
+    let cfg = ReceiverConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..receiver_config()
+    };
+    let (l, addr) = listener(cfg);
+    let rx = spawn_receiver_on(l);
+    let started = Instant::now();
+    let (mut r0, mut w0, sid) = open(addr, 0, 0);
+    let init = SessionInit {
+        layout: MemoryLayout::flat(PAGE_SIZE as u64).unwrap(),
+        stream_count: 2,
+    };
+    w0.write_frame(FrameType::SessionInit, &init.encode())
+        .unwrap();
+    assert_eq!(read(&mut r0).0, FrameType::SessionReady);
+    let _stranger = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (mut r1, mut w1, _) = open(addr, sid, 1);
+    let m = memory_with(1, 5);
+    w1.write_frame(FrameType::Data, &chunk(0, &[0], &m))
+        .unwrap();
+    assert_eq!(read(&mut r1).0, FrameType::Ack);
+    w0.write_frame(
+        FrameType::Finish,
+        &Finish {
+            final_iteration: 0,
+            data_frames: 1,
+        }
+        .encode(),
+    )
+    .unwrap();
+    let (ft, p) = read(&mut r0);
+    assert_eq!(ft, FrameType::Verdict, "{:?}", ErrorMessage::decode(&p));
+    w0.write_frame(FrameType::Commit, &p).unwrap();
+    assert_eq!(read(&mut r0).0, FrameType::CommitAck);
+    w0.write_frame(FrameType::Close, &[]).unwrap();
+    w1.write_frame(FrameType::Close, &[]).unwrap();
+    rx.join().unwrap().0.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+}
