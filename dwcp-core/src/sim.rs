@@ -412,7 +412,7 @@ mod tests {
         let mut log = g.dirty_log();
         log.start();
         g.start_workload(64 << 20, 3);
-        std::thread::sleep(Duration::from_millis(50));
+        wait_for_writes(&g, 0);
         let mut ctl = g.control();
         ctl.pause().unwrap();
         let mut dirty = Vec::new();
@@ -436,7 +436,18 @@ mod tests {
         log.take_dirty(&mut again);
         assert!(again.is_empty());
         ctl.resume();
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(g.pages_written() > before);
+        wait_for_writes(&g, before);
+    }
+
+    /// Waits (bounded) until the guest has written more than `than` pages.
+    fn wait_for_writes(g: &SimulatedGuest, than: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while g.pages_written() <= than {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the workload wrote nothing for 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -38,6 +38,9 @@ pub struct MigrationConfig {
     pub chunks_per_batch: usize,
     /// Byte budget of the buffer pool that holds chunks between encoder and sockets.
     pub buffer_budget: usize,
+    /// A pool shared with other migrations of this process (its own budget applies, and must hold one
+    /// batch); `None` creates a pool of `buffer_budget` bytes for this migration.
+    pub buffer_pool: Option<dwcp_core::pool::BufferPool>,
     /// Socket options.
     pub socket: SocketProfile,
     /// Time allowed to connect and authenticate each stream.
@@ -64,6 +67,7 @@ impl Default for MigrationConfig {
             pages_per_chunk: 256,
             chunks_per_batch: 16,
             buffer_budget: 64 << 20,
+            buffer_pool: None,
             socket: SocketProfile::datacenter(),
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
@@ -97,10 +101,14 @@ impl MigrationConfig {
         let class =
             dwcp_core::pool::SizeClass::for_len(chunk).expect("a chunk fits the largest class");
         let needed = (self.chunks_per_batch * class.capacity()).max(dwcp_core::pool::MIN_BUDGET);
-        if self.buffer_budget < needed {
+        let budget = self
+            .buffer_pool
+            .as_ref()
+            .map_or(self.buffer_budget, |p| p.stats().budget_bytes as usize);
+        if budget < needed {
             return bad(format!(
-                "buffer_budget = {} bytes; {} chunks of {} pages per batch need at least {needed}",
-                self.buffer_budget, self.chunks_per_batch, self.pages_per_chunk
+                "buffer budget = {budget} bytes; {} chunks of {} pages per batch need at least {needed}",
+                self.chunks_per_batch, self.pages_per_chunk
             ));
         }
         Ok(())

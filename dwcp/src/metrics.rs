@@ -21,6 +21,9 @@ pub struct MigrationMetrics {
     pub migrations: IntCounterVec,
     /// `dwcp_pool_in_use_bytes`: buffer pool bytes handed out.
     pub pool_in_use: IntGauge,
+    /// `dwcp_pool_acquisitions_total{result}`: buffer pool acquisitions, by result (`hit`: an idle buffer
+    /// was reused, `miss`: one was allocated, `wait`: the budget was exhausted and the encoder waited).
+    pub pool_acquisitions: IntCounterVec,
 }
 
 impl MigrationMetrics {
@@ -53,6 +56,14 @@ impl MigrationMetrics {
             .map_err(prom)?,
             pool_in_use: IntGauge::new("dwcp_pool_in_use_bytes", "Buffer pool bytes handed out")
                 .map_err(prom)?,
+            pool_acquisitions: IntCounterVec::new(
+                Opts::new(
+                    "dwcp_pool_acquisitions_total",
+                    "Buffer pool acquisitions, by result",
+                ),
+                &["result"],
+            )
+            .map_err(prom)?,
         };
         registry
             .register(Box::new(m.page_bytes.clone()))
@@ -74,6 +85,9 @@ impl MigrationMetrics {
             .map_err(prom)?;
         registry
             .register(Box::new(m.pool_in_use.clone()))
+            .map_err(prom)?;
+        registry
+            .register(Box::new(m.pool_acquisitions.clone()))
             .map_err(prom)?;
         Ok(m)
     }

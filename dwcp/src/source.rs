@@ -153,6 +153,7 @@ struct Run {
     /// Encoder counters and socket bytes already added to the metrics.
     published: dwcp_hde::EncodeStats,
     published_wire: u64,
+    published_pool: dwcp_core::pool::PoolStats,
     /// Round trip of the first stream's handshake, seconds.
     rtt: f64,
 }
@@ -229,6 +230,10 @@ impl Run {
                     .expect("spawning an ack reader")
             })
             .collect();
+        let pool = match &cfg.buffer_pool {
+            Some(shared) => shared.clone(),
+            None => BufferPool::new(cfg.buffer_budget)?,
+        };
         Ok(Self {
             t0,
             session_id,
@@ -240,7 +245,7 @@ impl Run {
             finished,
             sent_per_lane: vec![0; cfg.streams],
             congestion,
-            pool: BufferPool::new(cfg.buffer_budget)?,
+            pool: pool.clone(),
             encoder: Encoder::new(codec, cfg.encoder_threads)?,
             wire_bytes: 0,
             logical_bytes: 0,
@@ -249,6 +254,8 @@ impl Run {
             hashes: PageHashes::new(source.layout().total_pages()),
             published: Default::default(),
             published_wire: 0,
+            // A shared pool's counters include earlier migrations: publish only what this one adds.
+            published_pool: pool.stats(),
             rtt,
         })
     }
@@ -564,8 +571,19 @@ impl Run {
             .inc_by((now.literal_pages - self.published.literal_pages) * page);
         mt.wire_bytes
             .inc_by(wire.saturating_sub(self.published_wire));
+        let pool = self.pool.stats();
+        for (result, now, before) in [
+            ("hit", pool.hits, self.published_pool.hits),
+            ("miss", pool.misses, self.published_pool.misses),
+            ("wait", pool.waits, self.published_pool.waits),
+        ] {
+            mt.pool_acquisitions
+                .with_label_values(&[result])
+                .inc_by(now - before);
+        }
         self.published = now;
         self.published_wire = self.published_wire.max(wire);
+        self.published_pool = pool;
     }
 
     fn check_events(&self) -> Result<(), Error> {

@@ -16,6 +16,7 @@ use dwcp_hde::Codec;
 fn live_migration_with_a_dirtying_guest_is_bit_exact() {
     let g = guest(64 << 20, ContentMix::IDLE_GUEST, 1);
     g.start_workload(32 << 20, 7);
+    assert!(guest_keeps_running(&g), "the workload started");
     let (addr, rx) = spawn_receiver(psk(1), receiver_config());
     let report = Migration::new(addr, psk(1))
         .config(MigrationConfig {
@@ -77,7 +78,14 @@ fn incompressible_memory_over_one_stream_and_many() {
             report.encode.compressed_chunks, 0,
             "random pages are sent raw"
         );
-        assert!(report.converged);
+        // Nothing dirties this guest: pre-copy ends after the first pass, within the limit or with
+        // nothing left to send (a loaded machine can stretch the fixed pause costs past 50 ms).
+        assert!(
+            ["converged", "clean"].contains(&report.stop_reason.as_str()),
+            "{}",
+            report.stop_reason
+        );
+        assert_eq!(report.iterations, 2);
     }
 }
 
@@ -178,10 +186,8 @@ fn vanished_destination_fails_the_source_and_leaves_the_guest_running() {
         "failure is detected without waiting for the I/O timeout"
     );
     assert!(!matches!(err, Error::HandoverUnconfirmed(_)), "{err}");
-    let before = g.pages_written();
-    std::thread::sleep(Duration::from_millis(30));
     assert!(
-        g.pages_written() > before,
+        guest_keeps_running(&g),
         "the source guest keeps running after a failed migration: {err}"
     );
 }
@@ -191,8 +197,10 @@ fn cancel_leaves_the_guest_running() {
     let g = guest(64 << 20, ContentMix::RANDOM, 6);
     g.start_workload(512 << 20, 2);
     let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    // Nothing but the cancel can end this migration: no limit can be met, no stall is detected.
     let m = Migration::new(addr, psk(1)).config(MigrationConfig {
-        max_iterations: 1000,
+        max_iterations: 1_000_000,
+        stall_passes: u32::MAX,
         downtime_limit: Duration::ZERO,
         ..source_config()
     });
@@ -217,9 +225,7 @@ fn cancel_leaves_the_guest_running() {
         ),
         "{server:?}"
     );
-    let before = g.pages_written();
-    std::thread::sleep(Duration::from_millis(30));
-    assert!(g.pages_written() > before, "guest still running");
+    assert!(guest_keeps_running(&g), "guest still running");
 }
 
 #[test]
@@ -310,9 +316,7 @@ fn full_memory_verification_catches_a_dirty_log_that_misses_writes() {
         .unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
     assert!(rx.join().unwrap().0.is_err());
-    let before = g.pages_written();
-    std::thread::sleep(Duration::from_millis(30));
-    assert!(g.pages_written() > before, "the source guest was resumed");
+    assert!(guest_keeps_running(&g), "the source guest was resumed");
 }
 
 #[test]
@@ -334,7 +338,8 @@ fn a_guest_dirtying_faster_than_the_link_still_finishes_with_a_reason() {
     assert_same_memory(&*g, &ram.unwrap());
     assert!(!report.converged);
     assert!(
-        ["stalled", "iteration_limit"].contains(&report.stop_reason.as_str()),
+        // Which of these depends on how much CPU the workload thread got; the point is that it ends.
+        ["stalled", "iteration_limit", "clean"].contains(&report.stop_reason.as_str()),
         "{}",
         report.stop_reason
     );
@@ -349,13 +354,17 @@ fn a_guest_dirtying_faster_than_the_link_still_finishes_with_a_reason() {
 fn metrics_add_up_across_migrations_sharing_a_registry() {
     let registry = prometheus::Registry::new();
     let metrics = dwcp::MigrationMetrics::register(&registry).unwrap();
+    let pool = dwcp_core::pool::BufferPool::new(32 << 20).unwrap();
     let mut wire = 0;
     let mut logical = 0;
     for seed in [11, 12] {
         let g = guest(8 << 20, ContentMix::IDLE_GUEST, seed);
         let (addr, rx) = spawn_receiver(psk(1), receiver_config());
         let r = Migration::new(addr, psk(1))
-            .config(source_config())
+            .config(MigrationConfig {
+                buffer_pool: Some(pool.clone()),
+                ..source_config()
+            })
             .metrics(metrics.clone())
             .run(&*g, &mut g.dirty_log(), &mut g.control())
             .unwrap();
@@ -376,6 +385,17 @@ fn metrics_add_up_across_migrations_sharing_a_registry() {
     assert!(
         text.contains("dwcp_page_bytes_total{class=\"zero\"}"),
         "{text}"
+    );
+    let hits = metrics.pool_acquisitions.with_label_values(&["hit"]).get();
+    let misses = metrics.pool_acquisitions.with_label_values(&["miss"]).get();
+    assert!(
+        misses > 0 && hits >= misses,
+        "the second migration reuses the first one's buffers: {hits} hits, {misses} misses"
+    );
+    assert_eq!(
+        pool.stats().in_use_bytes,
+        0,
+        "every buffer went back to the shared pool"
     );
 }
 

@@ -74,3 +74,17 @@ pub fn assert_same_memory(a: &dyn MemorySource, b: &GuestRam) {
         assert!(x == y, "page {p} differs");
     }
 }
+
+/// Whether the guest writes memory again within a few seconds (it is running, not paused). Polls
+/// instead of sleeping a fixed time, so a loaded machine cannot make it flaky.
+pub fn guest_keeps_running(g: &SimulatedGuest) -> bool {
+    let before = g.pages_written();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if g.pages_written() > before {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
