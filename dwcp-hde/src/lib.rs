@@ -10,6 +10,7 @@
 
 pub mod chunk;
 mod codec;
+pub mod delta;
 
 use std::sync::Arc;
 
