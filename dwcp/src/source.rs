@@ -11,7 +11,7 @@ use parking_lot::{Condvar, Mutex};
 
 use dwcp_core::digest::{PageHashes, memory_digest};
 use dwcp_core::error::Error;
-use dwcp_core::frame::FrameType;
+use dwcp_core::frame::{FrameType, FrameWriter};
 use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Offer, Psk, client_handshake};
 use dwcp_core::memory::{DirtyLog, MemorySource, PAGE_SIZE, VmControl};
 use dwcp_core::messages::{Ack, DigestMessage, Finish, SessionInit};
@@ -118,6 +118,9 @@ impl<'a> Migration<'a> {
     }
 }
 
+/// A connected, authenticated stream: its socket (for shutdown) and its frame halves.
+type JoinedStream = (TcpStream, StreamReader, FrameWriter<TcpStream>);
+
 enum Event {
     Verdict(u128),
     CommitAck,
@@ -163,50 +166,66 @@ impl Run {
         let t0 = Instant::now();
         let cfg = &m.config;
         let offer = Offer::default();
-        let mut session_id = 0;
-        let mut readers_raw: Vec<StreamReader> = Vec::new();
-        let mut writers = Vec::new();
-        let mut sockets = Vec::new();
-        let mut congestion = String::new();
-        let mut rtt = 0.0;
-        let mut codec = cfg.codec;
-        for index in 0..cfg.streams {
-            let (stream, applied) = dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
-            congestion = applied.congestion;
-            sockets.push(
-                stream
-                    .try_clone()
-                    .map_err(|e| Error::io("cloning a stream", e))?,
-            );
-            let (mut r, mut w) = split(stream, cfg.connect_timeout)?;
-            let hs_start = Instant::now();
-            let neg = client_handshake(&mut r, &mut w, &m.psk, offer, session_id, index as u16)
-                .map_err(|e| classify(e, "the handshake"))?;
-            session_id = neg.session_id;
-            if index == 0 {
-                // The handshake takes two round trips.
-                rtt = hs_start.elapsed().as_secs_f64() / 2.0;
-                codec = usable_codec(cfg.codec, neg.capabilities);
-                let init = SessionInit {
-                    layout: source.layout().clone(),
-                    stream_count: cfg.streams as u16,
-                };
-                w.write_frame(FrameType::SessionInit, &init.encode())?;
-            }
+        // Stream 0 opens the session and announces the layout; the destination answers before it
+        // accepts the other streams, which then connect and authenticate in parallel (each takes
+        // about three round trips, which on a long path is most of a small migration's time).
+        let (stream, applied) = dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
+        let congestion = applied.congestion;
+        let mut sockets = vec![
+            stream
+                .try_clone()
+                .map_err(|e| Error::io("cloning a stream", e))?,
+        ];
+        let (mut r0, mut w0) = split(stream, cfg.connect_timeout)?;
+        let hs_start = Instant::now();
+        let neg = client_handshake(&mut r0, &mut w0, &m.psk, offer, 0, 0)
+            .map_err(|e| classify(e, "the handshake"))?;
+        // The handshake takes two round trips.
+        let rtt = hs_start.elapsed().as_secs_f64() / 2.0;
+        let session_id = neg.session_id;
+        let codec = usable_codec(cfg.codec, neg.capabilities);
+        let init = SessionInit {
+            layout: source.layout().clone(),
+            stream_count: cfg.streams as u16,
+        };
+        w0.write_frame(FrameType::SessionInit, &init.encode())?;
+        let mut p = Vec::new();
+        let h = r0
+            .read_frame(&mut p)
+            .map_err(|e| classify(e, "SessionReady"))?;
+        match h.frame_type {
+            FrameType::SessionReady => {}
+            FrameType::Error => return Err(peer_error(&p)),
+            other => return Err(unexpected(other, "instead of SessionReady")),
+        }
+        let joined: Vec<Result<JoinedStream, Error>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..cfg.streams)
+                .map(|index| {
+                    scope.spawn(move || {
+                        let (stream, _) =
+                            dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
+                        let socket = stream
+                            .try_clone()
+                            .map_err(|e| Error::io("cloning a stream", e))?;
+                        let (mut r, mut w) = split(stream, cfg.connect_timeout)?;
+                        client_handshake(&mut r, &mut w, &m.psk, offer, session_id, index as u16)
+                            .map_err(|e| classify(e, "a stream's handshake"))?;
+                        Ok((socket, r, w))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut readers_raw: Vec<StreamReader> = vec![r0];
+        let mut writers = vec![w0];
+        for j in joined {
+            let (socket, r, w) = j?;
+            sockets.push(socket);
             readers_raw.push(r);
             writers.push(w);
-            if index == 0 {
-                // The destination answers SessionInit before it accepts the other streams.
-                let mut p = Vec::new();
-                let h = readers_raw[0]
-                    .read_frame(&mut p)
-                    .map_err(|e| classify(e, "SessionReady"))?;
-                match h.frame_type {
-                    FrameType::SessionReady => {}
-                    FrameType::Error => return Err(peer_error(&p)),
-                    other => return Err(unexpected(other, "instead of SessionReady")),
-                }
-            }
         }
         for s in &sockets {
             let _ = s.set_read_timeout(Some(cfg.io_timeout));

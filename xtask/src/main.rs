@@ -8,11 +8,15 @@
 //!   `target/xtask/bench-e2e.json`. `--quick` shrinks sizes and repetitions, `--strict` fails when a target
 //!   is missed, `--headline-only` skips Criterion's e2e run.
 //!
+//! - `wan up|down|check` and `bench wan --profile P`: the WAN test bed (`dwcp-wanem`, see `wan.rs` and
+//!   `docs/wan-testbed.md`); these need root.
+//!
 //! Every child process runs under a time limit and is killed, with whatever it started, when the xtask
 //! fails or gives up waiting.
 
 mod headline;
 mod process;
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -54,6 +58,14 @@ enum Cmd {
         /// With `e2e`/`all`: skip the Criterion e2e benchmark and only measure the headline table.
         #[arg(long)]
         headline_only: bool,
+        /// With `wan`: the link and the dwcp runs.
+        #[command(flatten)]
+        wan: wan::BenchWanOpts,
+    },
+    /// The WAN test bed: emulated link between network namespaces (needs root).
+    Wan {
+        #[command(subcommand)]
+        cmd: wan::WanCmd,
     },
 }
 
@@ -65,6 +77,8 @@ enum Which {
     E2e,
     /// Both.
     All,
+    /// iperf3 and dwcp across the emulated WAN link (`--profile`; needs root).
+    Wan,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -177,7 +191,12 @@ fn main() -> ExitCode {
             quick,
             strict,
             headline_only,
-        } => bench(&ws, which, quick, strict, headline_only),
+            wan,
+        } => match which {
+            Which::Wan => wan::bench(&ws, &wan, quick, strict),
+            _ => bench(&ws, which, quick, strict, headline_only),
+        },
+        Cmd::Wan { cmd } => wan::wan(&ws, cmd),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
