@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking DWCP needs on Debian: a C toolchain (zstd and lz4 are
-# built from source by their -sys crates), iperf3 (the reference in `cargo xtask bench e2e`), and a Rust
+# built from source by their -sys crates), iperf3 (the reference in the benchmarks), iproute2 (`ip netns`
+# for the WAN test bed and its integration test), and a Rust
 # toolchain (edition 2024: Rust 1.85 or newer) with rustfmt and clippy when none is installed.
 set -euo pipefail
 
-packages=(build-essential pkg-config iperf3 curl ca-certificates)
+packages=(build-essential pkg-config iperf3 iproute2 curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
