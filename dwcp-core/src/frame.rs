@@ -288,6 +288,8 @@ impl<R: Read> FrameReader<R> {
             }
         }
         payload.clear();
+        // Exact: `resize` alone grows the reused buffer by doubling, past the payload limit.
+        payload.reserve_exact(fh.len as usize);
         payload.resize(fh.len as usize, 0);
         self.inner
             .read_exact(payload)
@@ -480,6 +482,37 @@ mod tests {
             p.capacity() < 64 * 1024,
             "no allocation for a refused frame"
         );
+    }
+
+    /// Found by the `frame` fuzz target: a reused payload buffer grew by doubling to 78 bytes under a
+    /// 64-byte limit (a 39-byte frame, then a 40-byte one); after a 600 KiB frame, a full chunk made
+    /// it 1.2 MiB, above `MAX_PAYLOAD`.
+    #[test]
+    fn reused_payload_buffer_never_grows_beyond_the_limit() {
+        for (limit, sizes) in [
+            (64, vec![39usize, 40, 64]),
+            (MAX_HANDSHAKE_PAYLOAD, vec![48, 2100, 4096]),
+            (MAX_PAYLOAD, vec![600 * 1024, MAX_PAYLOAD as usize]),
+        ] {
+            let mut wire = Vec::new();
+            let mut w = FrameWriter::new(&mut wire);
+            w.bind_session(9);
+            for &n in &sizes {
+                w.write_frame(FrameType::Data, &vec![1u8; n]).unwrap();
+            }
+            let mut r = FrameReader::new(&wire[..]);
+            r.bind_session(9, limit);
+            let mut p = Vec::new();
+            for &n in &sizes {
+                r.read_frame(&mut p).unwrap();
+                assert_eq!(p.len(), n);
+                assert!(
+                    p.capacity() <= limit as usize,
+                    "{} bytes of capacity under a limit of {limit}",
+                    p.capacity()
+                );
+            }
+        }
     }
 
     proptest! {

@@ -206,10 +206,10 @@ impl SessionInit {
                 why: format!("{count} regions"),
             });
         }
-        if stream_count == 0 {
+        if stream_count == 0 || stream_count > MAX_STREAMS {
             return Err(FrameError::Malformed {
                 what: "SessionInit",
-                why: "zero streams".into(),
+                why: format!("{stream_count} streams (1..={MAX_STREAMS})"),
             });
         }
         let mut regions = Vec::with_capacity(count);
@@ -368,6 +368,30 @@ mod tests {
             let _ = DigestMessage::decode(&bytes);
             let _ = Ack::decode(&bytes);
             let _ = ErrorMessage::decode(&bytes);
+        }
+    }
+
+    /// Found by the `messages` fuzz target: a SessionInit announcing 257 streams was accepted although
+    /// a session has at most `MAX_STREAMS` (64); the destination then waited for 257 streams.
+    #[test]
+    fn session_init_refuses_more_than_max_streams() {
+        let init = |stream_count| SessionInit {
+            layout: MemoryLayout::flat(1 << 20).unwrap(),
+            stream_count,
+        };
+        assert!(SessionInit::decode(&init(1).encode()).is_ok());
+        assert!(SessionInit::decode(&init(MAX_STREAMS).encode()).is_ok());
+        for streams in [0, MAX_STREAMS + 1, 257, u16::MAX] {
+            assert!(
+                matches!(
+                    SessionInit::decode(&init(streams).encode()),
+                    Err(FrameError::Malformed {
+                        what: "SessionInit",
+                        ..
+                    })
+                ),
+                "{streams} streams"
+            );
         }
     }
 

@@ -237,10 +237,12 @@ pub fn decode_chunk<'a>(
 ) -> Result<DecodedChunk<'a>, Error> {
     let parsed = parse(payload, total_pages)?;
     let literal_len = parsed.literal_count * PAGE_SIZE;
+    // `reserve_exact` below: `resize` alone grows a reused scratch by doubling, past 256 pages.
     let literals: &[u8] = match parsed.codec {
         SectionCodec::Raw => parsed.section,
         SectionCodec::Lz4 => {
             scratch.clear();
+            scratch.reserve_exact(literal_len);
             scratch.resize(literal_len, 0);
             let n = lz4_flex::block::decompress_into(parsed.section, scratch)
                 .map_err(|e| ChunkError::Decompress(format!("lz4: {e}")))?;
@@ -254,6 +256,7 @@ pub fn decode_chunk<'a>(
         }
         SectionCodec::Zstd => {
             scratch.clear();
+            scratch.reserve_exact(literal_len);
             scratch.resize(literal_len, 0);
             let n = zstd::bulk::decompress_to_buffer(parsed.section, &mut scratch[..])
                 .map_err(|e| ChunkError::Decompress(format!("zstd: {e}")))?;
@@ -283,4 +286,71 @@ pub fn decode_chunk<'a>(
         iteration: parsed.iteration,
         pages,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk of `n` literal pages (one run from page 0) whose section is `section` under `codec`.
+    fn literal_chunk(codec: SectionCodec, n: usize, section: &[u8]) -> Vec<u8> {
+        let mut c = vec![codec as u8, 0];
+        c.extend_from_slice(&(n as u16).to_le_bytes());
+        c.extend_from_slice(&1u32.to_le_bytes());
+        c.extend_from_slice(&1u16.to_le_bytes());
+        c.extend_from_slice(&[0, 0]);
+        c.extend_from_slice(&(section.len() as u32).to_le_bytes());
+        c.extend_from_slice(&0u64.to_le_bytes());
+        c.extend_from_slice(&(n as u16).to_le_bytes());
+        c.extend(std::iter::repeat_n(PageClass::Literal as u8, n));
+        c.extend_from_slice(section);
+        c
+    }
+
+    /// Found by the `chunk` fuzz target: a scratch reused from a chunk of 255 literal pages grew by
+    /// doubling to 510 pages (2 MiB) when the next chunk announced 256 compressed literal pages, even
+    /// though that chunk was then refused. The decoder must stay within one chunk (1 MiB).
+    #[test]
+    fn reused_scratch_never_grows_beyond_one_chunk() {
+        let pages: Vec<u8> = (0..MAX_CHUNK_PAGES * PAGE_SIZE)
+            .map(|i| (i / 4096 + i % 7) as u8)
+            .collect();
+        let lz4 = lz4_flex::block::compress(&pages);
+        let zstd = zstd::bulk::compress(&pages, 1).unwrap();
+        let cases = [
+            (
+                literal_chunk(SectionCodec::Lz4, MAX_CHUNK_PAGES, &lz4),
+                true,
+            ),
+            (
+                literal_chunk(SectionCodec::Zstd, MAX_CHUNK_PAGES, &zstd),
+                true,
+            ),
+            (
+                literal_chunk(SectionCodec::Lz4, MAX_CHUNK_PAGES, &[0xff]),
+                false,
+            ),
+            (
+                literal_chunk(SectionCodec::Zstd, MAX_CHUNK_PAGES, &[0xff]),
+                false,
+            ),
+        ];
+        for (payload, valid) in cases {
+            let mut scratch = Vec::with_capacity(255 * PAGE_SIZE);
+            let decoded = decode_chunk(&payload, 1024, &mut scratch);
+            assert_eq!(decoded.is_ok(), valid, "{:?}", decoded.err());
+            if let Ok(chunk) = decoded {
+                assert_eq!(chunk.pages.len(), MAX_CHUNK_PAGES);
+                assert_eq!(
+                    chunk.pages[9].1,
+                    PageData::Literal(&pages[9 * 4096..10 * 4096])
+                );
+            }
+            assert!(
+                scratch.capacity() <= MAX_CHUNK_PAGES * PAGE_SIZE,
+                "scratch grew to {} bytes",
+                scratch.capacity()
+            );
+        }
+    }
 }

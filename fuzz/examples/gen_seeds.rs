@@ -1,0 +1,533 @@
+//! Writes the seed corpora of the fuzz targets: valid encodings made by the real encoders, plus a few
+//! hand-made mutations of each field the decoders check.
+//!
+//! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds` (from the repository root) writes
+//! `fuzz/corpus/{frame,messages,chunk}/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use dwcp_core::error::ErrorCode;
+use dwcp_core::frame::{FrameType, HEADER_LEN, encode_frame};
+use dwcp_core::memory::{MemoryLayout, PAGE_SIZE, Region};
+use dwcp_core::messages::{
+    Ack, ClientHello, DigestMessage, ErrorMessage, Finish, ServerHello, SessionInit,
+};
+use dwcp_fuzz::chunk::{PREFIX_LEN, PageMap};
+use dwcp_hde::{Codec, EncodeCounters, encode_chunk};
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let frames = frame_seeds();
+    let messages = message_seeds();
+    let chunks = chunk_seeds();
+    for (target, seeds) in [("frame", frames), ("messages", messages), ("chunk", chunks)] {
+        let dir = root.join(target);
+        fs::create_dir_all(&dir).unwrap();
+        let mut bytes = 0;
+        for (name, data) in &seeds {
+            write(&dir, name, data);
+            bytes += data.len();
+        }
+        println!("{target}: {} seeds, {bytes} bytes", seeds.len());
+    }
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) {
+    fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+fn client_hello(sid: u64, idx: u16) -> ClientHello {
+    ClientHello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: 3,
+        nonce: noise(1, 32).try_into().unwrap(),
+        session_id: sid,
+        stream_index: idx,
+    }
+}
+
+fn server_hello(sid: u64) -> ServerHello {
+    ServerHello {
+        version: 1,
+        capabilities: 3,
+        nonce: noise(2, 32).try_into().unwrap(),
+        session_id: sid,
+        mac: noise(3, 32).try_into().unwrap(),
+    }
+}
+
+fn layout(regions: &[(u64, u64)]) -> MemoryLayout {
+    MemoryLayout::new(
+        PAGE_SIZE as u32,
+        regions
+            .iter()
+            .map(|&(guest_addr, pages)| Region { guest_addr, pages })
+            .collect(),
+    )
+    .unwrap()
+}
+
+fn session_init(regions: &[(u64, u64)], streams: u16) -> Vec<u8> {
+    SessionInit {
+        layout: layout(regions),
+        stream_count: streams,
+    }
+    .encode()
+}
+
+fn error_message(code: ErrorCode, text: &str) -> Vec<u8> {
+    ErrorMessage {
+        code,
+        message: text.into(),
+    }
+    .encode()
+}
+
+/// A stream of frames numbered from 0, preceded by the control byte.
+fn stream(ctl: u8, sid: u64, frames: &[(FrameType, Vec<u8>)]) -> Vec<u8> {
+    let mut out = vec![ctl];
+    for (seq, (ty, payload)) in frames.iter().enumerate() {
+        encode_frame(*ty, sid, seq as u64, payload, &mut out);
+    }
+    out
+}
+
+/// A `chunk` fuzz input: layout size, scratch capacity in pages, payload.
+fn input(total_pages: u64, scratch_pages: u8, payload: &[u8]) -> Vec<u8> {
+    assert!((1..=1 << 20).contains(&total_pages));
+    let mut v = ((total_pages - 1) as u32).to_le_bytes().to_vec();
+    v.push(scratch_pages);
+    assert_eq!(v.len(), PREFIX_LEN);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn small_chunk() -> Vec<u8> {
+    let source = PageMap::new(64, [(3, noise(4, PAGE_SIZE)), (4, vec![7; PAGE_SIZE])]);
+    encode(&source, Codec::Lz4, 2, &[1, 2, 3, 4])
+}
+
+fn encode(source: &PageMap, codec: Codec, iteration: u32, pages: &[u64]) -> Vec<u8> {
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    encode_chunk(
+        codec,
+        iteration,
+        pages,
+        source,
+        &mut out,
+        &mut scratch,
+        &EncodeCounters::default(),
+        None,
+    )
+    .unwrap();
+    out
+}
+
+fn frame_seeds() -> Vec<(String, Vec<u8>)> {
+    let sid = 0x1122_3344_5566_7788;
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, data: Vec<u8>| seeds.push((name.to_string(), data));
+
+    let hello = stream(
+        0x00,
+        0,
+        &[(FrameType::ClientHello, client_hello(0, 0).encode())],
+    );
+    add("client-hello", hello.clone());
+    add("client-hello-trickle", {
+        let mut v = hello.clone();
+        v[0] = 1 << 4;
+        v
+    });
+    add(
+        "source-stream0",
+        stream(
+            0x81,
+            0,
+            &[
+                (FrameType::ClientHello, client_hello(0, 0).encode()),
+                (FrameType::ClientAuth, noise(5, 32)),
+                (FrameType::SessionInit, session_init(&[(0, 64)], 4)),
+                (FrameType::Data, small_chunk()),
+                (
+                    FrameType::Finish,
+                    Finish {
+                        final_iteration: 2,
+                        data_frames: 1,
+                    }
+                    .encode(),
+                ),
+                (
+                    FrameType::Commit,
+                    DigestMessage { digest: 42 }.encode().to_vec(),
+                ),
+                (FrameType::Close, Vec::new()),
+            ],
+        ),
+    );
+    add(
+        "destination-stream0",
+        stream(
+            0x41 | (2 << 4),
+            sid,
+            &[
+                (FrameType::ServerHello, server_hello(sid).encode()),
+                (FrameType::AuthOk, Vec::new()),
+                (FrameType::SessionReady, Vec::new()),
+                (FrameType::Ack, Ack { through_seq: 3 }.encode().to_vec()),
+                (
+                    FrameType::Verdict,
+                    DigestMessage { digest: 42 }.encode().to_vec(),
+                ),
+                (FrameType::CommitAck, Vec::new()),
+                (
+                    FrameType::Error,
+                    error_message(ErrorCode::Protocol, "bad chunk"),
+                ),
+            ],
+        ),
+    );
+    add(
+        "small-limit",
+        stream(
+            0x46,
+            sid,
+            &[
+                (FrameType::Ack, Ack { through_seq: 3 }.encode().to_vec()),
+                (
+                    FrameType::Error,
+                    error_message(ErrorCode::Layout, "too big"),
+                ),
+            ],
+        ),
+    );
+    let records = |list: &[(u8, Vec<u8>)]| -> Vec<u8> {
+        let mut v = Vec::new();
+        for (t, payload) in list {
+            v.push(*t);
+            v.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            v.extend_from_slice(payload);
+        }
+        v
+    };
+    add(
+        "built-small-limit",
+        [
+            &[0x08 | 0x40 | 0x02][..],
+            &records(&[
+                (7, Ack { through_seq: 1 }.encode().to_vec()),
+                (12, error_message(ErrorCode::Cancelled, "stop")),
+            ]),
+        ]
+        .concat(),
+    );
+    add(
+        "built-handshake",
+        [
+            &[0x08 | 0x80 | (1 << 4)][..],
+            &records(&[
+                (0, client_hello(0, 1).encode()),
+                (2, noise(6, 32)),
+                (6, small_chunk()),
+                (13, Vec::new()),
+            ]),
+        ]
+        .concat(),
+    );
+    add(
+        "zero-limit",
+        stream(0x43, sid, &[(FrameType::AuthOk, Vec::new())]),
+    );
+    let mut unfixed = hello.clone();
+    unfixed[0] = 0x04;
+    unfixed[1 + 32..1 + HEADER_LEN].fill(0);
+    add("checksum-to-fix", unfixed);
+
+    // Mutations of the ClientHello frame, one per header check.
+    let mutate = |at: usize, byte: u8| {
+        let mut v = hello.clone();
+        v[1 + at] = byte;
+        v
+    };
+    add("bad-magic", mutate(0, b'X'));
+    add("version-2", mutate(4, 2));
+    add("type-0", mutate(5, 0));
+    add("type-15", mutate(5, 15));
+    add("flags", mutate(6, 1));
+    add("reserved", mutate(28, 1));
+    add("oversize", {
+        let mut v = hello.clone();
+        v[1 + 24..1 + 28].copy_from_slice(&4097u32.to_le_bytes());
+        v
+    });
+    add("wrong-sequence", mutate(16, 1));
+    add("checksum-flip", {
+        let mut v = hello.clone();
+        *v.last_mut().unwrap() ^= 1;
+        v
+    });
+    add("truncated-header", hello[..21].to_vec());
+    add("truncated-payload", hello[..hello.len() - 5].to_vec());
+    add(
+        "wrong-session",
+        stream(
+            0x40,
+            sid,
+            &[
+                (FrameType::ServerHello, server_hello(sid).encode()),
+                (FrameType::AuthOk, Vec::new()),
+            ],
+        )
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| if i == 1 + 117 + 8 { b ^ 1 } else { b })
+        .collect(),
+    );
+    seeds
+}
+
+fn message_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, data: Vec<u8>| seeds.push((name.to_string(), data));
+    add("client-hello", client_hello(0x77, 3).encode());
+    add("server-hello", server_hello(0x77).encode());
+    add(
+        "finish",
+        Finish {
+            final_iteration: 9,
+            data_frames: 1 << 33,
+        }
+        .encode(),
+    );
+    add(
+        "digest",
+        DigestMessage {
+            digest: u128::MAX / 3,
+        }
+        .encode()
+        .to_vec(),
+    );
+    add("ack", Ack { through_seq: 17 }.encode().to_vec());
+    add("init-flat", session_init(&[(0, 262_144)], 4));
+    add(
+        "init-three",
+        session_init(&[(0, 160), (0x10_0000, 16), (1 << 32, 1 << 20)], 8),
+    );
+    add("init-adjacent", session_init(&[(0, 1), (4096, 1)], 1));
+    add("init-max-pages", session_init(&[(0, 1 << 40)], 64));
+    add(
+        "init-top-of-space",
+        session_init(&[(u64::MAX - 8191, 1)], 2),
+    );
+    let many: Vec<(u64, u64)> = (0..1024).map(|i| (i * 8192, 1)).collect();
+    add("init-1024-regions", session_init(&many, 2));
+    for (i, code) in [
+        ErrorCode::Protocol,
+        ErrorCode::Authentication,
+        ErrorCode::Version,
+        ErrorCode::Layout,
+        ErrorCode::Cancelled,
+        ErrorCode::Internal,
+        ErrorCode::DigestMismatch,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        add(
+            &format!("error-{i}"),
+            error_message(code, "stream 2 failed"),
+        );
+    }
+    add("error-empty", error_message(ErrorCode::Internal, ""));
+    add(
+        "error-utf8",
+        error_message(ErrorCode::Layout, "mémoire trop petite ✗"),
+    );
+    add(
+        "error-max",
+        error_message(ErrorCode::Protocol, &"é".repeat(600)),
+    );
+
+    // Mutations.
+    let init = session_init(&[(0, 16), (0x10_0000, 16)], 4);
+    let patch = |at: usize, bytes: &[u8]| {
+        let mut v = init.clone();
+        v[at..at + bytes.len()].copy_from_slice(bytes);
+        v
+    };
+    add("init-page-size", patch(0, &8192u32.to_le_bytes()));
+    add("init-zero-streams", patch(4, &0u16.to_le_bytes()));
+    add("init-zero-regions", patch(6, &0u32.to_le_bytes()));
+    add("init-1025-regions", patch(6, &1025u32.to_le_bytes()));
+    add("init-empty-region", patch(18, &0u64.to_le_bytes()));
+    add("init-misaligned", patch(10, &7u64.to_le_bytes()));
+    add("init-overlap", patch(26, &0x1000u64.to_le_bytes()));
+    add("init-overflow", patch(34, &(u64::MAX / 4096).to_le_bytes()));
+    add(
+        "init-too-many-pages",
+        patch(18, &((1u64 << 40) + 1).to_le_bytes()),
+    );
+    add("init-short", init[..init.len() - 1].to_vec());
+    add("init-trailing", [&init[..], &[0]].concat());
+    add(
+        "error-1024",
+        error_message(ErrorCode::Protocol, &"x".repeat(1024)),
+    );
+    add("error-1025", [&[1, 0][..], &[b'x'; 1025]].concat());
+    add("error-bad-utf8", vec![1, 0, 0xff, 0xfe, b'a', 0xc3]);
+    add("error-unknown-code", [&[0, 0][..], b"zero"].concat());
+    add("error-short", vec![1]);
+    seeds
+}
+
+fn chunk_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, data: Vec<u8>| seeds.push((name.to_string(), data));
+    let pattern = |seed: u8| -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|i| if i % 64 < 8 { seed } else { (i / 512) as u8 })
+            .collect()
+    };
+
+    let tiny = PageMap::new(16, [(1, noise(9, PAGE_SIZE))]);
+    add(
+        "zero-page",
+        input(16, 0, &encode(&tiny, Codec::None, 0, &[0])),
+    );
+    let raw_one = encode(&tiny, Codec::None, 0, &[1]);
+    add("raw-page", input(16, 0, &raw_one));
+
+    let mixed = PageMap::new(
+        1024,
+        [
+            (1, noise(10, PAGE_SIZE)),
+            (2, pattern(1)),
+            (5, pattern(2)),
+            (9, vec![0xaa; PAGE_SIZE]),
+        ],
+    );
+    let pages = [0, 1, 2, 5, 6, 9];
+    add(
+        "mixed-none",
+        input(1024, 0, &encode(&mixed, Codec::None, 1, &pages)),
+    );
+    add(
+        "mixed-lz4",
+        input(1024, 1, &encode(&mixed, Codec::Lz4, 1, &pages)),
+    );
+    let mixed_zstd = encode(&mixed, Codec::Zstd(3), 1, &pages);
+    add("mixed-zstd", input(1024, 0, &mixed_zstd));
+
+    let full = PageMap::new(4096, (0..256).map(|p| (p + 100, pattern(p as u8))));
+    let all: Vec<u64> = (100..356).collect();
+    let full_lz4 = encode(&full, Codec::Lz4, 7, &all);
+    add("full-lz4", input(4096, 16, &full_lz4));
+    add(
+        "full-zstd",
+        input(4096, 0, &encode(&full, Codec::Zstd(1), 7, &all)),
+    );
+    add(
+        "full-zero",
+        input(
+            4096,
+            0,
+            &encode(&full, Codec::None, 7, &(600..856).collect::<Vec<_>>()),
+        ),
+    );
+    let scattered: Vec<u64> = (0..256).map(|i| 100 + 2 * i).collect();
+    add(
+        "scattered-lz4",
+        input(4096, 0, &encode(&full, Codec::Lz4, 3, &scattered)),
+    );
+    let top = PageMap::new(1 << 20, [((1 << 20) - 1, pattern(5))]);
+    add(
+        "top-page",
+        input(
+            1 << 20,
+            0,
+            &encode(&top, Codec::Lz4, 1, &[(1 << 20) - 2, (1 << 20) - 1]),
+        ),
+    );
+
+    // Mutations.
+    let base = encode(&mixed, Codec::Lz4, 1, &pages);
+    assert_eq!(base[0], 1, "the mixed chunk compresses with lz4");
+    let patch = |bytes: &[u8], at: usize, with: &[u8]| {
+        let mut v = bytes.to_vec();
+        v[at..at + with.len()].copy_from_slice(with);
+        input(1024, 0, &v)
+    };
+    add("codec-3", patch(&base, 0, &[3]));
+    add("reserved-a", patch(&base, 1, &[1]));
+    add("reserved-b", patch(&base, 10, &[1]));
+    add("zero-pages", patch(&base, 2, &0u16.to_le_bytes()));
+    add("257-pages", patch(&base, 2, &257u16.to_le_bytes()));
+    add("zero-runs", patch(&base, 8, &0u16.to_le_bytes()));
+    add("runs-above-pages", patch(&base, 8, &7u16.to_le_bytes()));
+    add("empty-run", patch(&base, 16 + 8, &0u16.to_le_bytes()));
+    add(
+        "runs-descending",
+        patch(&base, 16 + 10, &0u64.to_le_bytes()),
+    );
+    add(
+        "run-overflow",
+        patch(&base, 16 + 10, &(u64::MAX - 1).to_le_bytes()),
+    );
+    add(
+        "run-out-of-range",
+        patch(&base, 16 + 10, &1023u64.to_le_bytes()),
+    );
+    add("class-2", patch(&base, 16 + 30, &[2]));
+    add("trailing", input(1024, 0, &[&base[..], &[0]].concat()));
+    add("short-section", input(1024, 0, &base[..base.len() - 1]));
+    add("raw-length", {
+        let mut v = raw_one.clone();
+        v[12..16].copy_from_slice(&4095u32.to_le_bytes());
+        v.pop();
+        input(16, 0, &v)
+    });
+    let zero_only = encode(&tiny, Codec::None, 0, &[0]);
+    add(
+        "section-without-literals",
+        input(16, 0, &{
+            let mut v = zero_only.clone();
+            v[0] = 1;
+            v[12..16].copy_from_slice(&2u32.to_le_bytes());
+            v.extend_from_slice(&[0, 0]);
+            v
+        }),
+    );
+    add("lz4-no-literals", patch(&zero_only, 0, &[1]));
+    add("zstd-no-literals", patch(&zero_only, 0, &[2]));
+    add("lz4-wrong-size", {
+        // Claim one more literal page than the section decompresses to.
+        let at = 16 + 10 * 3 + 1;
+        let mut v = base.clone();
+        assert_eq!(v[at], 1);
+        v[at - 1] = 1;
+        input(1024, 0, &v)
+    });
+    add("zstd-garbage", {
+        let mut v = mixed_zstd.clone();
+        let n = v.len();
+        v[n - 8..].fill(0x5a);
+        input(1024, 0, &v)
+    });
+    add("full-lz4-big-scratch", input(4096, 100, &full_lz4));
+    seeds
+}

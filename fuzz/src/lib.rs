@@ -1,0 +1,8 @@
+//! Property checks of the DWCP network decoders, shared by the fuzz targets in `fuzz_targets/` and by
+//! the corpus regression tests of `dwcp-core` and `dwcp-hde` (which include these files with
+//! `#[path]`, so the same checks run under plain `cargo test`). Each module has one entry point,
+//! `check(data)`, which panics when a property does not hold.
+
+pub mod chunk;
+pub mod frame;
+pub mod messages;
