@@ -41,16 +41,9 @@ fn e2e(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = dwcp_benches::criterion_config();
     targets = e2e
 }
 criterion_main!(benches);

@@ -4,7 +4,6 @@
 //! whole-memory digest while it encodes.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
@@ -104,16 +103,9 @@ fn hde(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = dwcp_benches::criterion_config();
     targets = hde
 }
 criterion_main!(benches);

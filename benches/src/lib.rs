@@ -96,3 +96,11 @@ pub fn loopback_migration(
         destination_ram,
     })
 }
+
+/// Criterion settings shared by the suites: short enough that `cargo xtask bench all` takes minutes.
+pub fn criterion_config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5))
+}

@@ -17,12 +17,7 @@ use crate::rss::RssSampler;
 /// Runs the demo and prints its report.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
-    let metrics = args
-        .output
-        .metrics
-        .as_deref()
-        .map(crate::metrics::serve)
-        .transpose()?;
+    let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let dirty_bytes_per_sec = args
         .dirty_rate
         .checked_mul(1 << 20)

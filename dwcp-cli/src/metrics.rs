@@ -5,6 +5,11 @@ use dwcp::MigrationMetrics;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tiny_http::{Header, Method, Request, Response, Server};
 
+/// Serves metrics on `addr` when the user asked for it (`--metrics ADDR`).
+pub fn serve_if_asked(addr: Option<&str>) -> anyhow::Result<Option<MigrationMetrics>> {
+    addr.map(serve).transpose()
+}
+
 /// Registers the migration metrics in a new registry and serves `GET /metrics` on `addr` from a
 /// background thread. The server is bound before this returns, so a bad address is reported at once.
 pub fn serve(addr: &str) -> anyhow::Result<MigrationMetrics> {

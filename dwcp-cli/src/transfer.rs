@@ -41,12 +41,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
     let psk = load_psk(&args.psk_file)?;
     let addr = resolve(&args.to)?;
-    let metrics = args
-        .output
-        .metrics
-        .as_deref()
-        .map(crate::metrics::serve)
-        .transpose()?;
+    let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let image = GuestRam::open_image(&args.image)?;
     tracing::info!(%addr, image = %args.image.display(), bytes = image.layout().total_bytes(), "sending");
 
@@ -80,12 +75,7 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
     let psk = load_psk(&args.psk_file)?;
     let addr = resolve(&args.listen)?;
-    let metrics = args
-        .output
-        .metrics
-        .as_deref()
-        .map(crate::metrics::serve)
-        .transpose()?;
+    let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let config = ReceiverConfig {
         max_memory_bytes: args.max_memory,
         ..ReceiverConfig::default()
