@@ -321,22 +321,23 @@ pub fn wait_listening(server: &mut Proc, port: u16, timeout: Duration) -> Result
     }
 }
 
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
-
-    fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().next())
-                    != Some("Z")
-            })
-            .unwrap_or(false)
-    }
 
     #[test]
     fn timeout_kills_the_whole_tree() {

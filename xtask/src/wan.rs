@@ -24,7 +24,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::Workspace;
-use crate::process::{Io, Proc, describe, run, tail};
+use crate::process::{Io, Proc, alive, describe, run, tail};
 
 const SRC_NS: &str = "dwcp-src";
 const DST_NS: &str = "dwcp-dst";
@@ -198,17 +198,6 @@ fn remove_ns(ns: &str) {
         .args(["netns", "delete", ns])
         .stderr(Stdio::null())
         .status();
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
-        .unwrap_or(false)
 }
 
 fn is_wanem(pid: u32) -> bool {
