@@ -4,30 +4,10 @@
 
 #[path = "../../fuzz/src/chunk.rs"]
 mod chunk;
-
-use std::path::PathBuf;
+#[path = "../../fuzz/src/replay.rs"]
+mod replay;
 
 #[test]
 fn chunk_corpus() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/chunk");
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {} is missing: {e}", dir.display()));
-    let mut files = 0;
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if !path.is_file() {
-            continue;
-        }
-        let data = std::fs::read(&path).unwrap();
-        if let Err(panic) = std::panic::catch_unwind(|| chunk::check(&data)) {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("?");
-            panic!("chunk corpus file {} fails: {why}", path.display());
-        }
-        files += 1;
-    }
-    assert!(files > 0, "corpus {} is empty", dir.display());
+    replay::replay(env!("CARGO_MANIFEST_DIR"), "chunk", chunk::check);
 }
