@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking DWCP needs on Debian: a C toolchain (zstd and lz4 are
 # built from source by their -sys crates), iperf3 (the reference in the benchmarks), iproute2 (`ip netns`
-# for the WAN test bed and its integration test), and a Rust
+# for the WAN test bed and its integration test), the guest packages below, and a Rust
 # toolchain (edition 2024: Rust 1.85 or newer) with rustfmt and clippy when none is installed.
 set -euo pipefail
 
-packages=(build-essential pkg-config iperf3 iproute2 curl ca-certificates)
+# qemu-system-x86, linux-image-amd64 and busybox-static boot the test guests (QEMU as a migration client,
+# Soft-RoCE for the RDMA path); libibverbs-dev, librdmacm-dev and libclang-dev build rdma-sys;
+# ibverbs-providers (rxe), ibverbs-utils and perftest run inside the Soft-RoCE guest; zstd and lz4 are the
+# command-line references of the HDE benchmark; cpio packs the guests' initramfs.
+packages=(build-essential pkg-config iperf3 iproute2 curl ca-certificates
+    qemu-system-x86 linux-image-amd64 busybox-static cpio
+    libibverbs-dev librdmacm-dev libclang-dev ibverbs-providers ibverbs-utils perftest
+    zstd lz4)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod messages;
 pub mod pool;
 pub mod sim;
+pub mod transport;
 
 pub use error::{ChunkError, Error, ErrorCode, FrameError, HandshakeError, Result};
 pub use memory::{

@@ -14,8 +14,12 @@
 //! Every child process runs under a time limit and is killed, with whatever it started, when the xtask
 //! fails or gives up waiting.
 
+mod amst;
+mod hde;
 mod headline;
 mod process;
+mod qemu;
+mod rdma;
 mod wan;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +71,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: wan::WanCmd,
     },
+    /// Builds the RDMA tests and benchmarks and runs them inside a Soft-RoCE QEMU guest.
+    RdmaGuest(rdma::RdmaGuestOpts),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +85,12 @@ enum Which {
     All,
     /// iperf3 and dwcp across the emulated WAN link (`--profile`; needs root).
     Wan,
+    /// Loopback goodput of 1..16 streams next to `iperf3 -P` with the same counts.
+    Amst,
+    /// QEMU's own migration, direct and carried through dwcp.
+    Qemu,
+    /// dwcp over RDMA next to `ib_write_bw`, inside a Soft-RoCE guest.
+    Rdma,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -148,7 +160,7 @@ fn ci(ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-fn criterion(ws: &Workspace, bench: &str, quick: bool) -> Result<()> {
+pub(crate) fn criterion(ws: &Workspace, bench: &str, quick: bool) -> Result<()> {
     let mut args = vec!["bench", "-p", "dwcp-benches", "--bench", bench];
     if quick {
         args.extend(["--", "--quick"]);
@@ -163,12 +175,10 @@ fn bench(
     strict: bool,
     headline_only: bool,
 ) -> Result<()> {
-    if which != Which::Hde {
-        // Before spending minutes on anything else.
-        headline::require_iperf3()?;
-    }
-    if which == Which::Hde || (which == Which::All && !headline_only) {
-        criterion(ws, "hde", quick)?;
+    // Before spending minutes on anything else.
+    headline::require_iperf3()?;
+    if which == Which::All && !headline_only {
+        hde::bench(ws, quick)?;
     }
     if matches!(which, Which::E2e | Which::All) {
         if !headline_only {
@@ -194,9 +204,14 @@ fn main() -> ExitCode {
             wan,
         } => match which {
             Which::Wan => wan::bench(&ws, &wan, quick, strict),
+            Which::Amst => amst::bench(&ws, quick),
+            Which::Qemu => qemu::bench(&ws, &wan, quick),
+            Which::Rdma => rdma::bench(&ws, quick),
+            Which::Hde => hde::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),
+        Cmd::RdmaGuest(opts) => rdma::guest(&ws, &opts),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
