@@ -2,8 +2,10 @@
 //!
 //! The benchmarks themselves live in `benches/`: `hde` (page encoder and decoder throughput) and `e2e`
 //! (a whole migration over loopback TCP). Run them with `cargo bench -p dwcp-benches` or through
-//! `cargo xtask bench hde|e2e|all`.
+//! `cargo xtask bench hde|e2e|all`. The corpora of the `hde` suite are in [`corpus`].
 #![deny(missing_docs)]
+
+pub mod corpus;
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -95,6 +97,35 @@ pub fn loopback_migration(
         elapsed,
         destination_ram,
     })
+}
+
+/// Whose CPU time [`cpu_time`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuOf {
+    /// Every thread of this process.
+    ThisProcess,
+    /// The child processes waited for so far.
+    Children,
+}
+
+/// User plus system CPU time consumed so far. On a machine shared with other work, the CPU time of a
+/// benchmark is a steadier measure than its wall time: it does not count time spent waiting for a
+/// core.
+pub fn cpu_time(of: CpuOf) -> Duration {
+    let who = match of {
+        CpuOf::ThisProcess => libc::RUSAGE_SELF,
+        CpuOf::Children => libc::RUSAGE_CHILDREN,
+    };
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid, writable rusage; getrusage only writes it.
+    let rc = unsafe { libc::getrusage(who, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage failed");
+    // SAFETY: getrusage returned 0, so it initialised the whole struct (which was zeroed anyway).
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Criterion settings shared by the suites: short enough that `cargo xtask bench all` takes minutes.

@@ -7,6 +7,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use dwcp::MigrationConfig;
 use dwcp_core::sim::ContentMix;
 use dwcp_hde::Codec;
+use dwcp_tcp::{Mode, ModeSetting};
 
 use crate::size::parse_size;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Write a memory image filled like a simulated guest's memory.
     Mkimage(MkimageArgs),
+    /// Carry QEMU's own live migration through DWCP (proxy mode).
+    Qemu(crate::qemu::QemuArgs),
 }
 
 /// Content of a simulated guest's memory.
@@ -71,9 +74,17 @@ impl Mix {
 /// Parameters of the source side shared by `demo` and `send`.
 #[derive(Debug, Args)]
 pub struct MigrateOpts {
-    /// Parallel TCP streams.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub streams: u16,
+    /// A fixed number of parallel streams (default: start small and add streams while they raise the
+    /// goodput, up to --max-streams).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
+    /// Most streams the adaptive stream count may open (default: decided by the transport mode).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64), conflicts_with = "streams")]
+    pub max_streams: Option<u16>,
+    /// Transport mode: auto (from the handshake round trip and a bandwidth probe), datacenter,
+    /// internet or hybrid.
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    pub mode: ModeSetting,
     /// Compressor of literal pages: none, lz4, zstd or zstd:LEVEL (1..19).
     #[arg(long, default_value = "lz4", value_parser = parse_codec)]
     pub codec: Codec,
@@ -89,7 +100,10 @@ impl MigrateOpts {
     /// The engine's configuration.
     pub fn config(&self) -> MigrationConfig {
         MigrationConfig {
-            streams: usize::from(self.streams),
+            streams: self.streams.map_or(0, usize::from),
+            // A fixed count: the controller may not go beyond it.
+            max_streams: self.streams.or(self.max_streams).map_or(0, usize::from),
+            mode: self.mode,
             downtime_limit: Duration::from_millis(self.downtime_ms),
             max_iterations: self.max_iterations,
             codec: self.codec,
@@ -210,6 +224,20 @@ pub struct MkimageArgs {
     pub out: PathBuf,
 }
 
+fn parse_mode(s: &str) -> Result<ModeSetting, String> {
+    Ok(match s {
+        "auto" => ModeSetting::Auto,
+        "datacenter" => ModeSetting::Fixed(Mode::Datacenter),
+        "internet" => ModeSetting::Fixed(Mode::Internet),
+        "hybrid" => ModeSetting::Fixed(Mode::Hybrid),
+        other => {
+            return Err(format!(
+                "unknown mode {other:?} (auto, datacenter, internet, hybrid)"
+            ));
+        }
+    })
+}
+
 fn parse_codec(s: &str) -> Result<Codec, String> {
     Codec::parse(s).map_err(|e| e.to_string())
 }
@@ -234,7 +262,24 @@ mod tests {
         assert_eq!(a.dirty_rate, 100);
         assert_eq!(a.mix, Mix::Idle);
         let cfg = a.migrate.config();
-        assert_eq!(cfg.streams, 4);
+        assert_eq!(
+            (cfg.streams, cfg.max_streams),
+            (0, 0),
+            "adaptive by default"
+        );
+        assert_eq!(cfg.mode, ModeSetting::Auto);
+        let cli =
+            Cli::try_parse_from(["dwcp", "demo", "--streams", "3", "--mode", "internet"]).unwrap();
+        let Command::Demo(a) = cli.command else {
+            panic!("not demo")
+        };
+        let cfg = a.migrate.config();
+        assert_eq!(
+            (cfg.streams, cfg.max_streams),
+            (3, 3),
+            "--streams fixes the count"
+        );
+        assert_eq!(cfg.mode, ModeSetting::Fixed(dwcp_tcp::Mode::Internet));
         assert_eq!(cfg.codec, Codec::Lz4);
         assert_eq!(cfg.downtime_limit, Duration::from_millis(50));
         assert_eq!(cfg.max_iterations, 30);
@@ -245,6 +290,9 @@ mod tests {
         for args in [
             &["dwcp", "demo", "--streams", "0"][..],
             &["dwcp", "demo", "--streams", "65"],
+            &["dwcp", "demo", "--max-streams", "0"],
+            &["dwcp", "demo", "--streams", "2", "--max-streams", "8"],
+            &["dwcp", "demo", "--mode", "lan"],
             &["dwcp", "demo", "--codec", "gzip"],
             &["dwcp", "demo", "--size", "12Q"],
             &["dwcp", "demo", "--max-iterations", "0"],

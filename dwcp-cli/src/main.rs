@@ -4,6 +4,7 @@
 //! * `dwcp recv` waits for one migration and writes the received memory to an image file.
 //! * `dwcp send` migrates a memory image file to a `dwcp recv`.
 //! * `dwcp keygen` writes a fresh pre-shared key; `dwcp mkimage` writes a memory image for `send`.
+//! * `dwcp qemu send` / `dwcp qemu recv` carry QEMU's own migration through DWCP (proxy mode).
 //!
 //! Reports go to stdout (one JSON object with `--json`), logs and the progress bar to stderr.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ mod demo;
 mod metrics;
 mod output;
 mod progress;
+mod qemu;
 mod rss;
 mod size;
 mod tools;
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Recv(a) => transfer::recv(a),
         Command::Keygen(a) => tools::keygen(a),
         Command::Mkimage(a) => tools::mkimage(a),
+        Command::Qemu(a) => qemu::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

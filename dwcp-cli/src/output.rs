@@ -237,6 +237,7 @@ mod tests {
             session_id: "00000000000000ab".into(),
             total_ms: 12.5,
             streams: 4,
+            duplicate_chunks: 0,
             memory_bytes: 8 << 20,
             pages_applied: 2048,
             stale_pages_dropped: 0,

@@ -231,6 +231,16 @@ pub enum Error {
     /// The hypervisor callback (pause, resume, handover) failed.
     #[error("VM control failed: {0}")]
     VmControl(String),
+    /// Every stream to the peer failed and reconnecting did not succeed within the allowed attempts.
+    #[error(
+        "every stream to the peer failed and {attempts} reconnection attempts did not succeed (last error: {last})"
+    )]
+    StreamsLost {
+        /// Reconnection attempts made.
+        attempts: u32,
+        /// Why the last attempt (or the last stream) failed.
+        last: String,
+    },
 }
 
 impl Error {

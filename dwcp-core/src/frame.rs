@@ -64,6 +64,31 @@ pub enum FrameType {
     Error = 13,
     /// Orderly end of a stream.
     Close = 14,
+    /// After a completed session: keep this authenticated stream for a later session (connection
+    /// pool). The destination answers with Park when it has parked the stream.
+    Park = 15,
+    /// Health check of a parked stream (8-byte nonce).
+    Ping = 16,
+    /// Answer to Ping (the same nonce).
+    Pong = 17,
+    /// A parked stream joins a running session (session id and stream index).
+    Join = 18,
+    /// QEMU tunnel (`dwcp-qemu`): the source proposes the tunnel's parameters (stream 0).
+    TunnelInit = 32,
+    /// QEMU tunnel: the destination accepts them (stream 0).
+    TunnelReady = 33,
+    /// QEMU tunnel: a new QEMU connection was accepted; open the matching one.
+    ChannelOpen = 34,
+    /// QEMU tunnel: one segment of a QEMU connection's byte stream.
+    ChannelData = 35,
+    /// QEMU tunnel: bytes of a channel delivered to the local QEMU (flow-control credit).
+    ChannelAck = 36,
+    /// QEMU tunnel: one direction of a channel ended in order (half-close).
+    ChannelEnd = 37,
+    /// QEMU tunnel: a channel failed; both its connections are to be torn down.
+    ChannelReset = 38,
+    /// QEMU tunnel: nothing else to send; keeps an idle stream alive.
+    Keepalive = 39,
 }
 
 impl FrameType {
@@ -84,6 +109,18 @@ impl FrameType {
             12 => Self::CommitAck,
             13 => Self::Error,
             14 => Self::Close,
+            15 => Self::Park,
+            16 => Self::Ping,
+            17 => Self::Pong,
+            18 => Self::Join,
+            32 => Self::TunnelInit,
+            33 => Self::TunnelReady,
+            34 => Self::ChannelOpen,
+            35 => Self::ChannelData,
+            36 => Self::ChannelAck,
+            37 => Self::ChannelEnd,
+            38 => Self::ChannelReset,
+            39 => Self::Keepalive,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -105,6 +142,18 @@ impl FrameType {
             Self::CommitAck => "CommitAck",
             Self::Error => "Error",
             Self::Close => "Close",
+            Self::Park => "Park",
+            Self::Ping => "Ping",
+            Self::Pong => "Pong",
+            Self::Join => "Join",
+            Self::TunnelInit => "TunnelInit",
+            Self::TunnelReady => "TunnelReady",
+            Self::ChannelOpen => "ChannelOpen",
+            Self::ChannelData => "ChannelData",
+            Self::ChannelAck => "ChannelAck",
+            Self::ChannelEnd => "ChannelEnd",
+            Self::ChannelReset => "ChannelReset",
+            Self::Keepalive => "Keepalive",
         }
     }
 }
@@ -146,6 +195,31 @@ pub fn encode_header(
 
 fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u64 {
     xxh3_64_with_seed(payload, xxh3_64(&header[..32]))
+}
+
+/// Serialises a header for a payload made of `prefix` followed by `body` (the checksum covers both, as
+/// if they were one payload).
+pub fn encode_header_prefixed(
+    frame_type: FrameType,
+    session_id: u64,
+    seq: u64,
+    prefix: &[u8],
+    body: &[u8],
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = PROTOCOL_VERSION;
+    h[5] = frame_type as u8;
+    h[8..16].copy_from_slice(&session_id.to_le_bytes());
+    h[16..24].copy_from_slice(&seq.to_le_bytes());
+    let len =
+        u32::try_from(prefix.len() + body.len()).expect("payload length is bounded by MAX_PAYLOAD");
+    h[24..28].copy_from_slice(&len.to_le_bytes());
+    let mut hasher = xxhash_rust::xxh3::Xxh3::with_seed(xxh3_64(&h[..32]));
+    hasher.update(prefix);
+    hasher.update(body);
+    h[32..40].copy_from_slice(&hasher.digest().to_le_bytes());
+    h
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -346,6 +420,27 @@ impl<W: Write> FrameWriter<W> {
         Ok(seq)
     }
 
+    /// Writes one frame whose payload is `prefix` (at most 64 bytes, e.g. a data frame's chunk id)
+    /// followed by `body`, without copying `body`.
+    pub fn write_frame_prefixed(
+        &mut self,
+        frame_type: FrameType,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Result<u64, Error> {
+        const MAX_PREFIX: usize = 64;
+        assert!(prefix.len() <= MAX_PREFIX, "frame prefix too long");
+        let seq = self.next_seq;
+        let h = encode_header_prefixed(frame_type, self.session_id, seq, prefix, body);
+        let mut head = [0u8; HEADER_LEN + MAX_PREFIX];
+        head[..HEADER_LEN].copy_from_slice(&h);
+        head[HEADER_LEN..HEADER_LEN + prefix.len()].copy_from_slice(prefix);
+        write_all_vectored(&mut self.inner, &head[..HEADER_LEN + prefix.len()], body)
+            .map_err(|e| Error::io(format!("writing a {} frame", frame_type.name()), e))?;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
     /// Flushes buffered bytes.
     pub fn flush(&mut self) -> Result<(), Error> {
         self.inner
@@ -515,9 +610,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn type_bytes_outside_the_assigned_ranges_are_unknown() {
+        for byte in (0u8..=255).filter(|b| !(1..=18).contains(b) && !(32..=39).contains(b)) {
+            assert_eq!(
+                FrameType::from_wire(byte),
+                Err(FrameError::UnknownType(byte))
+            );
+        }
+        for byte in (1u8..=18).chain(32..=39) {
+            assert_eq!(FrameType::from_wire(byte).unwrap() as u8, byte);
+        }
+    }
+
     proptest! {
         #[test]
-        fn roundtrip(ty in 1u8..=14, session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        fn roundtrip(ty in prop_oneof![1u8..=18, 32u8..=39], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let ty = FrameType::from_wire(ty).unwrap();
             let mut buf = Vec::new();
             encode_frame(ty, session, seq, &payload, &mut buf);
@@ -526,6 +634,22 @@ mod tests {
             prop_assert_eq!(h, FrameHeader { frame_type: ty, flags: 0, session_id: session, seq, len: payload.len() as u32 });
             prop_assert_eq!(p, &payload[..]);
             prop_assert_eq!(used, HEADER_LEN + payload.len());
+        }
+
+        #[test]
+        fn prefixed_frames_equal_the_concatenated_payload(prefix in proptest::collection::vec(any::<u8>(), 0..=64), body in proptest::collection::vec(any::<u8>(), 0..2048), seq in 0u64..4) {
+            let mut split = FrameWriter::new(Vec::new());
+            let mut whole = FrameWriter::new(Vec::new());
+            for _ in 0..seq {
+                split.write_frame(FrameType::Ack, &[]).unwrap();
+                whole.write_frame(FrameType::Ack, &[]).unwrap();
+            }
+            split.bind_session(9);
+            whole.bind_session(9);
+            split.write_frame_prefixed(FrameType::Data, &prefix, &body).unwrap();
+            let joined: Vec<u8> = prefix.iter().chain(&body).copied().collect();
+            whole.write_frame(FrameType::Data, &joined).unwrap();
+            prop_assert_eq!(split.get_ref(), whole.get_ref());
         }
 
         #[test]

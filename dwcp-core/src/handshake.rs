@@ -60,6 +60,16 @@ impl Psk {
         Ok(Self(key))
     }
 
+    /// A public fingerprint of the key (HMAC of a fixed label): tells pooled connections authenticated
+    /// with different keys apart without keeping or revealing the key.
+    pub fn fingerprint(&self) -> u64 {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"dwcp connection pool fingerprint");
+        let out = mac.finalize().into_bytes();
+        u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+    }
+
     /// Reads a key file; surrounding whitespace (a trailing newline) is not part of the key.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| {

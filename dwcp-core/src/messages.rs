@@ -284,6 +284,50 @@ impl DigestMessage {
     }
 }
 
+/// Join (type 18): a parked stream joins session `session_id` as stream `stream_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinMessage {
+    /// Session to join.
+    pub session_id: u64,
+    /// Index of the stream in that session.
+    pub stream_index: u16,
+}
+
+impl JoinMessage {
+    /// Serialises the message (10 bytes).
+    pub fn encode(&self) -> [u8; 10] {
+        let mut b = [0u8; 10];
+        b[..8].copy_from_slice(&self.session_id.to_le_bytes());
+        b[8..].copy_from_slice(&self.stream_index.to_le_bytes());
+        b
+    }
+
+    /// Parses the message.
+    pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
+        let mut c = Cursor::new(p, "Join");
+        let m = Self {
+            session_id: c.u64()?,
+            stream_index: c.u16()?,
+        };
+        c.finish()?;
+        Ok(m)
+    }
+}
+
+/// A session id as an 8-byte payload: SessionReady on a pooled stream (the new session's id), and the
+/// nonce of Ping and Pong.
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+/// Parses an 8-byte payload (see [`encode_u64`]).
+pub fn decode_u64(p: &[u8], what: &'static str) -> Result<u64, FrameError> {
+    let mut c = Cursor::new(p, what);
+    let v = c.u64()?;
+    c.finish()?;
+    Ok(v)
+}
+
 /// Cumulative acknowledgement: every data frame up to and including `through_seq` was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {

@@ -17,7 +17,7 @@ use crate::error::Error;
 /// A connection is used by two threads at once: one reads (through a handle from
 /// [`try_clone_conn`](Conn::try_clone_conn)) while another writes. Time-outs apply to blocking reads
 /// and writes and surface as [`io::ErrorKind::WouldBlock`] or [`io::ErrorKind::TimedOut`].
-pub trait Conn: Read + Write + Send + Debug {
+pub trait Conn: Read + Write + Send + Sync + Debug {
     /// A second handle to the same connection.
     fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
     /// Shuts one or both directions down; blocked readers and writers of every handle return.

@@ -58,6 +58,16 @@ pub struct EncodeCounters {
     pub raw_chunks: AtomicU64,
     /// Chunks sent compressed.
     pub compressed_chunks: AtomicU64,
+    /// Of the literal pages, those sent uncompressed as INCOMPRESSIBLE (session encoder only).
+    pub incompressible_pages: AtomicU64,
+    /// Pages sent as DUP (session encoder only).
+    pub dup_pages: AtomicU64,
+    /// Pages sent as DELTA (session encoder only).
+    pub delta_pages: AtomicU64,
+    /// Delta bytes of the DELTA pages before compression (the size QEMU's XBZRLE would send).
+    pub delta_bytes: AtomicU64,
+    /// Section bytes before compression (session encoder only).
+    pub section_bytes: AtomicU64,
 }
 
 /// A snapshot of [`EncodeCounters`].
@@ -75,6 +85,16 @@ pub struct EncodeStats {
     pub raw_chunks: u64,
     /// Chunks sent compressed.
     pub compressed_chunks: u64,
+    /// Of the literal pages, those sent uncompressed as INCOMPRESSIBLE (session encoder only).
+    pub incompressible_pages: u64,
+    /// Pages sent as DUP (session encoder only).
+    pub dup_pages: u64,
+    /// Pages sent as DELTA (session encoder only).
+    pub delta_pages: u64,
+    /// Delta bytes of the DELTA pages before compression.
+    pub delta_bytes: u64,
+    /// Section bytes before compression (session encoder only).
+    pub section_bytes: u64,
 }
 
 impl EncodeCounters {
@@ -88,6 +108,11 @@ impl EncodeCounters {
             encoded_bytes: l(&self.encoded_bytes),
             raw_chunks: l(&self.raw_chunks),
             compressed_chunks: l(&self.compressed_chunks),
+            incompressible_pages: l(&self.incompressible_pages),
+            dup_pages: l(&self.dup_pages),
+            delta_pages: l(&self.delta_pages),
+            delta_bytes: l(&self.delta_bytes),
+            section_bytes: l(&self.section_bytes),
         }
     }
 }
@@ -235,6 +260,15 @@ pub fn decode_chunk<'a>(
     total_pages: u64,
     scratch: &'a mut Vec<u8>,
 ) -> Result<DecodedChunk<'a>, Error> {
+    Ok(decode_format0(payload, total_pages, scratch)?)
+}
+
+/// [`decode_chunk`] with the chunk error itself.
+pub(crate) fn decode_format0<'a>(
+    payload: &'a [u8],
+    total_pages: u64,
+    scratch: &'a mut Vec<u8>,
+) -> Result<DecodedChunk<'a>, ChunkError> {
     let parsed = parse(payload, total_pages)?;
     let literal_len = parsed.literal_count * PAGE_SIZE;
     // `reserve_exact` below: `resize` alone grows a reused scratch by doubling, past 256 pages.
@@ -249,8 +283,7 @@ pub fn decode_chunk<'a>(
             if n != literal_len {
                 return Err(ChunkError::Decompress(format!(
                     "lz4 gave {n} bytes, expected {literal_len}"
-                ))
-                .into());
+                )));
             }
             scratch
         }
@@ -263,8 +296,7 @@ pub fn decode_chunk<'a>(
             if n != literal_len {
                 return Err(ChunkError::Decompress(format!(
                     "zstd gave {n} bytes, expected {literal_len}"
-                ))
-                .into());
+                )));
             }
             scratch
         }

@@ -6,11 +6,27 @@
 //! as a whole (LZ4 or zstd) unless a quick probe shows they will not shrink. The receiver calls
 //! [`decode_chunk`], which validates every field against the memory layout before yielding pages.
 //! The chunk format is specified in [`chunk`] and in docs/wire-protocol.md.
+//!
+//! The complete pipeline (issue 3) lives beside it, behind its own API, so that the engine switches in
+//! one step: [`SessionEncoder`] adds the DUP and DELTA classes (with a dedup index and a bounded LRU
+//! delta cache scoped to the session), the adaptive per-chunk codec choice and zstd dictionaries, and
+//! emits the extended chunk format of [`format`]; [`ChunkDecoder`] decodes both formats and resolves
+//! DUP/DELTA pages against the receiver's memory through [`ReceiverPages`], after verifying their
+//! base hashes. See docs/hde.md.
 #![deny(missing_docs)]
 
+mod adaptive;
+mod cache;
 pub mod chunk;
 mod codec;
+mod compress;
+mod decode;
+mod dedup;
 pub mod delta;
+pub mod dictionary;
+pub mod format;
+mod hashers;
+mod session;
 
 use std::sync::Arc;
 
@@ -20,8 +36,16 @@ use dwcp_core::memory::MemorySource;
 use dwcp_core::pool::{BufferPool, PooledBuf};
 use rayon::prelude::*;
 
+pub use adaptive::CANDIDATES as ADAPTIVE_CANDIDATES;
 pub use chunk::{DecodedChunk, MAX_CHUNK_PAGES, PageData};
 pub use codec::{Codec, EncodeCounters, EncodeStats, decode_chunk, encode_chunk};
+pub use decode::{ChunkDecoder, DecodeError, DecodeScratch, ReceiverPages};
+pub use dictionary::Dictionary;
+pub use format::{ClassCounts, PageKind, StoredCodec};
+pub use session::{
+    CodecPolicy, DEFAULT_DEDUP_ENTRIES, DEFAULT_DELTA_CACHE_BYTES, Pass, SessionConfig,
+    SessionEncoder,
+};
 
 /// A parallel chunk encoder with its own thread pool.
 #[derive(Debug)]
@@ -84,5 +108,7 @@ impl Encoder {
     }
 }
 
+#[cfg(test)]
+mod session_tests;
 #[cfg(test)]
 mod tests;

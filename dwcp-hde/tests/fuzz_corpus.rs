@@ -1,4 +1,5 @@
-//! Replays the committed fuzz corpus of the `chunk` target (`fuzz/corpus/chunk/`) under plain
+//! Replays the committed fuzz corpora of the `chunk`, `session_chunk` and `dictionary` targets
+//! (`fuzz/corpus/<target>/`) under plain
 //! `cargo test`, with the very property checks the fuzz target runs (the file is shared with the fuzz
 //! crate through `#[path]`). An empty or missing corpus directory fails the test.
 
@@ -10,4 +11,22 @@ mod replay;
 #[test]
 fn chunk_corpus() {
     replay::replay(env!("CARGO_MANIFEST_DIR"), "chunk", chunk::check);
+}
+
+#[test]
+fn session_chunk_corpus() {
+    replay::replay(
+        env!("CARGO_MANIFEST_DIR"),
+        "session_chunk",
+        chunk::check_session,
+    );
+}
+
+#[test]
+fn dictionary_corpus() {
+    replay::replay(
+        env!("CARGO_MANIFEST_DIR"),
+        "dictionary",
+        chunk::check_dictionary,
+    );
 }

@@ -1,2 +1,129 @@
-//! QEMU proxy mode. Work in progress (issue 7).
+//! QEMU proxy mode: carries QEMU's own live migration through DWCP.
+//!
+//! ```text
+//! source QEMU ──migrate tcp:A──▶ SourceProxy(A) ══ DWCP tunnel: N authenticated streams ══▶
+//!     DestinationProxy(P) ──one connection per channel──▶ destination QEMU (-incoming tcp:Q)
+//! ```
+//!
+//! Every TCP connection QEMU opens (one for a plain migration, 1 + N with multifd) becomes a
+//! *channel* of the tunnel. Its bytes are cut into segments, compressed when that pays (all-zero
+//! segments are elided), striped over the tunnel's streams and put back in order on the other side,
+//! so each connection's byte stream arrives exactly as sent. Per-channel windows bound the memory of
+//! both proxies, and a channel that QEMU closes or breaks on one side is closed or reset on the other.
+//!
+//! The pieces: [`wire`] (message payloads), [`segment`] (segment encoding) and [`state`] (the
+//! channel state machine) do no I/O; `endpoint` is the thread-per-socket shell around them;
+//! [`SourceProxy`] and [`DestinationProxy`] set the tunnel up and serve one migration. The protocol
+//! is specified in `docs/qemu.md`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod endpoint;
+mod proxy;
+pub mod segment;
+pub mod state;
+pub mod wire;
+
+use std::time::Duration;
+
+use dwcp_core::error::Error;
+use dwcp_hde::Codec;
+use dwcp_tcp::SocketProfile;
+
+pub use proxy::{DestinationProxy, SourceProxy};
+
+/// Settings of a tunnel. The source's `streams` and `window` are proposals the destination may
+/// lower (the window) and must accept (the streams, 1..=64).
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// DWCP streams of the tunnel (source only).
+    pub streams: u16,
+    /// Compressor of the segments this side sends.
+    pub codec: Codec,
+    /// Raw bytes one direction of one channel may have in flight before the receiver acknowledges
+    /// them; each proxy buffers at most this much per channel and direction.
+    pub window: u32,
+    /// QEMU connections open at once (1 + multifd channels).
+    pub max_channels: usize,
+    /// Limit of connecting and authenticating the tunnel, and of connecting to the destination QEMU.
+    pub connect_timeout: Duration,
+    /// Limit of any blocked read or write on the tunnel, of a wait for credit, and of a channel
+    /// half-closed on one side only.
+    pub io_timeout: Duration,
+    /// Limit of the wait for the first QEMU connection (source) or for the tunnel (destination).
+    pub accept_timeout: Duration,
+    /// An idle stream sends a Keepalive this often.
+    pub keepalive: Duration,
+    /// Socket options of the tunnel's streams.
+    pub socket: SocketProfile,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            codec: Codec::Lz4,
+            window: 32 << 20,
+            max_channels: 32,
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            accept_timeout: Duration::from_secs(600),
+            keepalive: Duration::from_secs(1),
+            socket: SocketProfile::datacenter(),
+        }
+    }
+}
+
+impl TunnelConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=64).contains(&self.streams) {
+            return Err(Error::Config(format!("{} streams (1..=64)", self.streams)));
+        }
+        if (self.window as usize) < wire::MAX_SEGMENT || self.window > 1 << 30 {
+            return Err(Error::Config(format!(
+                "window of {} bytes ({}..=1 GiB)",
+                self.window,
+                wire::MAX_SEGMENT
+            )));
+        }
+        if !(1..=256).contains(&self.max_channels) {
+            return Err(Error::Config(format!(
+                "{} channels (1..=256)",
+                self.max_channels
+            )));
+        }
+        if self.keepalive.is_zero() || self.keepalive >= self.io_timeout {
+            return Err(Error::Config(
+                "the keepalive interval must be positive and below the I/O timeout".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one proxy did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TunnelReport {
+    /// `source` or `destination`.
+    pub role: &'static str,
+    /// Streams of the tunnel.
+    pub streams: usize,
+    /// Compressor of the segments this side sent.
+    pub codec: String,
+    /// QEMU connections carried.
+    pub channels: u64,
+    /// Channels reset by either side.
+    pub resets: u64,
+    /// QEMU bytes read on this side and sent.
+    pub raw_bytes_sent: u64,
+    /// QEMU bytes received and written on this side.
+    pub raw_bytes_received: u64,
+    /// Tunnel bytes written (frame headers included).
+    pub wire_bytes_sent: u64,
+    /// Tunnel bytes read.
+    pub wire_bytes_received: u64,
+    /// From the start of the tunnel (source: before connecting; destination: after the handshake)
+    /// to its orderly close.
+    pub duration_ms: f64,
+}

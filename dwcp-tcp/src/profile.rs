@@ -17,15 +17,43 @@ pub struct SocketProfile {
     /// Congestion control to request (for example `bbr`); the kernel default is kept, with a warning,
     /// when it is not available.
     pub congestion: Option<String>,
+    /// `TCP_NOTSENT_LOWAT`: bytes written but not yet sent that the kernel holds before it blocks the
+    /// writer. Short send queues keep scheduling decisions fresh (a chunk goes to the stream that can
+    /// send it now) and bound what a lost stream strands.
+    pub notsent_lowat: Option<u32>,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged before the kernel declares the
+    /// connection dead (a peer that vanished without a reset).
+    pub user_timeout: Option<Duration>,
 }
 
+/// Largest socket buffer any profile requests.
+pub const MAX_BUFFER_BYTES: usize = 64 << 20;
+
 impl SocketProfile {
-    /// Datacenter mode: no Nagle, 4 MiB buffers, BBR where available.
+    /// Datacenter mode: no Nagle, 4 MiB buffers, BBR where available, no send-queue limit (round trips
+    /// are short, so the kernel's queue drains quickly).
     pub fn datacenter() -> Self {
         Self {
             nodelay: true,
             buffer_bytes: Some(4 << 20),
             congestion: Some("bbr".into()),
+            notsent_lowat: None,
+            user_timeout: None,
+        }
+    }
+
+    /// Internet mode for a path of `bandwidth_bps` bytes/s and `rtt` round trip: BBR (it keeps its rate
+    /// through random loss where CUBIC halves it), buffers of twice the bandwidth-delay product (at least
+    /// 4 MiB, at most [`MAX_BUFFER_BYTES`]) so one stream can fill the pipe, a short unsent queue, and a
+    /// user timeout so a vanished peer is detected.
+    pub fn internet(bandwidth_bps: f64, rtt: Duration, user_timeout: Duration) -> Self {
+        let bdp = (bandwidth_bps * rtt.as_secs_f64()).max(0.0) as usize;
+        Self {
+            nodelay: true,
+            buffer_bytes: Some((2 * bdp).clamp(4 << 20, MAX_BUFFER_BYTES)),
+            congestion: Some("bbr".into()),
+            notsent_lowat: Some(256 << 10),
+            user_timeout: Some(user_timeout),
         }
     }
 }
@@ -55,6 +83,14 @@ pub fn apply(stream: &TcpStream, profile: &SocketProfile) -> Result<AppliedProfi
     if let Some(b) = profile.buffer_bytes {
         s.set_send_buffer_size(b).map_err(|e| io("SO_SNDBUF", e))?;
         s.set_recv_buffer_size(b).map_err(|e| io("SO_RCVBUF", e))?;
+    }
+    if let Some(lowat) = profile.notsent_lowat {
+        s.set_tcp_notsent_lowat(lowat)
+            .map_err(|e| io("TCP_NOTSENT_LOWAT", e))?;
+    }
+    if let Some(t) = profile.user_timeout {
+        s.set_tcp_user_timeout(Some(t))
+            .map_err(|e| io("TCP_USER_TIMEOUT", e))?;
     }
     if let Some(cc) = &profile.congestion {
         if let Err(e) = s.set_tcp_congestion(cc.as_bytes()) {

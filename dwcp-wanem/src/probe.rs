@@ -366,17 +366,19 @@ mod tests {
             ProbeOptions {
                 rtt_count: 20,
                 rtt_interval: Duration::from_millis(1),
-                loss_count: 2_000,
-                loss_pps: 20_000,
+                // A modest rate: on a loaded two-core host a starved echo thread lets the socket
+                // buffer overflow at 20,000 packets/s, which is the host, not the probe.
+                loss_count: 1_000,
+                loss_pps: 5_000,
                 size: 64,
             },
         )
         .unwrap();
         assert_eq!(r.rtt_echoed, 20);
         assert!(r.rtt_median_ms < 50.0, "{r:?}");
-        assert_eq!(r.loss_received, 2_000, "{r:?}");
+        assert_eq!(r.loss_received, 1_000, "{r:?}");
         assert_eq!(r.forward_loss, 0.0);
-        assert_eq!(t.join().unwrap(), 2_020);
+        assert_eq!(t.join().unwrap(), 1_020);
     }
 
     #[test]

@@ -22,14 +22,29 @@ pub enum Verification {
 /// Parameters of the source side of a migration.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
-    /// Parallel TCP streams (1..=64).
+    /// Streams to start with (1..=64); 0 lets the transport mode decide.
     pub streams: usize,
+    /// Most streams the stream-count controller may open (1..=64); 0 lets the mode decide. Equal to
+    /// `streams` fixes the count.
+    pub max_streams: usize,
+    /// Datacenter, internet or hybrid; detected from the first handshake's round trip by default.
+    pub mode: dwcp_tcp::ModeSetting,
+    /// When every stream has failed: reconnection attempts before the migration fails.
+    pub reconnect_attempts: u32,
+    /// Wait before the first reconnection attempt; doubles (with jitter) up to a few seconds.
+    pub reconnect_backoff: Duration,
     /// Largest acceptable pause of the guest, from pause to the destination's confirmation.
     pub downtime_limit: Duration,
     /// Pre-copy iterations before stop-and-copy is forced even if the downtime estimate is above the limit.
     pub max_iterations: u32,
-    /// Compressor of literal pages.
+    /// Compressor of literal pages (with `adaptive_codec`: the one used until the link rate is known).
     pub codec: Codec,
+    /// On internet and hybrid paths, choose the codec and level per chunk from the link rate (the
+    /// streams' `TCP_INFO` delivery rate) and the measured codec speeds; `false` (and datacenter
+    /// mode) always uses `codec`.
+    pub adaptive_codec: bool,
+    /// Memory for previous versions of sent pages, for DELTA encoding (0 disables DELTA).
+    pub delta_cache_bytes: usize,
     /// Encoder threads (0: one per core).
     pub encoder_threads: usize,
     /// Pages per chunk (1..=256).
@@ -59,10 +74,16 @@ pub struct MigrationConfig {
 impl Default for MigrationConfig {
     fn default() -> Self {
         Self {
-            streams: 4,
+            streams: 0,
+            max_streams: 0,
+            mode: dwcp_tcp::ModeSetting::Auto,
+            reconnect_attempts: 6,
+            reconnect_backoff: Duration::from_millis(100),
             downtime_limit: Duration::from_millis(50),
             max_iterations: 30,
             codec: Codec::Lz4,
+            adaptive_codec: true,
+            delta_cache_bytes: dwcp_hde::DEFAULT_DELTA_CACHE_BYTES,
             encoder_threads: 0,
             pages_per_chunk: 256,
             chunks_per_batch: 16,
@@ -82,8 +103,17 @@ impl MigrationConfig {
     /// Checks the parameters; [`crate::Migration::run`] does this too, before connecting.
     pub fn validate(&self) -> Result<(), dwcp_core::Error> {
         let bad = |m: String| Err(dwcp_core::Error::Config(m));
-        if !(1..=64).contains(&self.streams) {
-            return bad(format!("streams = {} (1..=64)", self.streams));
+        if self.streams > 64 || self.max_streams > 64 {
+            return bad(format!(
+                "streams = {}, max_streams = {} (0 for automatic, else 1..=64)",
+                self.streams, self.max_streams
+            ));
+        }
+        if self.streams > 0 && self.max_streams > 0 && self.max_streams < self.streams {
+            return bad(format!(
+                "max_streams = {} is below streams = {}",
+                self.max_streams, self.streams
+            ));
         }
         if !(1..=dwcp_hde::MAX_CHUNK_PAGES).contains(&self.pages_per_chunk) {
             return bad(format!(
@@ -97,7 +127,7 @@ impl MigrationConfig {
             );
         }
         // The encoder holds a whole batch of chunk buffers at once; a smaller budget would block forever.
-        let chunk = dwcp_hde::chunk::max_encoded_len(self.pages_per_chunk, self.pages_per_chunk);
+        let chunk = dwcp_hde::format::max_extended_len(self.pages_per_chunk, self.pages_per_chunk);
         let class =
             dwcp_core::pool::SizeClass::for_len(chunk).expect("a chunk fits the largest class");
         let needed = (self.chunks_per_batch * class.capacity()).max(dwcp_core::pool::MIN_BUDGET);
@@ -124,10 +154,13 @@ pub struct ReceiverConfig {
     pub socket: SocketProfile,
     /// Longest silence tolerated from the source.
     pub io_timeout: Duration,
-    /// Time allowed for the source's remaining streams to connect.
+    /// Time allowed to authenticate each stream, and for a session whose streams all failed to be
+    /// reconnected by the source before it is abandoned (with `io_timeout`, whichever is longer).
     pub connect_timeout: Duration,
     /// Threads computing the whole-memory digest (0: one per core).
     pub digest_threads: usize,
+    /// How long a stream parked by a source (connection pool) is kept without being reused.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for ReceiverConfig {
@@ -138,6 +171,7 @@ impl Default for ReceiverConfig {
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             digest_threads: 0,
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }

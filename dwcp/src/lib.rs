@@ -15,6 +15,7 @@
 pub mod config;
 mod dest;
 pub mod metrics;
+mod pool;
 pub mod report;
 mod session;
 mod source;
@@ -23,5 +24,6 @@ pub use config::{MigrationConfig, ReceiverConfig, Verification};
 pub use dest::{Incoming, Listener};
 pub use dwcp_core::{Error, Result};
 pub use metrics::MigrationMetrics;
+pub use pool::ConnectionPool;
 pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
-pub use source::Migration;
+pub use source::{Migration, TelemetryFeed};

@@ -1,13 +1,14 @@
 //! Prometheus metrics of migrations. Names are stable and documented in docs/architecture.md.
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use dwcp_core::error::Error;
 
 /// Metrics a migration updates; register once per registry and share.
 #[derive(Debug, Clone)]
 pub struct MigrationMetrics {
-    /// `dwcp_page_bytes_total{class}`: guest bytes sent, by page class (`zero`, `literal`).
+    /// `dwcp_page_bytes_total{class}`: guest bytes sent, by page class (`zero`, `literal`, `dup`,
+    /// `delta`).
     pub page_bytes: IntCounterVec,
     /// `dwcp_wire_bytes_total`: bytes written to the sockets.
     pub wire_bytes: IntCounter,
@@ -24,6 +25,15 @@ pub struct MigrationMetrics {
     /// `dwcp_pool_acquisitions_total{result}`: buffer pool acquisitions, by result (`hit`: an idle buffer
     /// was reused, `miss`: one was allocated, `wait`: the budget was exhausted and the encoder waited).
     pub pool_acquisitions: IntCounterVec,
+    /// `dwcp_streams`: streams open now.
+    pub streams: IntGauge,
+    /// `dwcp_stream_events_total{event}`: `lost` streams, `reconnect`s after every stream failed, and
+    /// `resent` chunks.
+    pub stream_events: IntCounterVec,
+    /// `dwcp_stream_tcp{stream, field}`: the last `TCP_INFO` sample of each open stream; fields
+    /// `rtt_seconds`, `min_rtt_seconds`, `delivery_rate_bytes_per_second`, `retransmits_total`,
+    /// `cwnd_segments`, `unsent_bytes`.
+    pub stream_tcp: GaugeVec,
 }
 
 impl MigrationMetrics {
@@ -64,7 +74,31 @@ impl MigrationMetrics {
                 &["result"],
             )
             .map_err(prom)?,
+            streams: IntGauge::new("dwcp_streams", "Streams open now").map_err(prom)?,
+            stream_events: IntCounterVec::new(
+                Opts::new(
+                    "dwcp_stream_events_total",
+                    "Streams lost, reconnections, chunks re-sent",
+                ),
+                &["event"],
+            )
+            .map_err(prom)?,
+            stream_tcp: GaugeVec::new(
+                Opts::new(
+                    "dwcp_stream_tcp",
+                    "Last TCP_INFO sample of each open stream",
+                ),
+                &["stream", "field"],
+            )
+            .map_err(prom)?,
         };
+        for c in [
+            Box::new(m.streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.stream_events.clone()),
+            Box::new(m.stream_tcp.clone()),
+        ] {
+            registry.register(c).map_err(prom)?;
+        }
         registry
             .register(Box::new(m.page_bytes.clone()))
             .map_err(prom)?;
@@ -90,6 +124,25 @@ impl MigrationMetrics {
             .register(Box::new(m.pool_acquisitions.clone()))
             .map_err(prom)?;
         Ok(m)
+    }
+}
+
+impl MigrationMetrics {
+    /// Publishes one stream's `TCP_INFO` sample.
+    pub fn publish_tcp(&self, stream: u16, t: &dwcp_tcp::TcpSample) {
+        let id = stream.to_string();
+        for (field, v) in [
+            ("rtt_seconds", t.rtt_s),
+            ("min_rtt_seconds", t.min_rtt_s),
+            ("delivery_rate_bytes_per_second", t.delivery_rate_bps),
+            ("retransmits_total", t.total_retransmits as f64),
+            ("cwnd_segments", f64::from(t.cwnd_segments)),
+            ("unsent_bytes", t.unsent_bytes as f64),
+        ] {
+            self.stream_tcp
+                .with_label_values(&[id.as_str(), field])
+                .set(v);
+        }
     }
 }
 

@@ -54,16 +54,49 @@ pub struct MigrationReport {
     pub digest_match: bool,
     /// The whole-memory digest, hex.
     pub digest: String,
-    /// Streams used.
+    /// Streams open at the end.
     pub streams: usize,
+    /// Most streams open at once.
+    pub peak_streams: usize,
+    /// Transport mode the session ran in.
+    pub mode: dwcp_tcp::Mode,
+    /// Round trip of the path when the session opened, milliseconds (the kernel's minimum RTT of the
+    /// first stream for TCP, else half the handshake's two round trips).
+    pub rtt_ms: f64,
     /// Congestion control the streams got.
     pub congestion: String,
+    /// What stream failures cost.
+    pub resilience: ResilienceReport,
+    /// The kernel's last view of each stream still open at the end (TCP only).
+    pub stream_telemetry: Vec<StreamTelemetry>,
     /// Encoder counters.
     pub encode: EncodeStats,
     /// Buffer pool counters.
     pub pool: PoolStats,
     /// Each pass.
     pub passes: Vec<IterationReport>,
+}
+
+/// Stream failures survived during a migration and what they cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ResilienceReport {
+    /// Streams that failed and were removed.
+    pub streams_lost: u64,
+    /// Times every stream was down and the source reconnected.
+    pub reconnects: u64,
+    /// Chunks sent again because the stream carrying them failed before they were acknowledged.
+    pub resent_chunks: u64,
+    /// Wire bytes of those chunks.
+    pub resent_bytes: u64,
+}
+
+/// One `TCP_INFO` sample of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StreamTelemetry {
+    /// Stream index.
+    pub stream: u16,
+    /// The sample.
+    pub tcp: dwcp_tcp::TcpSample,
 }
 
 /// Result of a completed migration, as seen by the destination.
@@ -73,8 +106,10 @@ pub struct ReceiveReport {
     pub session_id: String,
     /// Wall time from accepting the session to the handover.
     pub total_ms: f64,
-    /// Streams the source used.
+    /// Streams the source opened over the whole session (re-connections included).
     pub streams: usize,
+    /// Data frames that carried a chunk already applied (re-sent after a stream failure).
+    pub duplicate_chunks: u64,
     /// Guest memory size in bytes.
     pub memory_bytes: u64,
     /// Pages written to the sink.

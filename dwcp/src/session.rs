@@ -1,31 +1,33 @@
 //! Plumbing shared by both sides: stream setup, timeouts, and error reporting to the peer.
 
 use std::io::BufReader;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use dwcp_core::error::{Error, ErrorCode};
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter};
 use dwcp_core::messages::ErrorMessage;
+use dwcp_core::transport::Conn;
 
 /// Read side of a stream: buffered so that small frames cost no syscall each.
-pub(crate) type StreamReader = FrameReader<BufReader<TcpStream>>;
+pub(crate) type StreamReader = FrameReader<BufReader<Box<dyn Conn>>>;
+/// Write side of a stream.
+pub(crate) type StreamWriter = FrameWriter<Box<dyn Conn>>;
 
 /// Bytes buffered ahead on each read side.
 const READ_BUFFER: usize = 256 << 10;
 
 /// Splits a connected stream into its frame reader and writer, with `io_timeout` on both directions.
 pub(crate) fn split(
-    stream: TcpStream,
+    conn: Box<dyn Conn>,
     io_timeout: Duration,
-) -> Result<(StreamReader, FrameWriter<TcpStream>), Error> {
+) -> Result<(StreamReader, StreamWriter), Error> {
     let ctx = |e| Error::io("configuring a stream", e);
-    stream.set_read_timeout(Some(io_timeout)).map_err(ctx)?;
-    stream.set_write_timeout(Some(io_timeout)).map_err(ctx)?;
-    let read_half = stream.try_clone().map_err(ctx)?;
+    conn.set_read_timeout(Some(io_timeout)).map_err(ctx)?;
+    conn.set_write_timeout(Some(io_timeout)).map_err(ctx)?;
+    let read_half = conn.try_clone_conn().map_err(ctx)?;
     Ok((
         FrameReader::new(BufReader::with_capacity(READ_BUFFER, read_half)),
-        FrameWriter::new(stream),
+        FrameWriter::new(conn),
     ))
 }
 
@@ -71,7 +73,7 @@ pub(crate) fn error_payload(error: &Error) -> Vec<u8> {
 }
 
 /// Best-effort: tells the peer why the session ends.
-pub(crate) fn report_error(writer: &mut FrameWriter<TcpStream>, error: &Error) {
+pub(crate) fn report_error(writer: &mut StreamWriter, error: &Error) {
     if matches!(error, Error::Peer { .. }) {
         return;
     }

@@ -1,28 +1,47 @@
 //! The source side: pre-copy iterations, stop-and-copy, digest comparison and handover.
+//!
+//! Streams come and go while the migration runs. Stream 0 opens the session; data flows on it at
+//! once while the other streams connect and authenticate in the background. Every chunk carries a
+//! session-wide id and stays in memory until the destination acknowledges it, so when a stream fails
+//! its unacknowledged chunks are re-sent on the others, and when every stream fails the source
+//! reconnects (exponential backoff with jitter, bounded attempts) and resumes with those chunks, not
+//! from the start. How many streams run is decided by a controller that keeps adding streams while
+//! they raise the acknowledged goodput.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
-use parking_lot::{Condvar, Mutex};
 
 use dwcp_core::digest::{PageHashes, memory_digest};
-use dwcp_core::error::Error;
-use dwcp_core::frame::{FrameType, FrameWriter};
-use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Offer, Psk, client_handshake};
+use dwcp_core::error::{Error, HandshakeError};
+use dwcp_core::frame::FrameType;
+use dwcp_core::frame::MAX_PAYLOAD;
+use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Negotiated, Offer, Psk, client_handshake};
 use dwcp_core::memory::{DirtyLog, MemorySource, PAGE_SIZE, VmControl};
-use dwcp_core::messages::{Ack, DigestMessage, Finish, SessionInit};
-use dwcp_core::pool::BufferPool;
-use dwcp_hde::{Codec, Encoder};
-use dwcp_tcp::{Lanes, Outgoing, Payload};
+use dwcp_core::messages::{
+    Ack, DigestMessage, Finish, JoinMessage, SessionInit, decode_u64, encode_u64,
+};
+use dwcp_core::pool::{BufferPool, PooledBuf};
+use dwcp_core::transport::{Conn, Connector};
+use dwcp_hde::{Codec, CodecPolicy, Pass, SessionConfig, SessionEncoder};
+use dwcp_tcp::{
+    DataChunk, LaneHandle, Lanes, Mode, ModeSetting, Outgoing, Payload, StreamCountController,
+    TcpConnector,
+};
 
 use crate::config::{MigrationConfig, Verification, threads_or_cores};
 use crate::metrics::MigrationMetrics;
-use crate::report::{IterationReport, MigrationReport, Progress};
-use crate::session::{StreamReader, classify, error_payload, hex, peer_error, split, unexpected};
+use crate::pool::{ConnectionPool, PoolKey, PooledStream};
+use crate::report::{
+    IterationReport, MigrationReport, Progress, ResilienceReport, StreamTelemetry,
+};
+use crate::session::{
+    StreamReader, StreamWriter, classify, error_payload, hex, peer_error, split, unexpected,
+};
 
 /// A live migration of one VM's memory to a destination [`crate::Listener`].
 ///
@@ -38,13 +57,32 @@ use crate::session::{StreamReader, classify, error_payload, hex, peer_error, spl
 /// # Ok::<(), dwcp_core::Error>(())
 /// ```
 pub struct Migration<'a> {
+    connector: Option<Arc<dyn Connector>>,
+    pool: Option<ConnectionPool>,
     addr: SocketAddr,
     psk: Psk,
     config: MigrationConfig,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
     metrics: Option<MigrationMetrics>,
     cancel: Arc<AtomicBool>,
+    telemetry: TelemetryFeed,
 }
+
+/// The latest `TCP_INFO` sample of every open stream of a running migration, refreshed about every
+/// 250 ms. Cheap to clone; read it from any thread (the prediction component, a UI) while
+/// [`Migration::run`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryFeed(Arc<parking_lot::RwLock<Vec<StreamTelemetry>>>);
+
+impl TelemetryFeed {
+    /// The latest samples, one per open stream.
+    pub fn latest(&self) -> Vec<StreamTelemetry> {
+        self.0.read().clone()
+    }
+}
+
+/// How often the streams' `TCP_INFO` is sampled while a migration runs.
+const TELEMETRY_INTERVAL: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Migration<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,16 +94,41 @@ impl std::fmt::Debug for Migration<'_> {
 }
 
 impl<'a> Migration<'a> {
-    /// A migration to the destination listening at `addr`, authenticated with `psk`.
+    /// A migration over TCP to the destination listening at `addr`, authenticated with `psk`.
     pub fn new(addr: SocketAddr, psk: Psk) -> Self {
         Self {
+            connector: None,
+            pool: None,
             addr,
             psk,
             config: MigrationConfig::default(),
             progress: None,
             metrics: None,
             cancel: Arc::default(),
+            telemetry: TelemetryFeed::default(),
         }
+    }
+
+    /// A feed of the streams' kernel telemetry, updated while the migration runs.
+    pub fn telemetry_feed(&self) -> TelemetryFeed {
+        self.telemetry.clone()
+    }
+
+    /// A migration over any transport: `connector` opens each stream (TCP, RDMA, ...); the engine
+    /// above it is the same.
+    pub fn over(connector: Arc<dyn Connector>, psk: Psk) -> Self {
+        let addr = connector.peer();
+        Self {
+            connector: Some(connector),
+            ..Self::new(addr, psk)
+        }
+    }
+
+    /// Reuses streams parked in `pool` by earlier migrations to the same destination (with the same
+    /// key), and parks this migration's streams there when it succeeds.
+    pub fn connection_pool(mut self, pool: ConnectionPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Replaces the configuration.
@@ -106,7 +169,7 @@ impl<'a> Migration<'a> {
             if let Err(e) = &r {
                 run.abort(e);
             }
-            run.shutdown();
+            run.shutdown(r.is_ok());
             r
         });
         if let Some(m) = &self.metrics {
@@ -118,39 +181,96 @@ impl<'a> Migration<'a> {
     }
 }
 
-/// A connected, authenticated stream: its socket (for shutdown) and its frame halves.
-type JoinedStream = (TcpStream, StreamReader, FrameWriter<TcpStream>);
+/// An authenticated stream, ready to become a lane.
+struct JoinedStream {
+    index: u16,
+    reader: StreamReader,
+    writer: StreamWriter,
+}
 
 enum Event {
     Verdict(u128),
     CommitAck,
-    Failed(usize, Error),
+    /// The destination reported an error or broke the protocol: the migration cannot continue.
+    Fatal(u16, Error),
+    /// A stream started in the background finished its handshake (or failed to).
+    Joined(u16, Result<JoinedStream, Error>),
 }
 
-#[derive(Default)]
-struct AckState {
-    /// Per lane: 1 + the highest acknowledged data frame sequence (0: none yet).
-    acked: Vec<AtomicU64>,
-    changed: Mutex<()>,
-    wake: Condvar,
+/// What opening a stream needs, shareable with background join threads.
+#[derive(Clone)]
+struct Dialer {
+    connector: Arc<dyn Connector>,
+    psk: Psk,
+    offer: Offer,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+impl Dialer {
+    /// Connects and authenticates stream `index` of `session_id` (0: open a new session).
+    fn open(&self, session_id: u64, index: u16) -> Result<(JoinedStream, Negotiated), Error> {
+        let conn = self.connector.connect(self.connect_timeout)?;
+        let (mut reader, mut writer) = split(conn, self.connect_timeout)?;
+        let neg = client_handshake(
+            &mut reader,
+            &mut writer,
+            &self.psk,
+            self.offer,
+            session_id,
+            index,
+        )
+        .map_err(|e| classify(e, "a stream's handshake"))?;
+        let conn = writer.get_ref();
+        let ctx = |e| Error::io("configuring a stream", e);
+        conn.set_read_timeout(Some(self.io_timeout)).map_err(ctx)?;
+        conn.set_write_timeout(Some(self.io_timeout)).map_err(ctx)?;
+        Ok((
+            JoinedStream {
+                index: neg.stream_index,
+                reader,
+                writer,
+            },
+            neg,
+        ))
+    }
+}
+
+/// The stream-count controller's measurement window.
+struct Window {
+    started: Instant,
+    acked_bytes: u64,
 }
 
 struct Run {
     t0: Instant,
     session_id: u64,
+    dialer: Dialer,
+    mode: Mode,
+    mode_probed: bool,
     lanes: Lanes,
-    sockets: Vec<TcpStream>,
-    readers: Vec<JoinHandle<()>>,
-    acks: Arc<AckState>,
+    /// Acknowledgement readers; each returns its stream's reader if the stream was parked.
+    readers: Vec<JoinHandle<Option<(u16, StreamReader)>>>,
     events: Receiver<Event>,
+    events_tx: Sender<Event>,
     finished: Arc<AtomicBool>,
-    sent_per_lane: Vec<u64>,
+    next_index: u16,
+    pending_joins: usize,
+    /// Most streams the destination was told to expect at once.
+    max_streams: usize,
+    controller: Option<StreamCountController>,
+    window: Window,
+    peak_streams: usize,
+    /// Lane that carried the handover's control frames.
+    control_lane: Option<u16>,
+    resilience: ResilienceReport,
+    published_resilience: ResilienceReport,
     congestion: String,
     pool: BufferPool,
-    encoder: Encoder,
+    encoder: SessionEncoder,
     wire_bytes: u64,
     logical_bytes: u64,
-    data_frames: u64,
+    next_chunk_id: u64,
     passes: Vec<IterationReport>,
     hashes: PageHashes,
     /// Encoder counters and socket bytes already added to the metrics.
@@ -159,38 +279,142 @@ struct Run {
     published_pool: dwcp_core::pool::PoolStats,
     /// Round trip of the first stream's handshake, seconds.
     rtt: f64,
+    /// Where this migration's streams are parked when it succeeds.
+    parking: Option<(ConnectionPool, PoolKey)>,
+    /// Parked streams taken from the pool and not used yet (joined before new connections are dialed).
+    pooled_spare: Vec<PooledStream>,
+    /// Capabilities of the session's streams (kept with them in the pool).
+    capabilities: u32,
+    last_telemetry: Instant,
+    /// Pool bytes one encoded chunk may take.
+    chunk_buffer_bytes: u64,
+}
+
+/// Jitter source for reconnection backoff: a random fraction in 0.5..1.5.
+fn jitter() -> f64 {
+    0.5 + (dwcp_core::handshake::new_session_id() % 1_000_000) as f64 / 1e6
 }
 
 impl Run {
     fn start(m: &Migration<'_>, source: &dyn MemorySource) -> Result<Self, Error> {
         let t0 = Instant::now();
         let cfg = &m.config;
-        let offer = Offer::default();
-        // Stream 0 opens the session and announces the layout; the destination answers before it
-        // accepts the other streams, which then connect and authenticate in parallel (each takes
-        // about three round trips, which on a long path is most of a small migration's time).
-        let (stream, applied) = dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
-        let congestion = applied.congestion;
-        let mut sockets = vec![
-            stream
-                .try_clone()
-                .map_err(|e| Error::io("cloning a stream", e))?,
-        ];
-        let (mut r0, mut w0) = split(stream, cfg.connect_timeout)?;
+        let connector: Arc<dyn Connector> = match &m.connector {
+            Some(c) => Arc::clone(c),
+            None => Arc::new(TcpConnector::new(m.addr, cfg.socket.clone())),
+        };
+        let dialer = Dialer {
+            connector,
+            psk: m.psk.clone(),
+            offer: Offer::default(),
+            connect_timeout: cfg.connect_timeout,
+            io_timeout: cfg.io_timeout,
+        };
+        // Stream 0 opens the session; its handshake (two round trips) also measures the path.
+        let pool_key = (dialer.connector.peer(), m.psk.fingerprint());
+        let mut pooled = m
+            .pool
+            .as_ref()
+            .map(|p| p.take(pool_key))
+            .unwrap_or_default();
         let hs_start = Instant::now();
-        let neg = client_handshake(&mut r0, &mut w0, &m.psk, offer, 0, 0)
-            .map_err(|e| classify(e, "the handshake"))?;
-        // The handshake takes two round trips.
-        let rtt = hs_start.elapsed().as_secs_f64() / 2.0;
-        let session_id = neg.session_id;
-        let codec = usable_codec(cfg.codec, neg.capabilities);
+        let mut reused = None;
+        while let Some(mut p) = pooled.pop() {
+            match health_check(&mut p, cfg.connect_timeout.min(Duration::from_secs(1))) {
+                Ok(()) => {
+                    reused = Some(p);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "a pooled stream failed its health check"),
+            }
+        }
+        let reused_stream = reused.is_some();
+        let (first, capabilities, new_session) = match reused {
+            Some(p) => (
+                JoinedStream {
+                    index: 0,
+                    reader: p.reader,
+                    writer: p.writer,
+                },
+                p.capabilities,
+                None,
+            ),
+            None => {
+                let (first, neg) = dialer.open(0, 0)?;
+                (first, neg.capabilities, Some(neg.session_id))
+            }
+        };
+        if let Some(pool) = &m.pool {
+            tracing::debug!(
+                reused = reused_stream,
+                spare = pooled.len(),
+                idle = pool.idle_streams(),
+                "connection pool"
+            );
+        }
+        // The kernel's RTT measurement where there is one: the handshake's wall time also counts key
+        // derivation and thread start-up, which on a busy host would make loopback look like a WAN.
+        let rtt = first
+            .writer
+            .get_ref()
+            .as_tcp()
+            .and_then(|s| dwcp_tcp::telemetry::sample(s).ok())
+            .map(|t| t.min_rtt_s)
+            .filter(|&r| r > 0.0)
+            .unwrap_or_else(|| hs_start.elapsed().as_secs_f64() / 2.0);
+        let congestion = first
+            .writer
+            .get_ref()
+            .as_tcp()
+            .and_then(|s| socket2::SockRef::from(s).tcp_congestion().ok())
+            .map(|v| {
+                String::from_utf8_lossy(&v)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .unwrap_or_else(|| first.writer.get_ref().transport().to_string());
+        let mode = match cfg.mode {
+            ModeSetting::Fixed(mode) => mode,
+            ModeSetting::Auto => dwcp_tcp::mode::classify(Duration::from_secs_f64(rtt), None),
+        };
+        let cores = threads_or_cores(0);
+        let (mode_initial, mode_max) = mode.stream_range(cores);
+        let initial = if cfg.streams > 0 {
+            cfg.streams
+        } else {
+            mode_initial
+        };
+        let max_streams = if cfg.max_streams > 0 {
+            cfg.max_streams
+        } else if cfg.streams > 0 {
+            mode_max.max(cfg.streams)
+        } else {
+            mode_max
+        }
+        .max(initial);
+        let codec = usable_codec(cfg.codec, capabilities);
+        // Adaptive codec choice needs both codecs at the destination; otherwise the usable one, fixed.
+        let both = capabilities & (CAP_LZ4 | CAP_ZSTD) == CAP_LZ4 | CAP_ZSTD;
+        // On a datacenter path the kernel's delivery rate says nothing about what the pipeline can take
+        // (loopback reports tens of GB/s and the adaptive choice would send raw pages at a third of
+        // the speed lz4 reaches, measured), so the configured codec stays.
+        let policy = if cfg.adaptive_codec && both && mode != Mode::Datacenter {
+            CodecPolicy::Adaptive { fallback: codec }
+        } else {
+            CodecPolicy::Fixed(codec)
+        };
         let init = SessionInit {
             layout: source.layout().clone(),
-            stream_count: cfg.streams as u16,
+            stream_count: max_streams as u16,
         };
-        w0.write_frame(FrameType::SessionInit, &init.encode())?;
+        let JoinedStream {
+            mut reader,
+            mut writer,
+            ..
+        } = first;
+        writer.write_frame(FrameType::SessionInit, &init.encode())?;
         let mut p = Vec::new();
-        let h = r0
+        let h = reader
             .read_frame(&mut p)
             .map_err(|e| classify(e, "SessionReady"))?;
         match h.frame_type {
@@ -198,77 +422,61 @@ impl Run {
             FrameType::Error => return Err(peer_error(&p)),
             other => return Err(unexpected(other, "instead of SessionReady")),
         }
-        let joined: Vec<Result<JoinedStream, Error>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..cfg.streams)
-                .map(|index| {
-                    scope.spawn(move || {
-                        let (stream, _) =
-                            dwcp_tcp::connect(m.addr, &cfg.socket, cfg.connect_timeout)?;
-                        let socket = stream
-                            .try_clone()
-                            .map_err(|e| Error::io("cloning a stream", e))?;
-                        let (mut r, mut w) = split(stream, cfg.connect_timeout)?;
-                        client_handshake(&mut r, &mut w, &m.psk, offer, session_id, index as u16)
-                            .map_err(|e| classify(e, "a stream's handshake"))?;
-                        Ok((socket, r, w))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let mut readers_raw: Vec<StreamReader> = vec![r0];
-        let mut writers = vec![w0];
-        for j in joined {
-            let (socket, r, w) = j?;
-            sockets.push(socket);
-            readers_raw.push(r);
-            writers.push(w);
-        }
-        for s in &sockets {
-            let _ = s.set_read_timeout(Some(cfg.io_timeout));
-            let _ = s.set_write_timeout(Some(cfg.io_timeout));
-        }
-        tracing::info!(session = %format!("{session_id:x}"), streams = cfg.streams, %congestion, "session established");
-        let acks = Arc::new(AckState {
-            acked: (0..cfg.streams).map(|_| AtomicU64::new(0)).collect(),
-            ..Default::default()
-        });
-        let (tx, events) = unbounded();
-        let finished = Arc::new(AtomicBool::new(false));
-        let readers = readers_raw
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let (acks, tx, finished) = (Arc::clone(&acks), tx.clone(), Arc::clone(&finished));
-                std::thread::Builder::new()
-                    .name(format!("amst-rx-{i}"))
-                    .spawn(move || ack_reader(i, r, acks, tx, finished))
-                    .expect("spawning an ack reader")
-            })
-            .collect();
+        // On a pooled stream the destination names the new session in SessionReady.
+        let session_id = match new_session {
+            Some(id) => id,
+            None => {
+                let id = decode_u64(&p, "SessionReady")?;
+                reader.bind_session(id, MAX_PAYLOAD);
+                writer.bind_session(id);
+                id
+            }
+        };
+        tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial, max_streams, %congestion, "session established");
+        let (events_tx, events) = unbounded();
         let pool = match &cfg.buffer_pool {
             Some(shared) => shared.clone(),
             None => BufferPool::new(cfg.buffer_budget)?,
         };
-        Ok(Self {
+        let controller =
+            (max_streams > initial).then(|| StreamCountController::new(initial, 1, max_streams));
+        let mut run = Self {
             t0,
             session_id,
-            lanes: Lanes::start(writers),
-            sockets,
-            readers,
-            acks,
+            dialer,
+            mode,
+            mode_probed: !matches!(cfg.mode, ModeSetting::Auto),
+            lanes: Lanes::new(),
+            readers: Vec::new(),
             events,
-            finished,
-            sent_per_lane: vec![0; cfg.streams],
+            events_tx,
+            finished: Arc::new(AtomicBool::new(false)),
+            next_index: 1,
+            pending_joins: 0,
+            max_streams,
+            controller,
+            window: Window {
+                started: Instant::now(),
+                acked_bytes: 0,
+            },
+            peak_streams: 0,
+            control_lane: None,
+            resilience: ResilienceReport::default(),
+            published_resilience: ResilienceReport::default(),
             congestion,
             pool: pool.clone(),
-            encoder: Encoder::new(codec, cfg.encoder_threads)?,
+            encoder: SessionEncoder::new(
+                SessionConfig {
+                    codec: policy,
+                    threads: cfg.encoder_threads,
+                    delta_cache_bytes: cfg.delta_cache_bytes,
+                    ..SessionConfig::default()
+                },
+                source.layout().total_pages(),
+            )?,
             wire_bytes: 0,
             logical_bytes: 0,
-            data_frames: 0,
+            next_chunk_id: 0,
             passes: Vec::new(),
             hashes: PageHashes::new(source.layout().total_pages()),
             published: Default::default(),
@@ -276,7 +484,73 @@ impl Run {
             // A shared pool's counters include earlier migrations: publish only what this one adds.
             published_pool: pool.stats(),
             rtt,
-        })
+            parking: m.pool.clone().map(|p| (p, pool_key)),
+            pooled_spare: pooled,
+            capabilities,
+            last_telemetry: Instant::now(),
+            chunk_buffer_bytes: dwcp_core::pool::SizeClass::for_len(
+                dwcp_hde::format::max_extended_len(cfg.pages_per_chunk, cfg.pages_per_chunk),
+            )
+            .map_or(1 << 20, |c| c.capacity()) as u64,
+        };
+        run.install(JoinedStream {
+            index: 0,
+            reader,
+            writer,
+        })?;
+        // Data flows on stream 0 while the others connect and authenticate in the background.
+        for _ in 1..initial {
+            run.spawn_join();
+        }
+        Ok(run)
+    }
+
+    /// Starts connecting one more stream in the background; [`Event::Joined`] reports the result.
+    fn spawn_join(&mut self) {
+        let index = self.next_index;
+        self.next_index = self.next_index.wrapping_add(1).max(1);
+        self.pending_joins += 1;
+        let (dialer, tx, session) = (self.dialer.clone(), self.events_tx.clone(), self.session_id);
+        let pooled = self.pooled_spare.pop();
+        let spawned = std::thread::Builder::new()
+            .name(format!("amst-join-{index}"))
+            .spawn(move || {
+                // A parked stream joins in one round trip; if it fails its check, dial a new one.
+                let rejoined = pooled.and_then(|p| {
+                    join_pooled(p, session, index, dialer.connect_timeout, dialer.io_timeout)
+                        .inspect_err(
+                            |e| tracing::debug!(error = %e, "a pooled stream could not join"),
+                        )
+                        .ok()
+                });
+                let joined = match rejoined {
+                    Some(j) => Ok(j),
+                    None => dialer.open(session, index).map(|(j, _)| j),
+                };
+                let _ = tx.send(Event::Joined(index, joined));
+            });
+        if spawned.is_err() {
+            self.pending_joins -= 1;
+        }
+    }
+
+    /// Makes an authenticated stream a lane with its acknowledgement reader.
+    fn install(&mut self, joined: JoinedStream) -> Result<(), Error> {
+        let index = joined.index;
+        let handle = self.lanes.add(index, joined.writer)?;
+        let (tx, finished) = (self.events_tx.clone(), Arc::clone(&self.finished));
+        let reader = joined.reader;
+        let thread = std::thread::Builder::new()
+            .name(format!("amst-rx-{index}"))
+            .spawn(move || ack_reader(handle, reader, tx, finished))
+            .map_err(|e| Error::io("starting an acknowledgement reader", e))?;
+        self.readers.push(thread);
+        self.peak_streams = self.peak_streams.max(self.lanes.live());
+        let (mode, rtt, io_timeout) = (self.mode, self.rtt, self.dialer.io_timeout);
+        self.lanes
+            .with_conn(index, |c| tune_for_mode(c, mode, rtt, io_timeout));
+        tracing::debug!(stream = index, live = self.lanes.live(), "stream joined");
+        Ok(())
     }
 
     fn migrate(
@@ -304,12 +578,17 @@ impl Run {
         loop {
             let pass_start = Instant::now();
             let before = self.wire_bytes;
-            let literal_before = self.encoder.stats().literal_pages;
+            let literal_before = sent_content_pages(&self.encoder.stats());
             let count = if iteration == 0 {
                 total
             } else {
                 pages.len() as u64
             };
+            self.encoder.begin_pass(if iteration == 0 {
+                Pass::All
+            } else {
+                Pass::Pages(&pages)
+            })?;
             self.send_pass(
                 m,
                 source,
@@ -320,8 +599,10 @@ impl Run {
             )?;
             // Measure delivery, not queueing: the pass ends when the destination has applied all of it.
             self.wait_acked(m)?;
+            // Only now may later passes encode deltas against (and refer to) what this pass sent.
+            self.encoder.end_pass();
             let elapsed = pass_start.elapsed().as_secs_f64();
-            let literal = self.encoder.stats().literal_pages - literal_before;
+            let literal = sent_content_pages(&self.encoder.stats()) - literal_before;
             pages.clear();
             dirty.take_dirty(&mut pages);
             pages.sort_unstable();
@@ -365,6 +646,7 @@ impl Run {
                 iteration,
                 pages = count,
                 dirtied,
+                streams = self.lanes.live(),
                 predicted_downtime_ms = predicted * 1e3,
                 "pass done"
             );
@@ -400,12 +682,19 @@ impl Run {
         vm.handed_over();
         let total_time = self.t0.elapsed().as_secs_f64();
         let memory_bytes = source.layout().total_bytes();
+        let stream_telemetry = self.sample_streams(m.metrics.as_ref());
+        *m.telemetry.0.write() = stream_telemetry.clone();
         if let Some(mt) = &m.metrics {
             mt.downtime.set(downtime.as_secs_f64());
             self.publish_counters(mt);
         }
-        for (i, s) in self.lanes.stats().iter().enumerate() {
-            tracing::debug!(lane = i, frames = s.frames, bytes = s.bytes, "lane totals");
+        for s in self.lanes.stats() {
+            tracing::debug!(
+                stream = s.id,
+                frames = s.frames,
+                bytes = s.bytes,
+                "stream totals"
+            );
         }
         Ok(MigrationReport {
             session_id: format!("{:016x}", self.session_id),
@@ -418,12 +707,17 @@ impl Run {
             verification: cfg.verification,
             memory_bytes,
             logical_bytes: self.logical_bytes,
-            wire_bytes: self.lanes.stats().iter().map(|s| s.bytes).sum(),
+            wire_bytes: self.lanes.wire_bytes(),
             logical_throughput_bps: memory_bytes as f64 / total_time,
             digest_match: true,
             digest: hex(digest),
-            streams: self.lanes.len(),
+            streams: self.lanes.live(),
+            peak_streams: self.peak_streams,
+            mode: self.mode,
+            rtt_ms: self.rtt * 1e3,
             congestion: self.congestion.clone(),
+            resilience: self.resilience,
+            stream_telemetry,
             encode: self.encoder.stats(),
             pool: self.pool.stats(),
             passes: self.passes.clone(),
@@ -445,6 +739,7 @@ impl Run {
         dirty.take_dirty(pages);
         pages.sort_unstable();
         pages.dedup();
+        self.encoder.begin_pass(Pass::Pages(pages))?;
         self.send_pass(
             m,
             source,
@@ -454,6 +749,7 @@ impl Run {
             source.layout().total_pages(),
         )?;
         self.wait_acked(m)?;
+        self.encoder.end_pass();
         self.passes.push(IterationReport {
             iteration,
             pages: pages.len() as u64,
@@ -462,16 +758,20 @@ impl Run {
             dirtied_pages: 0,
             predicted_downtime_ms: 0.0,
         });
-        self.control(Outgoing {
-            frame_type: FrameType::Finish,
-            payload: Payload::Owned(
-                Finish {
-                    final_iteration: iteration,
-                    data_frames: self.data_frames,
-                }
-                .encode(),
-            ),
-        })?;
+        // The handover's frames all travel on one stream: if that stream fails now, the migration
+        // fails (the guest resumes) rather than guessing which of them arrived.
+        self.control_lane = Some(
+            self.lanes.send_control(Outgoing {
+                frame_type: FrameType::Finish,
+                payload: Payload::Owned(
+                    Finish {
+                        final_iteration: iteration,
+                        data_frames: self.next_chunk_id,
+                    }
+                    .encode(),
+                ),
+            })?,
+        );
         // The destination hashes its copy while we hash ours.
         let digest_start = Instant::now();
         let total = source.layout().total_pages();
@@ -507,8 +807,12 @@ impl Run {
         }
     }
 
+    /// Sends a control frame of the handover on the stream that carried Finish.
     fn control(&self, out: Outgoing) -> Result<(), Error> {
-        self.lanes.send_on(0, out)
+        match self.control_lane {
+            Some(id) => self.lanes.send_on(id, out),
+            None => self.lanes.send_control(out).map(|_| ()),
+        }
     }
 
     fn send_pass(
@@ -531,7 +835,21 @@ impl Run {
             if m.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
-            self.check_events()?;
+            self.check_events(m)?;
+            if !paused {
+                self.adapt_streams();
+            }
+            if self.last_telemetry.elapsed() >= TELEMETRY_INTERVAL {
+                self.last_telemetry = Instant::now();
+                let samples = self.sample_streams(m.metrics.as_ref());
+                // The kernel's delivery-rate estimates, summed over the streams, tell the encoder how
+                // fast the link drains: it picks the codec that keeps up with it at the least CPU.
+                let link: f64 = samples.iter().map(|t| t.tcp.delivery_rate_bps).sum();
+                if link > 0.0 {
+                    self.encoder.set_bandwidth_hint(link as u64);
+                }
+                *m.telemetry.0.write() = samples;
+            }
             let n = per_batch.min(count - done);
             storage.clear();
             match list {
@@ -539,6 +857,7 @@ impl Run {
                 None => storage.extend(done..done + n),
             }
             let chunks: Vec<&[u64]> = storage.chunks(per_chunk as usize).collect();
+            self.wait_for_budget(m, chunks.len() as u64 * self.chunk_buffer_bytes)?;
             let bufs = self.encoder.encode_batch(
                 iteration,
                 &chunks,
@@ -547,10 +866,18 @@ impl Run {
                 Some(&self.hashes),
             )?;
             for buf in bufs {
+                let buf = self.shrink(buf);
                 self.wire_bytes += buf.len() as u64;
-                let lane = self.lanes.send_data(buf)?;
-                self.sent_per_lane[lane] += 1;
-                self.data_frames += 1;
+                let mut chunk = DataChunk {
+                    id: self.next_chunk_id,
+                    buf,
+                };
+                self.next_chunk_id += 1;
+                // Only when no stream is left: reconnect, then try again.
+                while let Err(back) = self.lanes.send_data(chunk) {
+                    chunk = back;
+                    self.recover(m)?;
+                }
             }
             done += n;
             self.logical_bytes += n * PAGE_SIZE as u64;
@@ -577,10 +904,357 @@ impl Run {
         Ok(())
     }
 
+    /// One step of the stream-count controller: at the end of each measurement window, feeds it the
+    /// acknowledged goodput and opens or retires streams to reach its target.
+    fn adapt_streams(&mut self) {
+        for id in self.lanes.close_retired() {
+            tracing::debug!(stream = id, "retired stream closed");
+        }
+        if self.controller.is_none() {
+            return;
+        }
+        let link_now: f64 = if self.mode_probed {
+            0.0
+        } else {
+            self.sample_streams(None)
+                .iter()
+                .map(|t| t.tcp.delivery_rate_bps)
+                .sum()
+        };
+        let Some(controller) = self.controller.as_mut() else {
+            return;
+        };
+        // Long paths need several round trips per window for the congestion controller to settle.
+        let window = Duration::from_secs_f64((20.0 * self.rtt).clamp(0.1, 2.0));
+        let now = Instant::now();
+        let acked = self.lanes.acked_bytes();
+        if self.pending_joins > 0 || self.lanes.live() < controller.target() {
+            // Measure only once the streams of the current target are all carrying data.
+            self.window = Window {
+                started: now,
+                acked_bytes: acked,
+            };
+            return;
+        }
+        let elapsed = now - self.window.started;
+        if elapsed < window {
+            return;
+        }
+        let goodput = (acked - self.window.acked_bytes) as f64 / elapsed.as_secs_f64();
+        self.window = Window {
+            started: now,
+            acked_bytes: acked,
+        };
+        if !self.mode_probed {
+            // The first window doubles as the bandwidth probe of mode detection. The probe is the
+            // kernel's delivery rate, not our goodput: compressed data or a busy encoder make goodput
+            // say nothing about the link.
+            self.mode_probed = true;
+            let link: f64 = link_now;
+            let probe = (link > 0.0).then_some(link);
+            let probed = dwcp_tcp::mode::classify(Duration::from_secs_f64(self.rtt), probe);
+            if probed != self.mode {
+                tracing::info!(from = ?self.mode, to = ?probed, link_mbit = link * 8e-6, "mode changed by the bandwidth probe");
+                self.mode = probed;
+            }
+        }
+        let before = controller.target();
+        let target = controller.observe(goodput);
+        tracing::debug!(
+            goodput_mbit = goodput * 8e-6,
+            streams = before,
+            target,
+            "stream-count window"
+        );
+        let live = self.lanes.live();
+        if target > live {
+            for _ in live..target {
+                self.spawn_join();
+            }
+        } else {
+            // Retire the newest streams first; stream 0 stays.
+            let mut ids = self.lanes.live_ids();
+            ids.sort_unstable();
+            for id in ids.into_iter().rev().take(live - target) {
+                self.lanes.retire(id);
+            }
+        }
+    }
+
+    /// Handles stream failures: removes failed streams, re-sends their unacknowledged chunks on the
+    /// others and, when none is left, reconnects.
+    fn recover(&mut self, m: &Migration<'_>) -> Result<(), Error> {
+        loop {
+            let lost = self.lanes.reap_failed();
+            for l in &lost {
+                tracing::warn!(stream = l.id, reason = %l.reason, "stream lost");
+            }
+            self.resilience.streams_lost += lost.len() as u64;
+            if self.lanes.live() == 0 {
+                self.reconnect(m)?;
+            }
+            let mut back = Vec::new();
+            for chunk in self.lanes.take_orphans() {
+                self.resilience.resent_chunks += 1;
+                self.resilience.resent_bytes += chunk.wire_len();
+                if let Err(c) = self.lanes.resend(chunk) {
+                    back.push(c);
+                }
+            }
+            if back.is_empty() && !self.lanes.any_failed() {
+                break;
+            }
+            // Every stream failed again while re-sending: count those chunks once, and go round.
+            for c in &back {
+                self.resilience.resent_chunks -= 1;
+                self.resilience.resent_bytes -= c.wire_len();
+            }
+            self.lanes.requeue_orphans(back);
+        }
+        // Keep the stream count the controller wants (joins happen in the background).
+        let target = self
+            .controller
+            .as_ref()
+            .map_or(self.peak_streams.min(self.max_streams), |c| c.target());
+        let have = self.lanes.live() + self.pending_joins;
+        if !m.cancel.load(Ordering::Relaxed) && self.control_lane.is_none() && have < target {
+            for _ in have..target {
+                self.spawn_join();
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stream is down: connects a new one to the same session, with exponential backoff and
+    /// jitter, for at most `reconnect_attempts` attempts.
+    fn reconnect(&mut self, m: &Migration<'_>) -> Result<(), Error> {
+        let cfg = &m.config;
+        let mut delay = cfg.reconnect_backoff;
+        let mut last = String::from("every stream failed");
+        for attempt in 1..=cfg.reconnect_attempts {
+            if m.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            // A stream started in the background may have made it in the meantime.
+            self.drain_joins(m)?;
+            if self.lanes.live() > 0 {
+                return Ok(());
+            }
+            let index = self.next_index;
+            self.next_index = self.next_index.wrapping_add(1).max(1);
+            match self.dialer.open(self.session_id, index) {
+                Ok((joined, _)) => {
+                    self.install(joined)?;
+                    self.resilience.reconnects += 1;
+                    tracing::info!(attempt, stream = index, "reconnected; resuming");
+                    return Ok(());
+                }
+                // The destination refused us outright (it dropped the session, or the key is wrong):
+                // retrying cannot help.
+                Err(
+                    e @ (Error::Peer { .. }
+                    | Error::Handshake(HandshakeError::AuthenticationFailed)),
+                ) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "reconnection failed");
+                    last = e.to_string();
+                }
+            }
+            std::thread::sleep(delay.mul_f64(jitter()));
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        Err(Error::StreamsLost {
+            attempts: cfg.reconnect_attempts,
+            last,
+        })
+    }
+
+    /// Installs streams whose background join completed; returns a fatal event's error.
+    fn drain_joins(&mut self, m: &Migration<'_>) -> Result<(), Error> {
+        while let Ok(ev) = self.events.try_recv() {
+            self.handle_event(m, ev)?;
+        }
+        Ok(())
+    }
+
+    fn handle_event(&mut self, m: &Migration<'_>, ev: Event) -> Result<(), Error> {
+        match ev {
+            Event::Joined(index, Ok(joined)) => {
+                self.pending_joins -= 1;
+                let retire = self.control_lane.is_some()
+                    || m.cancel.load(Ordering::Relaxed)
+                    || self.lanes.live() >= self.max_streams;
+                self.install(joined)?;
+                if retire {
+                    self.lanes.retire(index);
+                }
+                Ok(())
+            }
+            Event::Joined(index, Err(e)) => {
+                self.pending_joins -= 1;
+                match e {
+                    e @ Error::Peer { .. } => Err(e),
+                    e => {
+                        tracing::warn!(stream = index, error = %e, "a stream could not join");
+                        Ok(())
+                    }
+                }
+            }
+            Event::Fatal(lane, e) => Err(lane_error(lane, e)),
+            Event::Verdict(_) | Event::CommitAck => Err(Error::Protocol(
+                "destination sent a handover frame during the transfer".into(),
+            )),
+        }
+    }
+
+    fn check_events(&mut self, m: &Migration<'_>) -> Result<(), Error> {
+        self.drain_joins(m)?;
+        if self.lanes.any_failed() {
+            self.recover(m)?;
+        }
+        Ok(())
+    }
+
+    fn next_event(
+        &mut self,
+        m: &Migration<'_>,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Event, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if m.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            if let Some(id) = self.control_lane {
+                if !self.lanes.live_ids().contains(&id) && self.lanes.any_failed() {
+                    let lost = self.lanes.reap_failed();
+                    if let Some(l) = lost.iter().find(|l| l.id == id) {
+                        return Err(Error::Protocol(format!(
+                            "the stream carrying the handover failed while waiting for {what}: {}",
+                            l.reason
+                        )));
+                    }
+                }
+            }
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Fatal(lane, e)) => return Err(lane_error(lane, e)),
+                Ok(Event::Joined(index, joined)) => {
+                    self.pending_joins -= 1;
+                    if let Ok(j) = joined {
+                        self.install(j)?;
+                        self.lanes.retire(index);
+                    }
+                }
+                Ok(ev) => return Ok(ev),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(Error::Timeout(format!("waiting for {what}")));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Moves a chunk that compressed well into a buffer of a smaller pool class. A sent chunk holds its
+    /// buffer until it is acknowledged, and the budget counts whole buffers: without this, a long
+    /// path full of 20 KB chunks in 1 MiB buffers would run out of budget long before it is full.
+    fn shrink(&self, buf: PooledBuf) -> PooledBuf {
+        let Some(class) = dwcp_core::pool::SizeClass::for_len(buf.len()) else {
+            return buf;
+        };
+        if class.capacity() >= buf.class().capacity() {
+            return buf;
+        }
+        // Never wait here: with the budget spent, keep the larger buffer.
+        match self.pool.acquire_timeout(buf.len(), Duration::ZERO) {
+            Ok(Some(mut small)) => {
+                small.extend_from_slice(&buf);
+                small
+            }
+            _ => buf,
+        }
+    }
+
+    /// Waits until the pool can hold `need` more bytes. Sent chunks keep their buffers until they are
+    /// acknowledged, so a full pool means the destination is behind: wait here, where stream failures
+    /// are handled and a stalled destination times out, rather than inside the encoder.
+    fn wait_for_budget(&mut self, m: &Migration<'_>, need: u64) -> Result<(), Error> {
+        let mut last_progress = (Instant::now(), self.lanes.outstanding());
+        loop {
+            let st = self.pool.stats();
+            if st.in_use_bytes + need <= st.budget_bytes {
+                return Ok(());
+            }
+            if m.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            self.check_events(m)?;
+            let outstanding = self.lanes.outstanding();
+            if outstanding != last_progress.1 {
+                last_progress = (Instant::now(), outstanding);
+            } else if last_progress.0.elapsed() >= m.config.io_timeout {
+                return Err(Error::Timeout(
+                    "the destination stopped acknowledging data (the buffer pool stayed full)"
+                        .into(),
+                ));
+            }
+            if outstanding == 0 {
+                // Another migration sharing the pool holds the buffers.
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                self.lanes.wait_for_change(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Waits until the destination acknowledged every chunk sent so far, recovering from stream
+    /// failures on the way. Fails when no acknowledgement arrives for `io_timeout`.
+    fn wait_acked(&mut self, m: &Migration<'_>) -> Result<(), Error> {
+        let mut last_progress = (Instant::now(), self.lanes.outstanding());
+        loop {
+            if m.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            self.check_events(m)?;
+            let outstanding = self.lanes.outstanding();
+            if outstanding == 0 {
+                return Ok(());
+            }
+            if outstanding != last_progress.1 {
+                last_progress = (Instant::now(), outstanding);
+            } else if last_progress.0.elapsed() >= m.config.io_timeout {
+                return Err(Error::Timeout(
+                    "the destination stopped acknowledging data".into(),
+                ));
+            }
+            self.lanes.wait_for_change(Duration::from_millis(5));
+        }
+    }
+
+    /// Samples `TCP_INFO` of every open stream (and publishes it when metrics are on).
+    fn sample_streams(&self, metrics: Option<&MigrationMetrics>) -> Vec<StreamTelemetry> {
+        let mut out = Vec::new();
+        for id in self.lanes.live_ids() {
+            let sample = self
+                .lanes
+                .with_conn(id, |c| c.as_tcp().map(dwcp_tcp::telemetry::sample))
+                .flatten();
+            if let Some(Ok(tcp)) = sample {
+                if let Some(mt) = metrics {
+                    mt.publish_tcp(id, &tcp);
+                }
+                out.push(StreamTelemetry { stream: id, tcp });
+            }
+        }
+        out
+    }
+
     /// Adds what was sent since the last call to the (possibly shared, cumulative) counters.
     fn publish_counters(&mut self, mt: &MigrationMetrics) {
         let now = self.encoder.stats();
-        let wire: u64 = self.lanes.stats().iter().map(|s| s.bytes).sum();
+        let wire = self.lanes.wire_bytes();
         let page = PAGE_SIZE as u64;
         mt.page_bytes
             .with_label_values(&["zero"])
@@ -588,6 +1262,12 @@ impl Run {
         mt.page_bytes
             .with_label_values(&["literal"])
             .inc_by((now.literal_pages - self.published.literal_pages) * page);
+        mt.page_bytes
+            .with_label_values(&["dup"])
+            .inc_by((now.dup_pages - self.published.dup_pages) * page);
+        mt.page_bytes
+            .with_label_values(&["delta"])
+            .inc_by((now.delta_pages - self.published.delta_pages) * page);
         mt.wire_bytes
             .inc_by(wire.saturating_sub(self.published_wire));
         let pool = self.pool.stats();
@@ -600,148 +1280,235 @@ impl Run {
                 .with_label_values(&[result])
                 .inc_by(now - before);
         }
+        let (r, p) = (self.resilience, self.published_resilience);
+        for (event, now, before) in [
+            ("lost", r.streams_lost, p.streams_lost),
+            ("reconnect", r.reconnects, p.reconnects),
+            ("resent", r.resent_chunks, p.resent_chunks),
+        ] {
+            mt.stream_events
+                .with_label_values(&[event])
+                .inc_by(now.saturating_sub(before));
+        }
+        mt.streams.set(self.lanes.live() as i64);
         self.published = now;
         self.published_wire = self.published_wire.max(wire);
         self.published_pool = pool;
-    }
-
-    fn check_events(&self) -> Result<(), Error> {
-        match self.events.try_recv() {
-            Ok(Event::Failed(lane, e)) => Err(lane_error(lane, e)),
-            Ok(_) => Err(Error::Protocol(
-                "destination sent a control frame during the transfer".into(),
-            )),
-            Err(_) => self.lanes.check_all(),
-        }
-    }
-
-    fn next_event(&self, m: &Migration<'_>, timeout: Duration, what: &str) -> Result<Event, Error> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if m.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            match self.events.recv_timeout(Duration::from_millis(50)) {
-                Ok(Event::Failed(lane, e)) => return Err(lane_error(lane, e)),
-                Ok(ev) => return Ok(ev),
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(Error::Timeout(format!("waiting for {what}")));
-                }
-                Err(_) => {}
-            }
-        }
-    }
-
-    fn wait_acked(&self, m: &Migration<'_>) -> Result<(), Error> {
-        let deadline = Instant::now() + m.config.io_timeout;
-        let mut guard = self.acks.changed.lock();
-        loop {
-            if m.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            self.check_events()?;
-            let all = (0..self.lanes.len()).all(|i| {
-                let (written, last_seq) = self.lanes.data_written(i);
-                written == self.sent_per_lane[i]
-                    && (written == 0 || self.acks.acked[i].load(Ordering::Acquire) > last_seq)
-            });
-            if all {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout(
-                    "the destination stopped acknowledging data".into(),
-                ));
-            }
-            self.acks
-                .wake
-                .wait_for(&mut guard, Duration::from_millis(5));
-        }
+        self.published_resilience = r;
     }
 
     /// Tells the destination why the session ends.
     fn abort(&mut self, error: &Error) {
-        if matches!(error, Error::Peer { .. } | Error::HandoverUnconfirmed(_)) {
+        if matches!(
+            error,
+            Error::Peer { .. } | Error::HandoverUnconfirmed(_) | Error::StreamsLost { .. }
+        ) {
             return;
         }
-        let _ = self.control(Outgoing {
+        let _ = self.lanes.send_control(Outgoing {
             frame_type: FrameType::Error,
             payload: Payload::Owned(error_payload(error)),
         });
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, succeeded: bool) {
         self.finished.store(true, Ordering::Release);
-        for lane in 0..self.lanes.len() {
-            let _ = self.lanes.send_on(
-                lane,
-                Outgoing {
-                    frame_type: FrameType::Close,
-                    payload: Payload::Owned(Vec::new()),
-                },
-            );
+        let parking = succeeded && self.parking.is_some();
+        let writers = if parking {
+            // Bound the wait for the destination's Park answers.
+            self.lanes.park()
+        } else {
+            let _ = self.lanes.close();
+            Vec::new()
+        };
+        for (_, w) in &writers {
+            let _ = w.get_ref().set_read_timeout(Some(
+                self.dialer.connect_timeout.min(Duration::from_secs(2)),
+            ));
         }
-        let _ = self.lanes.close();
-        for s in &self.sockets {
-            let _ = s.shutdown(std::net::Shutdown::Write);
-        }
-        // The destination closes its side once it has read our Close frames; readers then see EOF.
+        // The destination closes (or parks) its side once it has read our Close (Park) frames; readers
+        // then return. A reader of a stream that is still joining in the background ends with it.
+        let mut readers: Vec<(u16, StreamReader)> = Vec::new();
         for r in self.readers.drain(..) {
-            let _ = r.join();
+            if let Ok(Some(parked)) = r.join() {
+                readers.push(parked);
+            }
+        }
+        if let Some((pool, key)) = &self.parking {
+            let mut parked = Vec::new();
+            for (id, writer) in writers {
+                if let Some(i) = readers.iter().position(|(r, _)| *r == id) {
+                    let (_, reader) = readers.swap_remove(i);
+                    parked.push(PooledStream::new(reader, writer, self.capabilities));
+                }
+            }
+            tracing::debug!(
+                parked = parked.len(),
+                "streams parked for the next migration"
+            );
+            parked.append(&mut self.pooled_spare);
+            pool.put(*key, parked);
+        }
+        while self.pending_joins > 0 {
+            match self.events.recv_timeout(self.dialer.connect_timeout) {
+                Ok(Event::Joined(_, joined)) => {
+                    self.pending_joins -= 1;
+                    if let Ok(j) = joined {
+                        let _ = j.writer.get_ref().shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
         }
     }
 }
 
-fn lane_error(lane: usize, e: Error) -> Error {
+/// Checks a parked stream with Ping/Pong within `timeout`.
+fn health_check(p: &mut PooledStream, timeout: Duration) -> Result<(), Error> {
+    let conn = p.writer.get_ref();
+    let ctx = |e| Error::io("configuring a pooled stream", e);
+    conn.set_read_timeout(Some(timeout)).map_err(ctx)?;
+    conn.set_write_timeout(Some(timeout)).map_err(ctx)?;
+    let nonce = dwcp_core::handshake::new_session_id();
+    p.writer.write_frame(FrameType::Ping, &encode_u64(nonce))?;
+    let mut payload = Vec::new();
+    let h = p
+        .reader
+        .read_frame(&mut payload)
+        .map_err(|e| classify(e, "Pong"))?;
+    match h.frame_type {
+        FrameType::Pong if decode_u64(&payload, "Pong")? == nonce => Ok(()),
+        FrameType::Error => Err(peer_error(&payload)),
+        other => Err(unexpected(other, "instead of Pong")),
+    }
+}
+
+/// Joins a parked stream to session `session_id` as stream `index`: Ping/Pong, then Join answered by
+/// SessionReady. Both directions are bound to the new session afterwards.
+fn join_pooled(
+    mut p: PooledStream,
+    session_id: u64,
+    index: u16,
+    timeout: Duration,
+    io_timeout: Duration,
+) -> Result<JoinedStream, Error> {
+    health_check(&mut p, timeout.min(Duration::from_secs(1)))?;
+    let join = JoinMessage {
+        session_id,
+        stream_index: index,
+    };
+    p.writer.write_frame(FrameType::Join, &join.encode())?;
+    p.writer.bind_session(session_id);
+    let mut payload = Vec::new();
+    let h = p
+        .reader
+        .read_frame(&mut payload)
+        .map_err(|e| classify(e, "the answer to Join"))?;
+    match h.frame_type {
+        FrameType::SessionReady => {}
+        FrameType::Error => return Err(peer_error(&payload)),
+        other => return Err(unexpected(other, "instead of SessionReady")),
+    }
+    p.reader.bind_session(session_id, MAX_PAYLOAD);
+    let conn = p.writer.get_ref();
+    let ctx = |e| Error::io("configuring a stream", e);
+    conn.set_read_timeout(Some(io_timeout)).map_err(ctx)?;
+    conn.set_write_timeout(Some(io_timeout)).map_err(ctx)?;
+    Ok(JoinedStream {
+        index,
+        reader: p.reader,
+        writer: p.writer,
+    })
+}
+
+fn lane_error(lane: u16, e: Error) -> Error {
     match e {
         e @ (Error::Peer { .. } | Error::Timeout(_)) => e,
         other => Error::Protocol(format!("stream {lane} failed: {other}")),
     }
 }
 
+/// Applies the socket options of `mode` to a TCP stream (buffers sized for the path, the unsent
+/// limit, the user timeout); other transports are left as they are.
+fn tune_for_mode(conn: &dyn Conn, mode: Mode, rtt: f64, io_timeout: Duration) {
+    let Some(tcp) = conn.as_tcp() else {
+        return;
+    };
+    if mode == Mode::Datacenter {
+        return;
+    }
+    // The link rate is not known yet: size buffers for 1 Gbit/s, the fastest internet path we plan for.
+    let profile = mode.profile(125e6, Duration::from_secs_f64(rtt), io_timeout);
+    if let Err(e) = dwcp_tcp::apply(tcp, &profile) {
+        tracing::warn!(error = %e, ?mode, "could not apply the mode's socket options");
+    }
+}
+
+/// Reads one stream's frames from the destination: acknowledgements release chunks, handover frames
+/// go to the engine. A broken stream marks its lane failed so the engine re-sends its chunks.
 fn ack_reader(
-    lane: usize,
+    lane: LaneHandle,
     mut reader: StreamReader,
-    acks: Arc<AckState>,
     events: Sender<Event>,
     finished: Arc<AtomicBool>,
-) {
+) -> Option<(u16, StreamReader)> {
     let mut p = Vec::new();
     loop {
         let h = match reader.read_frame(&mut p) {
             Ok(h) => h,
             Err(e) => {
-                if !finished.load(Ordering::Acquire) {
-                    let _ = events.send(Event::Failed(lane, classify(e, "acknowledgements")));
+                if finished.load(Ordering::Acquire) {
+                    return None;
                 }
-                return;
+                let e = classify(e, "acknowledgements");
+                // An idle stream (nothing awaiting acknowledgement) may be silent for long.
+                if matches!(e, Error::Timeout(_)) && lane.unacknowledged() == 0 {
+                    continue;
+                }
+                lane.fail(e.to_string());
+                return None;
             }
         };
         let event = match h.frame_type {
             FrameType::Ack => match Ack::decode(&p) {
                 Ok(a) => {
-                    acks.acked[lane].fetch_max(a.through_seq.saturating_add(1), Ordering::AcqRel);
-                    let _g = acks.changed.lock();
-                    acks.wake.notify_all();
+                    lane.acknowledge(a.through_seq);
                     continue;
                 }
-                Err(e) => Event::Failed(lane, e.into()),
+                Err(e) => Event::Fatal(lane.id(), e.into()),
             },
-            FrameType::Verdict if lane == 0 => match DigestMessage::decode(&p) {
+            FrameType::Verdict => match DigestMessage::decode(&p) {
                 Ok(d) => Event::Verdict(d.digest),
-                Err(e) => Event::Failed(lane, e.into()),
+                Err(e) => Event::Fatal(lane.id(), e.into()),
             },
-            FrameType::CommitAck if lane == 0 => Event::CommitAck,
-            FrameType::Close => return,
-            FrameType::Error => Event::Failed(lane, peer_error(&p)),
-            other => Event::Failed(lane, unexpected(other, "from the destination")),
+            FrameType::CommitAck => Event::CommitAck,
+            FrameType::Close => {
+                if !finished.load(Ordering::Acquire) {
+                    // The destination refused or dropped this stream: re-send what it carried.
+                    lane.fail("the destination closed the stream");
+                }
+                return None;
+            }
+            // The destination parked the stream after the handover: it is reusable.
+            FrameType::Park if finished.load(Ordering::Acquire) => {
+                return Some((lane.id(), reader));
+            }
+            FrameType::Error => Event::Fatal(lane.id(), peer_error(&p)),
+            other => Event::Fatal(lane.id(), unexpected(other, "from the destination")),
         };
-        let failed = matches!(event, Event::Failed(..));
+        let fatal = matches!(event, Event::Fatal(..));
         let _ = events.send(event);
-        if failed {
-            return;
+        if fatal {
+            return None;
         }
     }
+}
+
+/// Pages whose content went on the wire (literal, incompressible, duplicate and delta pages): what a
+/// pass's time is charged to in the downtime prediction, since dirtied pages are almost never zero.
+fn sent_content_pages(s: &dwcp_hde::EncodeStats) -> u64 {
+    s.literal_pages + s.dup_pages + s.delta_pages
 }
 
 /// The configured codec if the destination decodes it, else no compression (with a warning).

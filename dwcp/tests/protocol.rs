@@ -48,7 +48,8 @@ fn memory_with(pages: u64, byte: u8) -> GuestRam {
     ram
 }
 
-fn chunk(iteration: u32, pages: &[u64], from: &GuestRam) -> Vec<u8> {
+/// A Data frame's payload: chunk `id` carrying `pages` of `from` as iteration `iteration`.
+fn data(id: u64, iteration: u32, pages: &[u64], from: &GuestRam) -> Vec<u8> {
     let (mut out, mut scratch) = (Vec::new(), Vec::new());
     encode_chunk(
         Codec::Lz4,
@@ -61,7 +62,9 @@ fn chunk(iteration: u32, pages: &[u64], from: &GuestRam) -> Vec<u8> {
         None,
     )
     .unwrap();
-    out
+    let mut payload = id.to_le_bytes().to_vec();
+    payload.extend_from_slice(&out);
+    payload
 }
 
 fn digest_of(m: &GuestRam) -> u128 {
@@ -98,7 +101,7 @@ fn an_older_copy_arriving_late_on_another_stream_never_wins() {
     let new = memory_with(4, 100);
     // Iteration 1 overtakes iteration 0: it is sent and applied first, on stream 1.
     s[1].1
-        .write_frame(FrameType::Data, &chunk(1, &[0, 1, 2, 3], &new))
+        .write_frame(FrameType::Data, &data(1, 1, &[0, 1, 2, 3], &new))
         .unwrap();
     let (ft, p) = read(&mut s[1].0);
     assert_eq!(
@@ -106,7 +109,7 @@ fn an_older_copy_arriving_late_on_another_stream_never_wins() {
         (FrameType::Ack, 2)
     );
     s[0].1
-        .write_frame(FrameType::Data, &chunk(0, &[0, 1, 2, 3], &old))
+        .write_frame(FrameType::Data, &data(0, 0, &[0, 1, 2, 3], &old))
         .unwrap();
     assert_eq!(read(&mut s[0].0).0, FrameType::Ack);
     s[0].1
@@ -158,7 +161,7 @@ fn finish_with_missing_frames_or_pages_is_refused() {
     let mut s = start_session(addr, 4, 1);
     let m = memory_with(4, 1);
     s[0].1
-        .write_frame(FrameType::Data, &chunk(0, &[0, 1], &m))
+        .write_frame(FrameType::Data, &data(0, 0, &[0, 1], &m))
         .unwrap();
     read(&mut s[0].0);
     // Claims two data frames were sent; only one arrived (and pages 2 and 3 never did).
@@ -185,7 +188,7 @@ fn pages_outside_the_layout_are_refused_and_reported() {
     let mut s = start_session(addr, 4, 1);
     let bigger = memory_with(8, 1);
     s[0].1
-        .write_frame(FrameType::Data, &chunk(0, &[6], &bigger))
+        .write_frame(FrameType::Data, &data(0, 0, &[6], &bigger))
         .unwrap();
     let (ft, p) = read(&mut s[0].0);
     assert_eq!(ft, FrameType::Error);
@@ -333,8 +336,11 @@ fn a_client_that_cannot_prove_the_key_is_refused() {
 
 #[test]
 fn a_silent_source_times_out_instead_of_hanging() {
+    // A broken or silent stream does not end the session at once: the source may reconnect within
+    // the larger of the two time-outs.
     let cfg = ReceiverConfig {
         io_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(300),
         ..receiver_config()
     };
     let (l, addr) = listener(cfg);
@@ -368,7 +374,9 @@ fn a_destination_that_stops_acknowledging_fails_the_source_which_keeps_running()
     g.start_workload(4 << 20, 1);
     let cfg = dwcp::MigrationConfig {
         streams: 1,
+        max_streams: 1,
         io_timeout: Duration::from_millis(500),
+        reconnect_attempts: 2,
         ..source_config()
     };
     let started = Instant::now();
@@ -376,7 +384,12 @@ fn a_destination_that_stops_acknowledging_fails_the_source_which_keeps_running()
         .config(cfg)
         .run(&*g, &mut g.dirty_log(), &mut g.control())
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    // Either the source gave up waiting for acknowledgements, or it treated the silent stream as lost
+    // and could not reconnect (the fake accepts one connection only): both are clear, bounded errors.
+    assert!(
+        matches!(err, Error::Timeout(_) | Error::StreamsLost { .. }),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(guest_keeps_running(&g), "the source guest was resumed");
     t.join().unwrap();
@@ -389,7 +402,7 @@ fn data_after_finish_is_refused() {
     let mut s = start_session(addr, 2, 1);
     let m = memory_with(2, 1);
     s[0].1
-        .write_frame(FrameType::Data, &chunk(0, &[0, 1], &m))
+        .write_frame(FrameType::Data, &data(0, 0, &[0, 1], &m))
         .unwrap();
     read(&mut s[0].0);
     s[0].1
@@ -404,7 +417,7 @@ fn data_after_finish_is_refused() {
         .unwrap();
     assert_eq!(read(&mut s[0].0).0, FrameType::Verdict);
     s[0].1
-        .write_frame(FrameType::Data, &chunk(1, &[0], &memory_with(2, 9)))
+        .write_frame(FrameType::Data, &data(1, 1, &[0], &memory_with(2, 9)))
         .unwrap();
     let (ft, p) = read(&mut s[0].0);
     assert_eq!(ft, FrameType::Error, "{:?}", ErrorMessage::decode(&p));
@@ -432,7 +445,7 @@ fn a_silent_stranger_does_not_hold_up_the_streams_of_a_session() {
     std::thread::sleep(Duration::from_millis(50));
     let (mut r1, mut w1, _) = open(addr, sid, 1);
     let m = memory_with(1, 5);
-    w1.write_frame(FrameType::Data, &chunk(0, &[0], &m))
+    w1.write_frame(FrameType::Data, &data(0, 0, &[0], &m))
         .unwrap();
     assert_eq!(read(&mut r1).0, FrameType::Ack);
     w0.write_frame(

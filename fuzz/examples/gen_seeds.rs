@@ -2,7 +2,7 @@
 //! hand-made mutations of each field the decoders check.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds` (from the repository root) writes
-//! `fuzz/corpus/{frame,messages,chunk}/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
+//! `fuzz/corpus/{frame,messages,chunk,session_chunk,dictionary}/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,15 +13,26 @@ use dwcp_core::memory::{MemoryLayout, PAGE_SIZE, Region};
 use dwcp_core::messages::{
     Ack, ClientHello, DigestMessage, ErrorMessage, Finish, ServerHello, SessionInit,
 };
-use dwcp_fuzz::chunk::{PREFIX_LEN, PageMap};
-use dwcp_hde::{Codec, EncodeCounters, encode_chunk};
+use dwcp_fuzz::chunk::{PREFIX_LEN, PageMap, SESSION_PREFIX_LEN, fuzz_dictionary, receiver_page};
+use dwcp_hde::{
+    Codec, CodecPolicy, Dictionary, EncodeCounters, Pass, SessionConfig, SessionEncoder,
+    encode_chunk,
+};
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let frames = frame_seeds();
     let messages = message_seeds();
     let chunks = chunk_seeds();
-    for (target, seeds) in [("frame", frames), ("messages", messages), ("chunk", chunks)] {
+    let sessions = session_chunk_seeds();
+    let dictionaries = dictionary_seeds();
+    for (target, seeds) in [
+        ("frame", frames),
+        ("messages", messages),
+        ("chunk", chunks),
+        ("session_chunk", sessions),
+        ("dictionary", dictionaries),
+    ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir).unwrap();
         let mut bytes = 0;
@@ -529,5 +540,224 @@ fn chunk_seeds() -> Vec<(String, Vec<u8>)> {
         input(1024, 0, &v)
     });
     add("full-lz4-big-scratch", input(4096, 100, &full_lz4));
+    seeds
+}
+
+/// A `session_chunk` fuzz input: layout size, dictionary choice, payload.
+fn session_input(total_pages: u64, dictionary: u8, payload: &[u8]) -> Vec<u8> {
+    assert!((1..=1 << 16).contains(&total_pages));
+    let mut v = ((total_pages - 1) as u16).to_le_bytes().to_vec();
+    v.push(dictionary);
+    assert_eq!(v.len(), SESSION_PREFIX_LEN);
+    v.extend_from_slice(payload);
+    v
+}
+
+const SESSION_PAGES: u64 = 300;
+
+/// The memory after the first pass: every page as the fuzz receiver holds it.
+fn first_pass_memory() -> PageMap {
+    PageMap::new(
+        SESSION_PAGES,
+        (0..SESSION_PAGES).filter(|p| p % 7 != 0).map(|p| {
+            let mut page = vec![0u8; PAGE_SIZE];
+            receiver_page(p, &mut page);
+            (p, page)
+        }),
+    )
+}
+
+/// The pages of the second pass and the memory then: 1..=40 slightly changed (DELTA), 50 a copy of
+/// page 100 (DUP of a page the pass does not send), 51 a copy of 50 (DUP within the chunk), 52 random
+/// (INCOMPRESSIBLE), 53 zero, 54 new text-like content (LITERAL).
+fn second_pass() -> (Vec<u64>, PageMap) {
+    let mut pages = Vec::new();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for p in 1..=40u64 {
+        receiver_page(p, &mut page);
+        for k in 0..(p as usize % 9 + 1) {
+            page[(k * 397 + p as usize * 13) % PAGE_SIZE] ^= 0x41;
+        }
+        pages.push((p, page.clone()));
+    }
+    receiver_page(100, &mut page);
+    pages.push((50, page.clone()));
+    pages.push((51, page.clone()));
+    pages.push((52, noise(52, PAGE_SIZE)));
+    let text: Vec<u8> = b"kernel: eth0 link up, 1000 Mbps full duplex\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PAGE_SIZE)
+        .collect();
+    pages.push((54, text));
+    let list: Vec<u64> = (1..=40).chain(50..=54).collect();
+    (list, PageMap::new(SESSION_PAGES, pages))
+}
+
+/// The second-pass chunk of a session that sent the first pass with `codec` (and the fuzz dictionary).
+fn session_chunk(codec: Codec, dictionary: bool) -> Vec<u8> {
+    let config = SessionConfig {
+        codec: CodecPolicy::Fixed(codec),
+        threads: 1,
+        cache_first_pass: true,
+        ..SessionConfig::default()
+    };
+    let mut encoder = SessionEncoder::new(config, SESSION_PAGES).unwrap();
+    if dictionary {
+        encoder.set_dictionary(Some(fuzz_dictionary()));
+    }
+    let all: Vec<u64> = (0..SESSION_PAGES).collect();
+    encoder.begin_pass(Pass::All).unwrap();
+    let first = first_pass_memory();
+    let mut out = Vec::new();
+    for chunk in all.chunks(256) {
+        encoder
+            .encode_one(1, chunk, &first, &mut out, None)
+            .unwrap();
+    }
+    encoder.end_pass();
+    let (list, second) = second_pass();
+    encoder.begin_pass(Pass::Pages(&list)).unwrap();
+    encoder
+        .encode_one(2, &list, &second, &mut out, None)
+        .unwrap();
+    let s = encoder.stats();
+    assert!(s.delta_pages >= 30 && s.dup_pages == 2, "{s:?}");
+    out
+}
+
+fn session_chunk_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, data: Vec<u8>| seeds.push((name.to_string(), data));
+    let raw = session_chunk(Codec::None, false);
+    let lz4 = session_chunk(Codec::Lz4, false);
+    let zstd = session_chunk(Codec::Zstd(3), false);
+    let dict = session_chunk(Codec::Zstd(3), true);
+    assert_eq!((raw[0], raw[1], dict[0]), (0, 1, 3));
+    add("raw", session_input(SESSION_PAGES, 0, &raw));
+    add("lz4", session_input(SESSION_PAGES, 0, &lz4));
+    add("zstd", session_input(SESSION_PAGES, 0, &zstd));
+    add("dictionary", session_input(SESSION_PAGES, 1, &dict));
+    add("dictionary-missing", session_input(SESSION_PAGES, 0, &dict));
+    add("dictionary-other", session_input(SESSION_PAGES, 2, &dict));
+    // A first-pass chunk (only ZERO, LITERAL, INCOMPRESSIBLE and in-chunk DUP) and a format-0 chunk.
+    let mut first = Vec::new();
+    let config = SessionConfig {
+        codec: CodecPolicy::Fixed(Codec::Zstd(1)),
+        threads: 1,
+        ..SessionConfig::default()
+    };
+    let mut encoder = SessionEncoder::new(config, SESSION_PAGES).unwrap();
+    encoder.begin_pass(Pass::All).unwrap();
+    let (list, second) = second_pass();
+    encoder
+        .encode_one(0, &list, &second, &mut first, None)
+        .unwrap();
+    add("first-pass", session_input(SESSION_PAGES, 0, &first));
+    add(
+        "format-0",
+        session_input(SESSION_PAGES, 0, &encode(&second, Codec::Lz4, 1, &list)),
+    );
+
+    // Mutations of the raw chunk, one per checked field. Layout: 24-byte header, runs, classes,
+    // section (literals, DUP records, DELTA records), raw area.
+    let runs = usize::from(u16::from_le_bytes([raw[8], raw[9]]));
+    let classes_at = 24 + 10 * runs;
+    let n = usize::from(u16::from_le_bytes([raw[2], raw[3]]));
+    let section_at = classes_at + n;
+    let classes = &raw[classes_at..section_at];
+    let literal = classes.iter().filter(|&&c| c == 1).count();
+    let dup_at = section_at + literal * PAGE_SIZE;
+    let delta_at = dup_at + 2 * 24;
+    let patch = |at: usize, with: &[u8]| {
+        let mut v = raw.clone();
+        v[at..at + with.len()].copy_from_slice(with);
+        session_input(SESSION_PAGES, 0, &v)
+    };
+    add("codec-4", patch(0, &[4]));
+    add("format-2", patch(1, &[2]));
+    add("reserved", patch(10, &[1]));
+    add("dictionary-id-without-codec", patch(20, &[1]));
+    add("section-too-long", patch(16, &u32::MAX.to_le_bytes()));
+    add("section-too-short", patch(16, &1u32.to_le_bytes()));
+    add("class-5", patch(classes_at, &[5]));
+    add("dup-hash", patch(dup_at + 8, &[0xff]));
+    add(
+        "dup-source-out-of-range",
+        patch(dup_at, &(SESSION_PAGES).to_le_bytes()),
+    );
+    add("dup-source-later", patch(dup_at, &53u64.to_le_bytes()));
+    add("dup-source-itself", patch(dup_at, &50u64.to_le_bytes()));
+    add("delta-base-hash", patch(delta_at, &[0xff]));
+    add("delta-length", patch(delta_at + 16, &4096u16.to_le_bytes()));
+    add(
+        "delta-garbage",
+        patch(delta_at + 18, &[0x80, 0x80, 0x80, 0x80]),
+    );
+    add(
+        "truncated-raw-area",
+        session_input(SESSION_PAGES, 0, &raw[..raw.len() - 1]),
+    );
+    add(
+        "trailing",
+        session_input(SESSION_PAGES, 0, &[&raw[..], &[0]].concat()),
+    );
+    add("small-layout", session_input(41, 0, &raw));
+    add("zstd-garbage", {
+        let mut v = zstd.clone();
+        let n = v.len();
+        v[n - 8..].fill(0x5a);
+        session_input(SESSION_PAGES, 0, &v)
+    });
+    seeds
+}
+
+fn dictionary_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    // Mode byte 0: the bytes as they are; 1: length and id fixed up by the harness.
+    let mut add = |name: &str, data: Vec<u8>| {
+        seeds.push((name.to_string(), [&[0u8][..], &data].concat()));
+        seeds.push((format!("{name}-fixed"), [&[1u8][..], &data].concat()));
+    };
+    let raw = fuzz_dictionary().to_bytes();
+    add("raw-content", raw.clone());
+    let samples: Vec<Vec<u8>> = (1..400u64)
+        .filter(|p| p % 7 != 0)
+        .map(|p| {
+            let mut page = vec![0u8; PAGE_SIZE];
+            receiver_page(p, &mut page);
+            page
+        })
+        .collect();
+    let trained = Dictionary::train(&samples, 8192).unwrap().to_bytes();
+    add("trained", trained.clone());
+    let small = Dictionary::from_content(b"12345678".to_vec())
+        .unwrap()
+        .to_bytes();
+    add("smallest", small.clone());
+    let patch = |bytes: &[u8], at: usize, with: &[u8]| {
+        let mut v = bytes.to_vec();
+        v[at..at + with.len()].copy_from_slice(with);
+        v
+    };
+    add("bad-magic", patch(&raw, 0, b"HDEx"));
+    add("wrong-id", patch(&raw, 4, &[0, 0, 0, 0]));
+    add(
+        "length-too-long",
+        patch(&raw, 8, &(1u32 << 20).to_le_bytes()),
+    );
+    add("length-7", patch(&small, 8, &7u32.to_le_bytes()));
+    add("truncated", raw[..raw.len() - 1].to_vec());
+    add("trailing", [&raw[..], &[0]].concat());
+    add("header-only", raw[..12].to_vec());
+    // A trained dictionary with its entropy tables damaged (id fixed up so only zstd can object).
+    let mut damaged = trained.clone();
+    for b in &mut damaged[20..60] {
+        *b ^= 0xa5;
+    }
+    let id = (dwcp_core::digest::page_hash(&damaged[12..]) as u32).max(1);
+    damaged[4..8].copy_from_slice(&id.to_le_bytes());
+    add("trained-damaged-tables", damaged);
     seeds
 }

@@ -406,6 +406,11 @@ fn print_table(rows: &[Row], plan: Plan) {
 
 /// iperf3 over loopback, one stream for 5 s: bytes per second received.
 fn iperf3() -> Result<f64> {
+    iperf3_parallel(1)
+}
+
+/// Loopback goodput of `iperf3 -P streams` over 5 s, bytes per second.
+pub(crate) fn iperf3_parallel(streams: u32) -> Result<f64> {
     let port = free_port()?.to_string();
     let mut server = Proc::spawn(
         Command::new("iperf3").args(["-s", "-1", "-p", &port]),
@@ -414,7 +419,18 @@ fn iperf3() -> Result<f64> {
     eprintln!("  $ {}", server.label());
     wait_listening(&mut server, port.parse()?, LISTEN_TIMEOUT)?;
     let mut client = Command::new("iperf3");
-    client.args(["-c", "127.0.0.1", "-p", &port, "-t", "5", "-J"]);
+    let parallel = streams.to_string();
+    client.args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        "5",
+        "-P",
+        &parallel,
+        "-J",
+    ]);
     eprintln!("  $ {}", describe(&client));
     let out = Proc::spawn(&mut client, Io::Capture)?.wait(RUN_TIMEOUT)?;
     let report = parse_json("iperf3 -c", &out.stdout);
@@ -456,7 +472,7 @@ fn demo(bin: &Path, size: &str, mix: Option<&str>, dirty_rate: u64) -> Result<Va
     demo_with(bin, size, mix, dirty_rate, &[])
 }
 
-fn demo_with(
+pub(crate) fn demo_with(
     bin: &Path,
     size: &str,
     mix: Option<&str>,
@@ -749,7 +765,7 @@ fn find<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     None
 }
 
-fn num(v: &Value, key: &str) -> Result<f64> {
+pub(crate) fn num(v: &Value, key: &str) -> Result<f64> {
     find(v, key)
         .and_then(Value::as_f64)
         .ok_or_else(|| anyhow!("the JSON report has no number `{key}`"))
@@ -760,7 +776,7 @@ fn raw(v: &Value, key: &str) -> Value {
     find(v, key).cloned().unwrap_or(Value::Null)
 }
 
-fn flag(v: &Value, key: &str) -> Result<bool> {
+pub(crate) fn flag(v: &Value, key: &str) -> Result<bool> {
     find(v, key)
         .and_then(Value::as_bool)
         .ok_or_else(|| anyhow!("the JSON report has no boolean `{key}`"))

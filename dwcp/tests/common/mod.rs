@@ -88,3 +88,94 @@ pub fn guest_keeps_running(g: &SimulatedGuest) -> bool {
     }
     false
 }
+
+/// A TCP relay between a source and a destination on loopback that can break the connections it
+/// carries on command, as a failing network path would. It keeps accepting, so a source can reconnect
+/// through it.
+pub struct CuttingProxy {
+    addr: SocketAddr,
+    pairs: Arc<std::sync::Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    /// Relays every connection made to [`addr`](Self::addr) to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pairs: Arc<std::sync::Mutex<Vec<_>>> = Arc::default();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, a, s) = (Arc::clone(&pairs), Arc::clone(&accepted), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            // Bounded: the proxy lives at most as long as a test may take.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::AcqRel);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+                p.lock().unwrap().push((client, server));
+            }
+        });
+        Self {
+            addr,
+            pairs,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Where sources connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections relayed so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Breaks the `n` oldest connections still relayed (both directions, both ends).
+    pub fn cut(&self, n: usize) -> usize {
+        let mut pairs = self.pairs.lock().unwrap();
+        let n = n.min(pairs.len());
+        for (c, s) in pairs.drain(..n) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        n
+    }
+
+    /// Stops accepting connections (new ones are refused).
+    pub fn stop_accepting(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Breaks every connection relayed now.
+    pub fn cut_all(&self) -> usize {
+        self.cut(usize::MAX)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.cut_all();
+    }
+}

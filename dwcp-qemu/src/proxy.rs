@@ -1,0 +1,634 @@
+//! The two proxies: [`SourceProxy`] (next to the source QEMU) and [`DestinationProxy`] (next to the
+//! destination QEMU). Each serves one migration: the source proxy sets the tunnel up first, then
+//! accepts QEMU's connections until every channel has finished; the destination proxy accepts one
+//! tunnel and connects to the destination QEMU once per channel, in the order the source accepted them
+//! (QEMU 7.2 takes its first incoming connection as the main channel).
+
+use std::collections::BTreeSet;
+use std::io::{BufReader, ErrorKind};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, unbounded};
+
+use dwcp_core::error::Error;
+use dwcp_core::error::HandshakeError;
+use dwcp_core::frame::{FrameReader, FrameType, FrameWriter};
+use dwcp_core::handshake::{
+    Negotiated, Offer, Psk, client_handshake, new_session_id, send_error, server_handshake,
+};
+
+use crate::endpoint::{Endpoint, EndpointSettings, Notice, StreamReader};
+use crate::state::Role;
+use crate::wire::{MAX_SEGMENT, Message, TUNNEL_VERSION, TunnelInit, TunnelReady};
+use crate::{TunnelConfig, TunnelReport};
+
+/// Read buffer of each tunnel stream.
+const READ_BUFFER: usize = 256 * 1024;
+/// Receive buffer of the source proxy's QEMU connections.
+const QEMU_RECV_BUFFER: usize = 1 << 20;
+/// Largest number of streams a tunnel may announce.
+const MAX_STREAMS: u16 = 64;
+
+type Stream = (StreamReader, FrameWriter<TcpStream>, TcpStream);
+
+fn split(socket: TcpStream) -> Result<Stream, Error> {
+    let r = socket
+        .try_clone()
+        .map_err(|e| Error::io("cloning a tunnel socket", e))?;
+    let w = socket
+        .try_clone()
+        .map_err(|e| Error::io("cloning a tunnel socket", e))?;
+    Ok((
+        FrameReader::new(BufReader::with_capacity(READ_BUFFER, r)),
+        FrameWriter::new(w),
+        socket,
+    ))
+}
+
+fn set_timeouts(socket: &TcpStream, t: Duration) {
+    let _ = socket.set_read_timeout(Some(t));
+    let _ = socket.set_write_timeout(Some(t));
+}
+
+fn read_message(reader: &mut StreamReader, buf: &mut Vec<u8>) -> Result<Message<'static>, Error> {
+    let h = reader.read_frame(buf)?;
+    match Message::decode(h.frame_type, buf)? {
+        Message::Init(i) => Ok(Message::Init(i)),
+        Message::Ready(r) => Ok(Message::Ready(r)),
+        other => Err(Error::Protocol(format!(
+            "unexpected {} while setting the tunnel up",
+            other.frame_type().name()
+        ))),
+    }
+}
+
+fn settings(role: Role, config: &TunnelConfig, window: u64) -> EndpointSettings {
+    EndpointSettings {
+        role,
+        codec: config.codec,
+        window,
+        max_channels: config.max_channels,
+        io_timeout: config.io_timeout,
+        keepalive: config.keepalive,
+    }
+}
+
+fn report(
+    endpoint: &Endpoint,
+    role: Role,
+    streams: usize,
+    started: Instant,
+    config: &TunnelConfig,
+) -> TunnelReport {
+    let counters = endpoint.shared.state.lock().counters();
+    TunnelReport {
+        role: match role {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        },
+        streams,
+        codec: format!("{:?}", config.codec),
+        channels: counters.channels,
+        resets: counters.resets,
+        raw_bytes_sent: counters.raw_sent,
+        raw_bytes_received: counters.raw_received,
+        wire_bytes_sent: endpoint
+            .shared
+            .wire
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed),
+        wire_bytes_received: endpoint
+            .shared
+            .wire
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        duration_ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+/// The source side: accepts the connections of `migrate tcp:ADDR` and carries them to the peer.
+#[derive(Debug)]
+pub struct SourceProxy {
+    listener: TcpListener,
+    peer: SocketAddr,
+    psk: Psk,
+    config: TunnelConfig,
+}
+
+impl SourceProxy {
+    /// Binds the address QEMU will migrate to. Nothing is connected yet.
+    pub fn bind(
+        listen: SocketAddr,
+        peer: SocketAddr,
+        psk: Psk,
+        config: TunnelConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let listener = TcpListener::bind(listen)
+            .map_err(|e| Error::io(format!("listening for QEMU on {listen}"), e))?;
+        Ok(Self {
+            listener,
+            peer,
+            psk,
+            config,
+        })
+    }
+
+    /// The address QEMU must migrate to (`migrate tcp:HOST:PORT`).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the QEMU listener's address", e))
+    }
+
+    /// Connects and authenticates one stream; also returns how long the handshake took (two round
+    /// trips).
+    fn connect_stream(
+        &self,
+        session_id: u64,
+        index: u16,
+    ) -> Result<(Stream, Negotiated, Duration), Error> {
+        // The destination proxy may start a moment after this one: retry while it refuses.
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let socket = loop {
+            match dwcp_tcp::connect(self.peer, &self.config.socket, self.config.connect_timeout) {
+                Ok((s, _)) => break s,
+                Err(Error::Io { source, .. })
+                    if source.kind() == ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        set_timeouts(&socket, self.config.connect_timeout);
+        let (mut r, mut w, socket) = split(socket)?;
+        let handshake_started = Instant::now();
+        let negotiated = client_handshake(
+            &mut r,
+            &mut w,
+            &self.psk,
+            Offer::default(),
+            session_id,
+            index,
+        )?;
+        Ok(((r, w, socket), negotiated, handshake_started.elapsed()))
+    }
+
+    /// Sets the tunnel up (every stream connected and authenticated), then carries one migration:
+    /// it returns once QEMU's connections have all closed and the tunnel was closed in order, or on
+    /// the first failure (after tearing every connection down).
+    pub fn run(self) -> Result<TunnelReport, Error> {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let (mut first, negotiated, handshake) = self.connect_stream(0, 0)?;
+        let stream_count = streams_for(handshake / 2, cfg.streams);
+        let init = Message::Init(TunnelInit {
+            version: TUNNEL_VERSION,
+            streams: stream_count,
+            window: cfg.window,
+        });
+        let asked = Instant::now();
+        first.1.write_frame(FrameType::TunnelInit, &init.encode())?;
+        let mut buf = Vec::new();
+        let window = match read_message(&mut first.0, &mut buf)? {
+            Message::Ready(TunnelReady { window })
+                if (MAX_SEGMENT as u32..=cfg.window).contains(&window) =>
+            {
+                window
+            }
+            other => {
+                let e = Error::Protocol(format!("bad answer to TunnelInit: {other:?}"));
+                send_error(&mut first.1, &e);
+                return Err(e);
+            }
+        };
+        // One round trip, with next to no work on the other side.
+        let rtt = asked.elapsed();
+        let send_window = send_window_for(rtt);
+        let session = negotiated.session_id;
+        let mut streams = vec![first];
+        // The other streams join in parallel: on a long path each costs three round trips.
+        let this = &self;
+        let joined: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..stream_count)
+                .map(|i| scope.spawn(move || this.connect_stream(session, i)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Protocol("join thread panicked".into())))
+                })
+                .collect()
+        });
+        for j in joined {
+            streams.push(j?.0);
+        }
+        tracing::info!(peer = %self.peer, streams = streams.len(), window, send_window, rtt_us = rtt.as_micros() as u64, "QEMU tunnel up");
+        let endpoint = Endpoint::start(settings(Role::Source, cfg, window.into()), streams);
+        endpoint.shared.state.lock().set_send_window(send_window);
+        let outcome = self.serve(&endpoint);
+        let report = report(&endpoint, Role::Source, stream_count.into(), started, cfg);
+        match outcome {
+            Ok(()) => {
+                endpoint.close(cfg.io_timeout)?;
+                Ok(report)
+            }
+            Err(e) => Err(endpoint.abort(e)),
+        }
+    }
+
+    fn serve(&self, endpoint: &Endpoint) -> Result<(), Error> {
+        let cfg = &self.config;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("polling the QEMU listener", e))?;
+        let first_deadline = Instant::now() + cfg.accept_timeout;
+        let mut opened = 0u64;
+        let mut live = 0u64;
+        loop {
+            if endpoint.shared.is_failed() {
+                return Err(Error::Protocol("the tunnel failed".into()));
+            }
+            while let Ok(n) = endpoint.notices.try_recv() {
+                match n {
+                    Notice::ChannelDone(id) => {
+                        tracing::info!(channel = id, "QEMU channel finished");
+                        live -= 1;
+                    }
+                    Notice::Failed => return Err(Error::Protocol("the tunnel failed".into())),
+                    Notice::StreamClosed(i) => {
+                        return Err(Error::Protocol(format!(
+                            "the destination closed stream {i} while QEMU was migrating"
+                        )));
+                    }
+                    Notice::Opened(_) => {}
+                }
+            }
+            if opened > 0 && live == 0 {
+                return Ok(());
+            }
+            match self.listener.accept() {
+                Ok((socket, from)) => {
+                    let _ = socket.set_nonblocking(false);
+                    // A small receive buffer keeps QEMU's backlog in QEMU, where its own bandwidth
+                    // estimate sees it, instead of in a socket buffer it cannot see.
+                    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(QEMU_RECV_BUFFER);
+                    let id = endpoint.shared.open_channel(socket)?;
+                    tracing::info!(channel = id, %from, "QEMU connection accepted");
+                    opened += 1;
+                    live += 1;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if opened == 0 && Instant::now() >= first_deadline {
+                        return Err(Error::Timeout(format!(
+                            "QEMU did not connect within {} s",
+                            cfg.accept_timeout.as_secs()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(Error::io("accepting a QEMU connection", e)),
+            }
+        }
+    }
+}
+
+/// The destination side: accepts one tunnel and connects to the destination QEMU for every channel.
+#[derive(Debug)]
+pub struct DestinationProxy {
+    listener: TcpListener,
+    qemu: SocketAddr,
+    psk: Psk,
+    config: TunnelConfig,
+}
+
+impl DestinationProxy {
+    /// Binds the address the source proxy connects to.
+    pub fn bind(
+        listen: SocketAddr,
+        qemu: SocketAddr,
+        psk: Psk,
+        config: TunnelConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let listener = dwcp_tcp::listen(listen, &config.socket)?;
+        Ok(Self {
+            listener,
+            qemu,
+            psk,
+            config,
+        })
+    }
+
+    /// The address the source proxy must connect to.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the tunnel listener's address", e))
+    }
+
+    fn accept_until(&self, deadline: Instant) -> Result<TcpStream, Error> {
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("polling the tunnel listener", e))?;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)
+                        .map_err(|e| Error::io("accepting a tunnel stream", e))?;
+                    let _ = dwcp_tcp::apply(&s, &self.config.socket);
+                    set_timeouts(&s, self.config.connect_timeout);
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout("no tunnel stream arrived in time".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(Error::io("accepting a tunnel stream", e)),
+            }
+        }
+    }
+
+    /// Accepts one tunnel (waiting at most `accept_timeout` for it), then carries its channels to the
+    /// destination QEMU until the source closes the tunnel.
+    pub fn run(self) -> Result<TunnelReport, Error> {
+        let cfg = &self.config;
+        let deadline = Instant::now() + cfg.accept_timeout;
+        // Strangers (failed handshakes) are dropped and the wait goes on, within the deadline.
+        let (first, session, announced) = loop {
+            let socket = self.accept_until(deadline)?;
+            let (mut r, mut w, socket) = split(socket)?;
+            let session = new_session_id();
+            let hs = server_handshake(&mut r, &mut w, &self.psk, Offer::default(), |req| {
+                if req == 0 {
+                    Ok(session)
+                } else {
+                    Err(HandshakeError::UnknownSession(req).into())
+                }
+            });
+            match hs {
+                Ok(n) if n.stream_index == 0 => {}
+                Ok(n) => {
+                    let e = Error::Protocol(format!("first stream has index {}", n.stream_index));
+                    send_error(&mut w, &e);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused a tunnel connection");
+                    continue;
+                }
+            }
+            let mut buf = Vec::new();
+            let init = match read_message(&mut r, &mut buf) {
+                Ok(Message::Init(i)) => i,
+                Ok(other) => {
+                    let e = Error::Protocol(format!("expected TunnelInit, got {other:?}"));
+                    send_error(&mut w, &e);
+                    return Err(e);
+                }
+                Err(e) => {
+                    send_error(&mut w, &e);
+                    return Err(e);
+                }
+            };
+            if init.version != TUNNEL_VERSION || !(1..=MAX_STREAMS).contains(&init.streams) {
+                let e = Error::Protocol(format!(
+                    "tunnel version {} with {} streams (this build: version {TUNNEL_VERSION}, 1..={MAX_STREAMS} streams)",
+                    init.version, init.streams
+                ));
+                send_error(&mut w, &e);
+                return Err(e);
+            }
+            let window = init.window.clamp(MAX_SEGMENT as u32, cfg.window);
+            w.write_frame(
+                FrameType::TunnelReady,
+                &Message::Ready(TunnelReady { window }).encode(),
+            )?;
+            break ((r, w, socket), session, (init.streams, window));
+        };
+        let started = Instant::now();
+        let (count, window) = (announced.0 as usize, announced.1);
+        let mut slots: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
+        slots[0] = Some(first);
+        self.join_streams(session, &mut slots, Instant::now() + cfg.connect_timeout)?;
+        let streams: Vec<Stream> = slots
+            .into_iter()
+            .map(|s| s.expect("every stream joined"))
+            .collect();
+        tracing::info!(streams = count, window, "QEMU tunnel accepted");
+        let endpoint = Endpoint::start(settings(Role::Destination, cfg, window.into()), streams);
+        let outcome = self.serve(&endpoint, count);
+        let report = report(&endpoint, Role::Destination, count, started, cfg);
+        match outcome {
+            Ok(()) => {
+                endpoint.close(cfg.io_timeout)?;
+                Ok(report)
+            }
+            Err(e) => Err(endpoint.abort(e)),
+        }
+    }
+
+    /// Accepts streams 1..N; each handshake runs on its own thread so a silent stranger cannot hold
+    /// the real streams up.
+    fn join_streams(
+        &self,
+        session: u64,
+        slots: &mut [Option<Stream>],
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let (tx, rx) = unbounded();
+        let mut missing = slots.len() - 1;
+        let mut attempts = 0;
+        let max_attempts = 4 * slots.len() + 16;
+        while missing > 0 {
+            while let Ok(joined) = rx.try_recv() {
+                match joined {
+                    Ok((n, stream)) => {
+                        let n: Negotiated = n;
+                        let idx = n.stream_index as usize;
+                        if idx == 0 || idx >= slots.len() || slots[idx].is_some() {
+                            return Err(Error::Protocol(format!(
+                                "stream index {idx} is invalid or taken"
+                            )));
+                        }
+                        slots[idx] = Some(stream);
+                        missing -= 1;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "refused a tunnel connection"),
+                }
+            }
+            if missing == 0 {
+                break;
+            }
+            match self.accept_until((Instant::now() + Duration::from_millis(5)).min(deadline)) {
+                Ok(socket) => {
+                    attempts += 1;
+                    if attempts > max_attempts {
+                        return Err(Error::Protocol(
+                            "too many failed attempts to join the tunnel".into(),
+                        ));
+                    }
+                    let (tx, psk) = (tx.clone(), self.psk.clone());
+                    std::thread::Builder::new()
+                        .name("tunnel-join".into())
+                        .spawn(move || {
+                            let joined = split(socket).and_then(|(mut r, mut w, s)| {
+                                let n = server_handshake(
+                                    &mut r,
+                                    &mut w,
+                                    &psk,
+                                    Offer::default(),
+                                    |req| {
+                                        if req == session {
+                                            Ok(session)
+                                        } else {
+                                            Err(HandshakeError::UnknownSession(req).into())
+                                        }
+                                    },
+                                )?;
+                                Ok((n, (r, w, s)))
+                            });
+                            let _ = tx.send(joined);
+                        })
+                        .map_err(|e| Error::io("spawning a join thread", e))?;
+                }
+                Err(Error::Timeout(_)) if Instant::now() < deadline => {}
+                Err(Error::Timeout(_)) => {
+                    return Err(Error::Timeout(format!(
+                        "{missing} tunnel streams did not join in time"
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn serve(&self, endpoint: &Endpoint, streams: usize) -> Result<(), Error> {
+        let cfg = &self.config;
+        let mut pending = BTreeSet::new();
+        let mut next = 0u32;
+        let mut waiting_since: Option<Instant> = None;
+        let mut live = 0usize;
+        let mut closed = 0usize;
+        loop {
+            let notice = match endpoint.notices.recv_timeout(Duration::from_millis(200)) {
+                Ok(n) => Some(n),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Protocol("tunnel gone".into()));
+                }
+            };
+            match notice {
+                Some(Notice::Opened(id)) => {
+                    pending.insert(id);
+                    live += 1;
+                }
+                Some(Notice::ChannelDone(id)) => {
+                    tracing::info!(channel = id, "QEMU channel finished");
+                    live -= 1;
+                }
+                Some(Notice::StreamClosed(_)) => closed += 1,
+                Some(Notice::Failed) => return Err(Error::Protocol("the tunnel failed".into())),
+                None => {}
+            }
+            if endpoint.shared.is_failed() {
+                return Err(Error::Protocol("the tunnel failed".into()));
+            }
+            // Connect in channel order: QEMU takes its first connection as the main channel.
+            while pending.remove(&next) {
+                let id = next;
+                next += 1;
+                waiting_since = None;
+                match connect_qemu(self.qemu, cfg.connect_timeout) {
+                    Ok(socket) => {
+                        tracing::info!(channel = id, qemu = %self.qemu, "connected to the destination QEMU");
+                        endpoint.shared.start_pumps(id, socket)?;
+                    }
+                    Err(e) => endpoint.shared.refuse_channel(id, &e.to_string()),
+                }
+            }
+            if !pending.is_empty() {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > cfg.io_timeout {
+                    return Err(Error::Protocol(format!(
+                        "channel {next} never opened, though later channels did"
+                    )));
+                }
+            }
+            if closed == streams && live == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Round trips below this are a local path (loopback, one switch), which a couple of streams fill.
+const LOCAL_RTT: Duration = Duration::from_millis(1);
+
+/// Streams for a path of round trip `rtt`: the configured count, but at most 2 on a local path, where
+/// more streams only add threads competing with QEMU for the CPU.
+fn streams_for(rtt: Duration, configured: u16) -> u16 {
+    if rtt < LOCAL_RTT {
+        configured.min(2)
+    } else {
+        configured
+    }
+}
+
+/// Raw bytes per second one channel's send window is sized for: 2 Gbit/s of QEMU data, twice a
+/// 1 Gbit/s link at the 2x compression QEMU's memory typically gets.
+const WINDOW_RATE: f64 = 256e6;
+/// Smallest send window: plenty for loopback and LAN round trips.
+const MIN_SEND_WINDOW: u64 = 4 << 20;
+
+/// The source's send window (raw bytes in flight per channel) for a path of round trip `rtt`: its
+/// bandwidth-delay product at [`WINDOW_RATE`], at least [`MIN_SEND_WINDOW`].
+fn send_window_for(rtt: Duration) -> u64 {
+    ((rtt.as_secs_f64() * WINDOW_RATE) as u64).max(MIN_SEND_WINDOW)
+}
+
+/// Connects to the destination QEMU, retrying while it does not listen yet (`migrate-incoming` may
+/// come a moment later), for at most `timeout`.
+fn connect_qemu(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("connecting to the destination QEMU at {addr}"),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_get_at_most_two_streams() {
+        assert_eq!(streams_for(Duration::from_micros(80), 4), 2);
+        assert_eq!(streams_for(Duration::from_micros(80), 1), 1);
+        assert_eq!(streams_for(Duration::from_millis(50), 8), 8);
+    }
+
+    #[test]
+    fn the_send_window_follows_the_round_trip() {
+        assert_eq!(send_window_for(Duration::from_micros(100)), MIN_SEND_WINDOW);
+        assert_eq!(send_window_for(Duration::from_millis(50)), 12_800_000);
+        assert_eq!(send_window_for(Duration::from_millis(150)), 38_400_000);
+    }
+}

@@ -1,0 +1,205 @@
+//! The tunnel over real loopback sockets, with plain TCP peers standing in for the two QEMUs (these
+//! tests check the tunnel's own guarantees; `qemu_e2e.rs` runs real QEMUs).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dwcp_core::error::Error;
+use dwcp_core::handshake::Psk;
+use dwcp_hde::Codec;
+use dwcp_qemu::{DestinationProxy, SourceProxy, TunnelConfig, TunnelReport};
+
+type Proxy = JoinHandle<Result<TunnelReport, Error>>;
+
+fn config(codec: Codec) -> TunnelConfig {
+    TunnelConfig {
+        streams: 3,
+        codec,
+        window: 1 << 20,
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(10),
+        accept_timeout: Duration::from_secs(20),
+        ..TunnelConfig::default()
+    }
+}
+
+/// Starts both proxies; returns the address "QEMU" migrates to and the two proxy threads.
+fn proxies(qemu: SocketAddr, cfg: TunnelConfig) -> (SocketAddr, Proxy, Proxy) {
+    let psk = Psk::generate();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let dest = DestinationProxy::bind(any, qemu, psk.clone(), cfg.clone()).unwrap();
+    let source = SourceProxy::bind(any, dest.local_addr().unwrap(), psk, cfg).unwrap();
+    let addr = source.local_addr().unwrap();
+    (
+        addr,
+        std::thread::spawn(move || source.run()),
+        std::thread::spawn(move || dest.run()),
+    )
+}
+
+/// Content like a migration stream: text, zero runs and pseudo-random bytes, different per `tag`.
+fn content(tag: u8, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(tag);
+    (0..len)
+        .map(|i| match (i / 65_536) % 3 {
+            0 => b"page header and some text "[i % 26] ^ tag,
+            1 => 0,
+            _ => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_connection_arrives_exactly_in_order_both_ways() {
+    for codec in [Codec::None, Codec::Lz4, Codec::Zstd(1)] {
+        let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+        let qemu_addr = qemu.local_addr().unwrap();
+        // The destination "QEMU": records each connection's bytes in accept order, answers each with
+        // its own reply, then closes.
+        let dst = std::thread::spawn(move || {
+            (0..3u8)
+                .map(|_| {
+                    let (mut s, _) = qemu.accept().unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).unwrap();
+                    s.write_all(&content(100 + got[0], 300_000)).unwrap();
+                    got
+                })
+                .collect::<Vec<_>>()
+        });
+        let (addr, source, dest) = proxies(qemu_addr, config(codec));
+        let sizes = [3_000_000usize, 1, 700_001];
+        let clients: Vec<_> = (0..3u8)
+            .map(|tag| {
+                // Connect in order, as QEMU connects its main channel first.
+                let mut s = TcpStream::connect(addr).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                std::thread::spawn(move || {
+                    let data = content(tag, sizes[tag as usize]);
+                    s.write_all(&data).unwrap();
+                    s.shutdown(Shutdown::Write).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut reply = Vec::new();
+                    s.read_to_end(&mut reply).unwrap();
+                    (data, reply)
+                })
+            })
+            .collect();
+        let sent: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        let received = dst.join().unwrap();
+        for (tag, (data, reply)) in sent.iter().enumerate() {
+            assert!(
+                received[tag] == *data,
+                "{codec:?}: connection {tag} differs"
+            );
+            assert!(
+                *reply == content(100 + data[0], 300_000),
+                "{codec:?}: reply {tag}"
+            );
+        }
+        let s = source.join().unwrap().unwrap();
+        let d = dest.join().unwrap().unwrap();
+        assert_eq!((s.channels, d.channels, s.resets + d.resets), (3, 3, 0));
+        assert_eq!(s.raw_bytes_sent, sizes.iter().sum::<usize>() as u64);
+        assert_eq!(d.raw_bytes_sent, 3 * 300_000);
+        if codec != Codec::None {
+            assert!(
+                s.wire_bytes_sent < s.raw_bytes_sent,
+                "{codec:?} compressed nothing"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_destination_qemu_closes_the_source_connection() {
+    // Nothing listens here: the destination proxy's connect is refused until its timeout.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let (addr, source, dest) = proxies(qemu_addr, config(Codec::Lz4));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let _ = s.write_all(&[1u8; 10_000]);
+    let mut buf = [0u8; 16];
+    // EOF or a reset: either way QEMU learns, within the connect timeout plus a little.
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let s = source.join().unwrap().unwrap();
+    let d = dest.join().unwrap().unwrap();
+    assert_eq!(s.channels, 1);
+    assert!(s.resets + d.resets >= 1);
+}
+
+#[test]
+fn a_destination_qemu_that_breaks_off_resets_the_source_connection() {
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_addr = qemu.local_addr().unwrap();
+    let dst = std::thread::spawn(move || {
+        let (mut s, _) = qemu.accept().unwrap();
+        let mut first = [0u8; 1000];
+        s.read_exact(&mut first).unwrap();
+        // Closing with unread data makes the kernel send a reset.
+        drop(s);
+    });
+    let (addr, source, dest) = proxies(qemu_addr, config(Codec::None));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data = content(1, 1 << 20);
+    let started = Instant::now();
+    let mut failed = false;
+    for _ in 0..200 {
+        if s.write_all(&data).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(
+        failed,
+        "the source side kept accepting data after the destination broke off"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    dst.join().unwrap();
+    drop(s);
+    let s = source.join().unwrap().unwrap();
+    let d = dest.join().unwrap().unwrap();
+    assert!(s.resets + d.resets >= 1);
+}
+
+#[test]
+fn a_wrong_key_never_reaches_the_destination_qemu() {
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    qemu.set_nonblocking(true).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let cfg = TunnelConfig {
+        accept_timeout: Duration::from_secs(2),
+        ..config(Codec::Lz4)
+    };
+    let dest = DestinationProxy::bind(
+        any,
+        qemu.local_addr().unwrap(),
+        Psk::generate(),
+        cfg.clone(),
+    )
+    .unwrap();
+    let source = SourceProxy::bind(any, dest.local_addr().unwrap(), Psk::generate(), cfg).unwrap();
+    let d = std::thread::spawn(move || dest.run());
+    let err = source.run().unwrap_err();
+    assert!(
+        err.to_string().contains("authentication")
+            || matches!(err, Error::Peer { .. } | Error::Handshake(_)),
+        "{err}"
+    );
+    assert!(matches!(d.join().unwrap(), Err(Error::Timeout(_))));
+    assert!(qemu.accept().is_err(), "the destination QEMU was contacted");
+}
