@@ -20,7 +20,7 @@ pub mod report;
 mod session;
 mod source;
 
-pub use config::{MigrationConfig, ReceiverConfig, Verification};
+pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
 pub use dest::{Incoming, Listener};
 pub use dwcp_core::{Error, Result};
 pub use metrics::MigrationMetrics;

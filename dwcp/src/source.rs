@@ -27,13 +27,13 @@ use dwcp_core::messages::{
 };
 use dwcp_core::pool::{BufferPool, PooledBuf};
 use dwcp_core::transport::{Conn, Connector};
-use dwcp_hde::{Codec, CodecPolicy, Pass, SessionConfig, SessionEncoder};
+use dwcp_hde::{Codec, CodecPolicy, Encoder, Pass, SessionConfig, SessionEncoder};
 use dwcp_tcp::{
     DataChunk, LaneHandle, Lanes, Mode, ModeSetting, Outgoing, Payload, StreamCountController,
     TcpConnector,
 };
 
-use crate::config::{MigrationConfig, Verification, threads_or_cores};
+use crate::config::{MigrationConfig, PageClasses, Verification, threads_or_cores};
 use crate::metrics::MigrationMetrics;
 use crate::pool::{ConnectionPool, PoolKey, PooledStream};
 use crate::report::{
@@ -267,7 +267,7 @@ struct Run {
     published_resilience: ResilienceReport,
     congestion: String,
     pool: BufferPool,
-    encoder: SessionEncoder,
+    encoder: PageEncoder,
     wire_bytes: u64,
     logical_bytes: u64,
     next_chunk_id: u64,
@@ -465,15 +465,29 @@ impl Run {
             published_resilience: ResilienceReport::default(),
             congestion,
             pool: pool.clone(),
-            encoder: SessionEncoder::new(
-                SessionConfig {
-                    codec: policy,
-                    threads: cfg.encoder_threads,
-                    delta_cache_bytes: cfg.delta_cache_bytes,
-                    ..SessionConfig::default()
-                },
-                source.layout().total_pages(),
-            )?,
+            encoder: match cfg.page_classes {
+                PageClasses::All => PageEncoder::Session(Box::new(SessionEncoder::new(
+                    SessionConfig {
+                        codec: policy,
+                        threads: cfg.encoder_threads,
+                        delta_cache_bytes: cfg.delta_cache_bytes,
+                        ..SessionConfig::default()
+                    },
+                    source.layout().total_pages(),
+                )?)),
+                PageClasses::Auto if mode != Mode::Datacenter => {
+                    PageEncoder::Session(Box::new(SessionEncoder::new(
+                        SessionConfig {
+                            codec: policy,
+                            threads: cfg.encoder_threads,
+                            delta_cache_bytes: cfg.delta_cache_bytes,
+                            ..SessionConfig::default()
+                        },
+                        source.layout().total_pages(),
+                    )?))
+                }
+                _ => PageEncoder::Plain(Encoder::new(codec, cfg.encoder_threads)?),
+            },
             wire_bytes: 0,
             logical_bytes: 0,
             next_chunk_id: 0,
@@ -1501,6 +1515,55 @@ fn ack_reader(
         let _ = events.send(event);
         if fatal {
             return None;
+        }
+    }
+}
+
+/// The page encoder of a migration: the complete one (DUP, DELTA, adaptive codecs), or the zero-and-
+/// literal one, which costs half the CPU where the link is not the bottleneck.
+enum PageEncoder {
+    Plain(Encoder),
+    Session(Box<SessionEncoder>),
+}
+
+impl PageEncoder {
+    fn stats(&self) -> dwcp_hde::EncodeStats {
+        match self {
+            PageEncoder::Plain(e) => e.stats(),
+            PageEncoder::Session(e) => e.stats(),
+        }
+    }
+
+    fn begin_pass(&mut self, pages: Pass<'_>) -> Result<(), Error> {
+        match self {
+            PageEncoder::Plain(_) => Ok(()),
+            PageEncoder::Session(e) => e.begin_pass(pages),
+        }
+    }
+
+    fn end_pass(&mut self) {
+        if let PageEncoder::Session(e) = self {
+            e.end_pass();
+        }
+    }
+
+    fn set_bandwidth_hint(&self, bytes_per_sec: u64) {
+        if let PageEncoder::Session(e) = self {
+            e.set_bandwidth_hint(bytes_per_sec);
+        }
+    }
+
+    fn encode_batch(
+        &self,
+        iteration: u32,
+        chunks: &[&[u64]],
+        source: &dyn MemorySource,
+        pool: &BufferPool,
+        hashes: Option<&PageHashes>,
+    ) -> Result<Vec<PooledBuf>, Error> {
+        match self {
+            PageEncoder::Plain(e) => e.encode_batch(iteration, chunks, source, pool, hashes),
+            PageEncoder::Session(e) => e.encode_batch(iteration, chunks, source, pool, hashes),
         }
     }
 }
