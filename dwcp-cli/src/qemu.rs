@@ -7,15 +7,15 @@
 //!                    dwcp qemu recv --listen 0.0.0.0:7800 --qemu 127.0.0.1:4445 --psk-file key
 //! ```
 
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use dwcp_core::handshake::Psk;
 use dwcp_hde::Codec;
 use dwcp_qemu::{DestinationProxy, SourceProxy, TunnelConfig, TunnelReport};
+
+use crate::transfer::{load_psk, resolve};
 
 /// `dwcp qemu`.
 #[derive(Debug, Args)]
@@ -102,25 +102,6 @@ pub struct QemuRecvArgs {
 
 fn parse_codec(s: &str) -> Result<Codec, String> {
     Codec::parse(s).map_err(|e| e.to_string())
-}
-
-/// The same key-file rules and advice as `dwcp send`/`recv`.
-fn load_psk(path: &Path) -> anyhow::Result<Psk> {
-    Psk::from_file(path).with_context(|| {
-        format!(
-            "cannot use {} as the pre-shared key file (both proxies need the same key; create one \
-             with `dwcp keygen --out {}`)",
-            path.display(),
-            path.display()
-        )
-    })
-}
-
-fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .with_context(|| format!("invalid address {addr:?} (expected HOST:PORT)"))?
-        .next()
-        .ok_or_else(|| anyhow!("address {addr:?} resolves to nothing"))
 }
 
 fn print_report(report: &TunnelReport, json: bool) -> anyhow::Result<()> {

@@ -17,11 +17,11 @@ use crate::rss::RssSampler;
 const MAX_FAILED_ACCEPTS: u32 = 16;
 
 /// Reads a pre-shared key file, saying which file and how to make one if that fails.
-fn load_psk(path: &Path) -> anyhow::Result<Psk> {
+pub(crate) fn load_psk(path: &Path) -> anyhow::Result<Psk> {
     Psk::from_file(path).with_context(|| {
         format!(
-            "cannot use {} as the pre-shared key file (both sides need the same key; create one with \
-             `dwcp keygen --out {}`)",
+            "cannot use {} as the pre-shared key file (both sides, or both proxies, need the same key; \
+             create one with `dwcp keygen --out {}`)",
             path.display(),
             path.display()
         )
@@ -29,7 +29,7 @@ fn load_psk(path: &Path) -> anyhow::Result<Psk> {
 }
 
 /// The first address `addr` (HOST:PORT) resolves to.
-fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
         .with_context(|| format!("invalid address {addr:?} (expected HOST:PORT)"))?
         .next()

@@ -180,17 +180,7 @@ pub fn encode_header(
     seq: u64,
     payload: &[u8],
 ) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0..4].copy_from_slice(&MAGIC);
-    h[4] = PROTOCOL_VERSION;
-    h[5] = frame_type as u8;
-    h[8..16].copy_from_slice(&session_id.to_le_bytes());
-    h[16..24].copy_from_slice(&seq.to_le_bytes());
-    let len = u32::try_from(payload.len()).expect("payload length is bounded by MAX_PAYLOAD");
-    h[24..28].copy_from_slice(&len.to_le_bytes());
-    let sum = checksum(&h, payload);
-    h[32..40].copy_from_slice(&sum.to_le_bytes());
-    h
+    encode_header_prefixed(frame_type, session_id, seq, &[], payload)
 }
 
 fn checksum(header: &[u8; HEADER_LEN], payload: &[u8]) -> u64 {

@@ -433,6 +433,11 @@ impl Run {
             }
         };
         tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial, max_streams, %congestion, "session established");
+        let complete_encoder = match cfg.page_classes {
+            PageClasses::All => true,
+            PageClasses::Auto => mode != Mode::Datacenter,
+            PageClasses::ZeroAndLiteral => false,
+        };
         let (events_tx, events) = unbounded();
         let pool = match &cfg.buffer_pool {
             Some(shared) => shared.clone(),
@@ -465,8 +470,8 @@ impl Run {
             published_resilience: ResilienceReport::default(),
             congestion,
             pool: pool.clone(),
-            encoder: match cfg.page_classes {
-                PageClasses::All => PageEncoder::Session(Box::new(SessionEncoder::new(
+            encoder: if complete_encoder {
+                PageEncoder::Session(Box::new(SessionEncoder::new(
                     SessionConfig {
                         codec: policy,
                         threads: cfg.encoder_threads,
@@ -474,19 +479,9 @@ impl Run {
                         ..SessionConfig::default()
                     },
                     source.layout().total_pages(),
-                )?)),
-                PageClasses::Auto if mode != Mode::Datacenter => {
-                    PageEncoder::Session(Box::new(SessionEncoder::new(
-                        SessionConfig {
-                            codec: policy,
-                            threads: cfg.encoder_threads,
-                            delta_cache_bytes: cfg.delta_cache_bytes,
-                            ..SessionConfig::default()
-                        },
-                        source.layout().total_pages(),
-                    )?))
-                }
-                _ => PageEncoder::Plain(Encoder::new(codec, cfg.encoder_threads)?),
+                )?))
+            } else {
+                PageEncoder::Plain(Encoder::new(codec, cfg.encoder_threads)?)
             },
             wire_bytes: 0,
             logical_bytes: 0,
