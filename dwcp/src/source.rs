@@ -240,6 +240,9 @@ impl Dialer {
 struct Window {
     started: Instant,
     acked_bytes: u64,
+    /// The streams changed (or the session just started): this window lets congestion control settle
+    /// and is not measured, or start-up growth would be credited to the new stream count.
+    settling: bool,
 }
 
 struct Run {
@@ -463,6 +466,7 @@ impl Run {
             window: Window {
                 started: Instant::now(),
                 acked_bytes: 0,
+                settling: true,
             },
             peak_streams: 0,
             control_lane: None,
@@ -942,6 +946,7 @@ impl Run {
             self.window = Window {
                 started: now,
                 acked_bytes: acked,
+                settling: self.window.settling,
             };
             return;
         }
@@ -950,9 +955,11 @@ impl Run {
             return;
         }
         let goodput = (acked - self.window.acked_bytes) as f64 / elapsed.as_secs_f64();
+        let settled = !self.window.settling;
         self.window = Window {
             started: now,
             acked_bytes: acked,
+            settling: false,
         };
         if !self.mode_probed {
             // The first window doubles as the bandwidth probe of mode detection. The probe is the
@@ -967,8 +974,14 @@ impl Run {
                 self.mode = probed;
             }
         }
+        if !settled {
+            return;
+        }
         let before = controller.target();
         let target = controller.observe(goodput);
+        if target != before {
+            self.window.settling = true;
+        }
         tracing::debug!(
             goodput_mbit = goodput * 8e-6,
             streams = before,

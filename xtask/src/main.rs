@@ -10,6 +10,10 @@
 //!
 //! - `wan up|down|check` and `bench wan --profile P`: the WAN test bed (`dwcp-wanem`, see `wan.rs` and
 //!   `docs/wan-testbed.md`); these need root.
+//! - `bench amst`: loopback goodput of 1..16 streams next to `iperf3 -P` (`amst.rs`).
+//! - `bench qemu`: QEMU's own migration direct and through dwcp, loopback and WAN (`qemu.rs`).
+//! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
+//!   (`rdma.rs`, `docs/rdma.md`).
 //!
 //! Every child process runs under a time limit and is killed, with whatever it started, when the xtask
 //! fails or gives up waiting.
