@@ -73,6 +73,8 @@ pub enum FrameType {
     Pong = 17,
     /// A parked stream joins a running session (session id and stream index).
     Join = 18,
+    /// The session's zstd dictionary (HDE), sent once on stream 0 before SessionInit.
+    Dictionary = 19,
     /// QEMU tunnel (`dwcp-qemu`): the source proposes the tunnel's parameters (stream 0).
     TunnelInit = 32,
     /// QEMU tunnel: the destination accepts them (stream 0).
@@ -113,6 +115,7 @@ impl FrameType {
             16 => Self::Ping,
             17 => Self::Pong,
             18 => Self::Join,
+            19 => Self::Dictionary,
             32 => Self::TunnelInit,
             33 => Self::TunnelReady,
             34 => Self::ChannelOpen,
@@ -146,6 +149,7 @@ impl FrameType {
             Self::Ping => "Ping",
             Self::Pong => "Pong",
             Self::Join => "Join",
+            Self::Dictionary => "Dictionary",
             Self::TunnelInit => "TunnelInit",
             Self::TunnelReady => "TunnelReady",
             Self::ChannelOpen => "ChannelOpen",
@@ -602,20 +606,20 @@ mod tests {
 
     #[test]
     fn type_bytes_outside_the_assigned_ranges_are_unknown() {
-        for byte in (0u8..=255).filter(|b| !(1..=18).contains(b) && !(32..=39).contains(b)) {
+        for byte in (0u8..=255).filter(|b| !(1..=19).contains(b) && !(32..=39).contains(b)) {
             assert_eq!(
                 FrameType::from_wire(byte),
                 Err(FrameError::UnknownType(byte))
             );
         }
-        for byte in (1u8..=18).chain(32..=39) {
+        for byte in (1u8..=19).chain(32..=39) {
             assert_eq!(FrameType::from_wire(byte).unwrap() as u8, byte);
         }
     }
 
     proptest! {
         #[test]
-        fn roundtrip(ty in prop_oneof![1u8..=18, 32u8..=39], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        fn roundtrip(ty in prop_oneof![1u8..=19, 32u8..=39], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let ty = FrameType::from_wire(ty).unwrap();
             let mut buf = Vec::new();
             encode_frame(ty, session, seq, &payload, &mut buf);

@@ -60,6 +60,10 @@ pub struct MigrationConfig {
     pub delta_cache_bytes: usize,
     /// Which page classes the encoder uses.
     pub page_classes: PageClasses,
+    /// With the complete encoder: train a zstd dictionary from sampled pages when the session starts
+    /// and send it once to the destination (about 2 % smaller output measured on idle memory, at the
+    /// cost of the training time and up to 128 KiB on the wire).
+    pub dictionary: bool,
     /// Encoder threads (0: one per core).
     pub encoder_threads: usize,
     /// Pages per chunk (1..=256).
@@ -100,6 +104,7 @@ impl Default for MigrationConfig {
             adaptive_codec: true,
             delta_cache_bytes: dwcp_hde::DEFAULT_DELTA_CACHE_BYTES,
             page_classes: PageClasses::Auto,
+            dictionary: false,
             encoder_threads: 0,
             pages_per_chunk: 256,
             chunks_per_batch: 16,

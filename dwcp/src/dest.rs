@@ -208,9 +208,24 @@ impl Listener {
             return Err(e);
         }
         let mut p = Vec::new();
-        let h = reader
+        let mut h = reader
             .read_frame(&mut p)
             .map_err(|e| classify(e, "SessionInit"))?;
+        // An optional zstd dictionary for the session's chunks comes first.
+        let mut dictionary = None;
+        if h.frame_type == FrameType::Dictionary {
+            match dwcp_hde::Dictionary::from_bytes(&p) {
+                Ok(d) => dictionary = Some(Arc::new(d)),
+                Err(e) => {
+                    let e = Error::from(e);
+                    report_error(&mut writer, &e);
+                    return Err(e);
+                }
+            }
+            h = reader
+                .read_frame(&mut p)
+                .map_err(|e| classify(e, "SessionInit"))?;
+        }
         let init = match h.frame_type {
             FrameType::SessionInit => p,
             FrameType::Error => return Err(peer_error(&p)),
@@ -220,7 +235,7 @@ impl Listener {
                 return Err(e);
             }
         };
-        self.incoming(
+        let mut incoming = self.incoming(
             neg.session_id,
             reader,
             writer,
@@ -228,7 +243,9 @@ impl Listener {
             peer,
             started,
             Vec::new(),
-        )
+        )?;
+        incoming.dictionary = dictionary;
+        Ok(incoming)
     }
 
     /// A new session on a stream parked by an earlier one: SessionReady will carry the new id.
@@ -304,6 +321,7 @@ impl Listener {
             peer,
             started,
             ready_payload,
+            dictionary: None,
         })
     }
 }
@@ -363,6 +381,8 @@ pub struct Incoming<'l> {
     started: Instant,
     /// SessionReady's payload: empty, or the new session id on a parked stream.
     ready_payload: Vec<u8>,
+    /// The zstd dictionary the source sent for this session's chunks.
+    dictionary: Option<Arc<dwcp_hde::Dictionary>>,
 }
 
 type SharedWriter = Arc<Mutex<StreamWriter>>;
@@ -457,7 +477,11 @@ impl<'l> Incoming<'l> {
             hashes: PageHashes::new(total_pages),
             ledger: ChunkLedger::new(),
             // Each stream's thread decodes its own chunks; the decoder's pool is not used.
-            decoder: ChunkDecoder::new(1)?,
+            decoder: {
+                let mut d = ChunkDecoder::new(1)?;
+                d.set_dictionary(self.dictionary.clone());
+                d
+            },
             total_pages,
             pages_applied: AtomicU64::new(0),
             stale: AtomicU64::new(0),

@@ -395,6 +395,11 @@ impl Run {
             mode_max
         }
         .max(initial);
+        let complete_encoder = match cfg.page_classes {
+            PageClasses::All => true,
+            PageClasses::Auto => mode != Mode::Datacenter,
+            PageClasses::ZeroAndLiteral => false,
+        };
         let codec = usable_codec(cfg.codec, capabilities);
         // Adaptive codec choice needs both codecs at the destination; otherwise the usable one, fixed.
         let both = capabilities & (CAP_LZ4 | CAP_ZSTD) == CAP_LZ4 | CAP_ZSTD;
@@ -415,6 +420,23 @@ impl Run {
             mut writer,
             ..
         } = first;
+        // The dictionary goes once, before SessionInit, on a freshly authenticated stream 0 (a parked
+        // stream opens its session with SessionInit alone).
+        let dictionary = if cfg.dictionary
+            && complete_encoder
+            && capabilities & CAP_ZSTD != 0
+            && new_session.is_some()
+        {
+            let d = Arc::new(dwcp_hde::Dictionary::train_from_memory(
+                source,
+                1024,
+                64 << 10,
+            )?);
+            writer.write_frame(FrameType::Dictionary, &d.to_bytes())?;
+            Some(d)
+        } else {
+            None
+        };
         writer.write_frame(FrameType::SessionInit, &init.encode())?;
         let mut p = Vec::new();
         let h = reader
@@ -436,11 +458,6 @@ impl Run {
             }
         };
         tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial, max_streams, %congestion, "session established");
-        let complete_encoder = match cfg.page_classes {
-            PageClasses::All => true,
-            PageClasses::Auto => mode != Mode::Datacenter,
-            PageClasses::ZeroAndLiteral => false,
-        };
         let (events_tx, events) = unbounded();
         let pool = match &cfg.buffer_pool {
             Some(shared) => shared.clone(),
@@ -475,7 +492,7 @@ impl Run {
             congestion,
             pool: pool.clone(),
             encoder: if complete_encoder {
-                PageEncoder::Session(Box::new(SessionEncoder::new(
+                let mut e = SessionEncoder::new(
                     SessionConfig {
                         codec: policy,
                         threads: cfg.encoder_threads,
@@ -483,7 +500,9 @@ impl Run {
                         ..SessionConfig::default()
                     },
                     source.layout().total_pages(),
-                )?))
+                )?;
+                e.set_dictionary(dictionary);
+                PageEncoder::Session(Box::new(e))
             } else {
                 PageEncoder::Plain(Encoder::new(codec, cfg.encoder_threads)?)
             },

@@ -458,6 +458,10 @@ fn every_page_class_crosses_the_engine_bit_exact() {
     let report = Migration::new(addr, psk(1))
         .config(MigrationConfig {
             page_classes: dwcp::PageClasses::All,
+            // A trained zstd dictionary travels before SessionInit and both sides use it.
+            dictionary: true,
+            codec: dwcp_hde::Codec::Zstd(3),
+            adaptive_codec: false,
             downtime_limit: std::time::Duration::from_micros(1),
             max_iterations: 6,
             ..source_config()
