@@ -92,6 +92,40 @@ pub(crate) struct ParsedHeader<'a> {
     pub section: &'a [u8],
 }
 
+/// Validates one run record (first page u64, length u16) of a chunk whose runs so far covered
+/// `covered` of `n` pages and ended before `next_allowed`: non-empty, ascending, inside the layout,
+/// not beyond the page count. Returns the run's pages as `start..end`. Shared by both chunk formats.
+pub(crate) fn checked_run(
+    run: &[u8],
+    next_allowed: u64,
+    total_pages: u64,
+    covered: usize,
+    n: usize,
+) -> Result<(u64, u64), ChunkError> {
+    let invalid = |s: &str| ChunkError::Invalid(s.into());
+    let start = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
+    let len = u64::from(u16::from_le_bytes(run[8..10].try_into().expect("2 bytes")));
+    if len == 0 {
+        return Err(invalid("empty run"));
+    }
+    if start < next_allowed {
+        return Err(invalid("runs not ascending"));
+    }
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| invalid("run overflows"))?;
+    if end > total_pages {
+        return Err(ChunkError::PageOutOfRange {
+            page: end - 1,
+            total_pages,
+        });
+    }
+    if covered + len as usize > n {
+        return Err(invalid("runs cover more pages than the page count"));
+    }
+    Ok((start, end))
+}
+
 pub(crate) fn parse(payload: &[u8], total_pages: u64) -> Result<ParsedHeader<'_>, ChunkError> {
     let invalid = |s: String| ChunkError::Invalid(s);
     if payload.len() < CHUNK_HEADER_LEN {
@@ -133,26 +167,7 @@ pub(crate) fn parse(payload: &[u8], total_pages: u64) -> Result<ParsedHeader<'_>
     let mut next_allowed = 0u64;
     let mut ci = 0;
     for run in runs_bytes.chunks_exact(RUN_LEN) {
-        let start = u64::from_le_bytes(run[..8].try_into().expect("8"));
-        let len = u16::from_le_bytes(run[8..].try_into().expect("2")) as u64;
-        if len == 0 {
-            return Err(invalid("empty run".into()));
-        }
-        if start < next_allowed {
-            return Err(invalid("runs not ascending".into()));
-        }
-        let end = start
-            .checked_add(len)
-            .ok_or_else(|| invalid("run overflows".into()))?;
-        if end > total_pages {
-            return Err(ChunkError::PageOutOfRange {
-                page: end - 1,
-                total_pages,
-            });
-        }
-        if pages.len() + len as usize > n {
-            return Err(invalid("runs cover more pages than the page count".into()));
-        }
+        let (start, end) = checked_run(run, next_allowed, total_pages, pages.len(), n)?;
         for page in start..end {
             let class = match classes[ci] {
                 0 => PageClass::Zero,

@@ -223,26 +223,8 @@ pub(crate) fn parse_extended(
     let mut counts = ClassCounts::default();
     let mut next_allowed = 0u64;
     for run in runs.chunks_exact(RUN_LEN) {
-        let start = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
-        let len = u64::from(le_u16(run, 8));
-        if len == 0 {
-            return Err(invalid("empty run".into()));
-        }
-        if start < next_allowed {
-            return Err(invalid("runs not ascending".into()));
-        }
-        let end = start
-            .checked_add(len)
-            .ok_or_else(|| invalid("run overflows".into()))?;
-        if end > total_pages {
-            return Err(ChunkError::PageOutOfRange {
-                page: end - 1,
-                total_pages,
-            });
-        }
-        if pages.len() + len as usize > n {
-            return Err(invalid("runs cover more pages than the page count".into()));
-        }
+        let (start, end) =
+            crate::chunk::checked_run(run, next_allowed, total_pages, pages.len(), n)?;
         for page in start..end {
             let byte = classes[pages.len()];
             let kind = PageKind::from_byte(byte)
