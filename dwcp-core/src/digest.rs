@@ -7,7 +7,7 @@
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::xxh3_128;
+use crate::hash::xxh3_128;
 
 use crate::memory::ZERO_PAGE;
 

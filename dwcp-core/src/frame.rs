@@ -17,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use crate::hash::{Xxh3Stream, xxh3_64, xxh3_64_with_seed};
 
 use crate::error::{Error, FrameError};
 
@@ -209,7 +209,7 @@ pub fn encode_header_prefixed(
     let len =
         u32::try_from(prefix.len() + body.len()).expect("payload length is bounded by MAX_PAYLOAD");
     h[24..28].copy_from_slice(&len.to_le_bytes());
-    let mut hasher = xxhash_rust::xxh3::Xxh3::with_seed(xxh3_64(&h[..32]));
+    let mut hasher = Xxh3Stream::with_seed(xxh3_64(&h[..32]));
     hasher.update(prefix);
     hasher.update(body);
     h[32..40].copy_from_slice(&hasher.digest().to_le_bytes());
@@ -331,8 +331,9 @@ impl<R: Read> FrameReader<R> {
         &self.inner
     }
 
-    /// Reads the next frame, placing its payload in `payload` (cleared first; grows to at most the
-    /// payload limit). On error the stream must be abandoned.
+    /// Reads the next frame, placing its payload in `payload` (made exactly the payload's length;
+    /// grows to at most the payload limit). On error the stream must be abandoned, and `payload`
+    /// holds unspecified bytes.
     pub fn read_frame(&mut self, payload: &mut Vec<u8>) -> Result<FrameHeader, Error> {
         let mut h = [0u8; HEADER_LEN];
         self.inner
@@ -355,10 +356,16 @@ impl<R: Read> FrameReader<R> {
                 .into());
             }
         }
-        payload.clear();
-        // Exact: `resize` alone grows the reused buffer by doubling, past the payload limit.
-        payload.reserve_exact(fh.len as usize);
-        payload.resize(fh.len as usize, 0);
+        // Not cleared first: `read_exact` overwrites every byte, so only bytes the buffer never held
+        // need zero-filling (a memset of every 1 MiB payload cost as much as the copy out of it).
+        let len = fh.len as usize;
+        if payload.len() >= len {
+            payload.truncate(len);
+        } else {
+            // Exact: `resize` alone grows the reused buffer by doubling, past the payload limit.
+            payload.reserve_exact(len - payload.len());
+            payload.resize(len, 0);
+        }
         self.inner
             .read_exact(payload)
             .map_err(|e| read_error(e, "frame payload"))?;
@@ -601,6 +608,30 @@ mod tests {
                     p.capacity()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_reused_payload_buffer_holds_exactly_each_payload() {
+        // Long, short, empty, long again: the buffer is not cleared between frames, so each read
+        // must still end up exactly its own payload.
+        let payloads: Vec<Vec<u8>> = [5000usize, 7, 0, 6000]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (0..n).map(|i| (i * 31 + k) as u8).collect())
+            .collect();
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.bind_session(3);
+        for p in &payloads {
+            w.write_frame(FrameType::Data, p).unwrap();
+        }
+        let mut r = FrameReader::new(&wire[..]);
+        r.bind_session(3, MAX_PAYLOAD);
+        let mut got = Vec::new();
+        for p in &payloads {
+            r.read_frame(&mut got).unwrap();
+            assert_eq!(&got, p);
         }
     }
 

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod hash;
 pub mod ledger;
 pub mod memory;
 pub mod messages;

@@ -327,6 +327,9 @@ impl MemorySource for SimulatedGuest {
     fn read_page(&self, page: u64, out: &mut [u8]) {
         self.shared.ram.copy_out(page, out);
     }
+    fn append_page(&self, page: u64, out: &mut Vec<u8>) {
+        self.shared.ram.append_to(page, out);
+    }
     fn page_digest(&self, page: u64) -> u128 {
         self.shared.ram.digest_in_place(page)
     }

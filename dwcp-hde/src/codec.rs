@@ -158,8 +158,7 @@ pub fn encode_chunk(
     let mut literal_count = 0usize;
     for (i, &page) in pages.iter().enumerate() {
         let at = out.len();
-        out.resize(at + PAGE_SIZE, 0);
-        source.read_page(page, &mut out[at..]);
+        source.append_page(page, out);
         if is_zero_page(&out[at..]) {
             out.truncate(at);
             out[classes_at + i] = PageClass::Zero as u8;

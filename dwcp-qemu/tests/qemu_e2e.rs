@@ -98,10 +98,6 @@ fn plain_migration_through_dwcp() {
 }
 
 #[test]
-// Ignored in CI until the defect is found: about 1 run in 5 to 30 the destination QEMU closes the multifd
-// channels right after the proxy connects them ("Broken pipe", seen 2026-11-23). Run it with
-// `cargo test -p dwcp-qemu --test qemu_e2e -- --ignored` (issue 7, open).
-#[ignore = "intermittent: the destination QEMU closes multifd channels (issue 7, open)"]
 fn multifd_migration_through_dwcp() {
     migrate_through_dwcp(2);
 }

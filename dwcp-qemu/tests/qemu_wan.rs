@@ -30,10 +30,6 @@ fn spawn_in<T: Send + 'static>(
 }
 
 #[test]
-// Ignored in CI: about 1 run in 13 ends with QEMU reporting "Broken pipe" (and 2 multifd runs in 21
-// through the tunnel across the emulated WAN stalled until a 30 s timeout) — an open defect of issue 7.
-// Run it with `cargo test -p dwcp-qemu --test qemu_wan -- --ignored`.
-#[ignore = "intermittent multifd stall across the emulated WAN (issue 7, open)"]
 fn multifd_migration_across_the_internet_profile() {
     common::init_logs();
     if let Err(e) = netns::require_privileges() {
@@ -110,7 +106,7 @@ fn multifd_migration_across_the_internet_profile() {
 }
 
 /// Measurement aid, not a check: tunnel throughput across `internet` for 1 and 3 connections of
-/// 100 MB each, with plain TCP peers (`cargo test -p dwcp-qemu --test qemu_wan -- --ignored`).
+/// 100 MB each, with plain TCP peers (`cargo test -p dwcp-qemu --test qemu_wan -- --ignored tunnel_throughput`).
 #[test]
 #[ignore]
 fn tunnel_throughput_across_the_internet_profile() {

@@ -203,3 +203,75 @@ fn a_wrong_key_never_reaches_the_destination_qemu() {
     assert!(matches!(d.join().unwrap(), Err(Error::Timeout(_))));
     assert!(qemu.accept().is_err(), "the destination QEMU was contacted");
 }
+
+/// Block `i` of the long stream below: text, zeros or pseudo-random bytes, so that segments take
+/// different times to decode and the stream readers overtake each other.
+fn block(i: u64, out: &mut [u8]) {
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for (j, b) in out.iter_mut().enumerate() {
+        *b = match i % 4 {
+            0 => b"a text line of a guest's page cache\n"[j % 36],
+            1 => 0,
+            _ => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        };
+    }
+}
+
+#[test]
+fn a_long_stream_over_many_streams_arrives_in_order() {
+    // Many segments of one connection spread over four streams: the destination's stream readers
+    // release consecutive segments concurrently, and the bytes must still reach QEMU in order.
+    const BLOCK: usize = 96 * 1024 + 17; // never a multiple of the segment size
+    const BLOCKS: u64 = 1_500; // about 144 MB, several hundred segments
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_addr = qemu.local_addr().unwrap();
+    let dst = std::thread::spawn(move || {
+        let (mut s, _) = qemu.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (mut got, mut want) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+        for i in 0..BLOCKS {
+            s.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("block {i}: {e}"));
+            block(i, &mut want);
+            if got != want {
+                let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+                return Err(format!("block {i} differs from byte {at} on"));
+            }
+        }
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes too many", rest.len()))
+        }
+    });
+    let cfg = TunnelConfig {
+        streams: 4,
+        window: 8 << 20,
+        ..config(Codec::Lz4)
+    };
+    let (addr, source, dest) = proxies(qemu_addr, cfg);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    for i in 0..BLOCKS {
+        block(i, &mut buf);
+        s.write_all(&buf).unwrap();
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let verdict = dst.join().unwrap();
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.read_to_end(&mut rest);
+    let (s, d) = (source.join().unwrap(), dest.join().unwrap());
+    verdict.unwrap();
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_eq!(s.raw_bytes_sent, BLOCKS * BLOCK as u64);
+    assert_eq!(d.raw_bytes_received, s.raw_bytes_sent);
+    assert_eq!(s.resets + d.resets, 0);
+}

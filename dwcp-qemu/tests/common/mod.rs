@@ -189,6 +189,10 @@ impl Qemu {
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
+        // QEMU's own trace events on stderr, for hunting a failure (e.g. `DWCP_QEMU_TRACE='multifd_*'`).
+        if let Ok(events) = std::env::var("DWCP_QEMU_TRACE") {
+            args.extend(["-trace".into(), format!("enable={events}")]);
+        }
         let child = Command::new(&args[0])
             .args(&args[1..])
             .stdin(Stdio::null())
@@ -196,6 +200,9 @@ impl Qemu {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting qemu-system-x86_64 (install qemu-system-x86)");
+        if std::env::var_os("DWCP_QEMU_TRACE").is_some() {
+            eprintln!("QEMU {name}: pid {}", child.id());
+        }
         let qmp = Qmp::connect(&qmp_path, Instant::now() + Duration::from_secs(30));
         Qemu {
             child,
