@@ -16,17 +16,18 @@ use crate::headline::{demo_with, flag, iperf3_parallel, num, require_iperf3};
 use crate::process::{Io, run};
 
 const TARGET_OF_IPERF_SINGLE: f64 = 0.9;
-/// Runs of each configuration (one with `--quick`).
+/// Runs of each configuration by default (one with `--quick`).
 const ROUNDS: usize = 3;
 
-fn median(v: &[f64]) -> f64 {
+/// The median (the upper one of an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Runs the AMST benchmark.
-pub fn bench(ws: &Workspace, quick: bool) -> Result<()> {
+pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
     require_iperf3()?;
     let mut build = ws.cargo();
     build.args(["build", "--release", "-p", "dwcp-cli"]);
@@ -37,7 +38,7 @@ pub fn bench(ws: &Workspace, quick: bool) -> Result<()> {
     }
     let size = if quick { "256M" } else { "1G" };
     let counts: &[u32] = if quick { &[1, 4] } else { &[1, 2, 4, 8, 16] };
-    let rounds = if quick { 1 } else { ROUNDS };
+    let rounds = rounds.unwrap_or(if quick { 1 } else { ROUNDS }).max(1);
     eprintln!(
         "\n==> AMST loopback goodput, random {size}, iperf3 -P N next to dwcp --streams N, \
          {rounds} interleaved rounds (medians)"

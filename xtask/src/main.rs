@@ -66,6 +66,10 @@ enum Cmd {
         /// With `e2e`/`all`: skip the Criterion e2e benchmark and only measure the headline table.
         #[arg(long)]
         headline_only: bool,
+        /// With `amst`/`qemu`: interleaved rounds of every configuration; the verdicts compare
+        /// medians (default 3, 1 with `--quick`).
+        #[arg(long)]
+        rounds: Option<usize>,
         /// With `wan`: the link and the dwcp runs.
         #[command(flatten)]
         wan: wan::BenchWanOpts,
@@ -206,10 +210,11 @@ fn main() -> ExitCode {
             strict,
             headline_only,
             wan,
+            rounds,
         } => match which {
             Which::Wan => wan::bench(&ws, &wan, quick, strict),
-            Which::Amst => amst::bench(&ws, quick),
-            Which::Qemu => qemu::bench(&ws, &wan, quick),
+            Which::Amst => amst::bench(&ws, quick, rounds),
+            Which::Qemu => qemu::bench(&ws, &wan, quick, rounds),
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),

@@ -556,16 +556,25 @@ fn ms(v: &Value) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn print_table(results: &[Value]) {
+fn print_table(results: &[Value], with_round: bool) {
     println!(
-        "\n{:<10} {:<26} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12}",
-        "where", "run", "total ms", "down ms", "e2e ms", "real down", "QEMU MB", "wire MB"
+        "\n{:<10} {:<26} {:>5} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12}",
+        "where",
+        "run",
+        if with_round { "round" } else { "runs" },
+        "total ms",
+        "down ms",
+        "e2e ms",
+        "real down",
+        "QEMU MB",
+        "wire MB"
     );
     for r in results {
         println!(
-            "{:<10} {:<26} {:>9} {:>9} {:>11} {:>10} {:>12.1} {:>12.1}",
+            "{:<10} {:<26} {:>5} {:>9} {:>9} {:>11} {:>10} {:>12.1} {:>12.1}",
             r["place"].as_str().unwrap_or(""),
             r["run"].as_str().unwrap_or(""),
+            if with_round { &r["round"] } else { &r["runs"] },
             ms(&r["total_ms"]),
             ms(&r["downtime_ms"]),
             ms(&r["end_to_end_ms"]),
@@ -576,8 +585,47 @@ fn print_table(results: &[Value]) {
     }
 }
 
-/// Judges one place: the best dwcp run against the best direct run, on QEMU's total time and on the
-/// end-to-end time. Returns the lines to print.
+/// One row per place and configuration: the median of each figure over the rounds that succeeded
+/// (`runs` says how many).
+fn medians(results: &[Value]) -> Vec<Value> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in results {
+        let k = (
+            r["place"].as_str().unwrap_or("").to_string(),
+            r["run"].as_str().unwrap_or("").to_string(),
+        );
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(place, run)| {
+            let rows: Vec<&Value> = results
+                .iter()
+                .filter(|r| r["place"] == place.as_str() && r["run"] == run.as_str())
+                .filter(|r| r.get("error").is_none())
+                .collect();
+            let mut m = json!({"place": place, "run": run, "runs": rows.len()});
+            for key in [
+                "total_ms",
+                "downtime_ms",
+                "end_to_end_ms",
+                "real_downtime_ms",
+                "qemu_transferred_bytes",
+                "wire_bytes",
+            ] {
+                let v: Vec<f64> = rows.iter().filter_map(|r| r[key].as_f64()).collect();
+                if !v.is_empty() {
+                    m[key] = json!(crate::amst::median(&v));
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+/// Judges one place: the best dwcp configuration against the best direct one (by their medians), on
+/// QEMU's total time and on the end-to-end time. Returns the lines to print.
 fn verdicts(results: &[Value], place: &str, ratio: f64) -> Vec<String> {
     let best = |dwcp: bool, key: &str| {
         results
@@ -610,7 +658,16 @@ fn verdicts(results: &[Value], place: &str, ratio: f64) -> Vec<String> {
 }
 
 /// Runs the QEMU benchmark.
-pub fn bench(ws: &Workspace, wan: &crate::wan::BenchWanOpts, quick: bool) -> Result<()> {
+pub fn bench(
+    ws: &Workspace,
+    wan: &crate::wan::BenchWanOpts,
+    quick: bool,
+    rounds: Option<usize>,
+) -> Result<()> {
+    // One migration of this guest varies 2-3x between runs on the shared 2-core machine (direct
+    // multifd 2 on loopback: 303 to 2123 ms), so every configuration runs in several interleaved
+    // rounds and the verdicts compare medians.
+    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
     let mut build = ws.cargo();
     build.args(["build", "--release", "-p", "dwcp-cli", "-p", "dwcp-wanem"]);
     eprintln!("\n==> {}", describe(&build));
@@ -636,8 +693,12 @@ pub fn bench(ws: &Workspace, wan: &crate::wan::BenchWanOpts, quick: bool) -> Res
         dst_ns: None,
         dst_host: "127.0.0.1",
     };
-    for v in &VARIANTS {
-        results.push(measure(&ctx, &loopback, v)?);
+    for round in 0..rounds {
+        for v in &VARIANTS {
+            let mut r = measure(&ctx, &loopback, v)?;
+            r["round"] = json!(round);
+            results.push(r);
+        }
     }
     let root = std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -660,29 +721,49 @@ pub fn bench(ws: &Workspace, wan: &crate::wan::BenchWanOpts, quick: bool) -> Res
             dst_ns: Some(&d),
             dst_host: DST_ADDR,
         };
-        for v in &VARIANTS {
-            match measure(&ctx, &place, v) {
-                Ok(r) => results.push(r),
-                Err(e) => {
-                    eprintln!("    failed: {e:#}");
-                    results.push(
-                        json!({"place": place.label, "run": v.name, "error": format!("{e:#}")}),
-                    );
+        for round in 0..rounds {
+            for v in &VARIANTS {
+                match measure(&ctx, &place, v) {
+                    Ok(mut r) => {
+                        r["round"] = json!(round);
+                        results.push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("    failed: {e:#}");
+                        results.push(json!({"place": place.label, "run": v.name, "round": round, "error": format!("{e:#}")}));
+                    }
                 }
             }
         }
         drop(link);
     }
-    print_table(&results);
+    println!("\nevery run:");
+    print_table(&results, true);
+    let failed: Vec<&Value> = results
+        .iter()
+        .filter(|r| r.get("error").is_some())
+        .collect();
+    for r in &failed {
+        println!(
+            "  failed: {} / {} round {}: {}",
+            r["place"], r["run"], r["round"], r["error"]
+        );
+    }
+    let med = medians(&results);
+    println!("\nmedians of {rounds} rounds:");
+    print_table(&med, false);
     println!();
-    for l in verdicts(&results, "loopback", 1.2) {
+    for l in verdicts(&med, "loopback", 1.2) {
         println!("{l}");
     }
-    for l in verdicts(&results, &wan.link.profile, 0.5) {
+    for l in verdicts(&med, &wan.link.profile, 0.5) {
         println!("{l}");
     }
     let out = ws.target.join("xtask").join("bench-qemu.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&json!({"rounds": rounds, "runs": results, "medians": med}))?,
+    )?;
     println!("\nresults: {}", out.display());
     Ok(())
 }
