@@ -40,9 +40,11 @@ pub struct TunnelOpts {
     /// File holding the pre-shared key (see `dwcp keygen`).
     #[arg(long, value_name = "PATH")]
     pub psk_file: PathBuf,
-    /// Compressor of the segments this side sends: none, lz4, zstd or zstd:LEVEL (1..19).
-    #[arg(long, default_value = "lz4", value_parser = parse_codec)]
-    pub codec: Codec,
+    /// Compressor of the segments this side sends: none, lz4, zstd or zstd:LEVEL (1..19). Default: lz4,
+    /// but none when the tunnel's round trip is under 1 ms (there compressing costs the QEMUs CPU
+    /// and saves no time).
+    #[arg(long, value_parser = parse_codec)]
+    pub codec: Option<Codec>,
     /// Raw bytes in flight per QEMU connection and direction (bounds each proxy's buffers).
     #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u32).range(262_144..=1_073_741_824))]
     pub window: u32,
@@ -59,8 +61,10 @@ pub struct TunnelOpts {
 
 impl TunnelOpts {
     fn config(&self) -> TunnelConfig {
+        let defaults = TunnelConfig::default();
         TunnelConfig {
-            codec: self.codec,
+            codec: self.codec.unwrap_or(defaults.codec),
+            local_codec: self.codec.unwrap_or(defaults.local_codec),
             window: self.window,
             accept_timeout: Duration::from_secs(self.wait_secs),
             io_timeout: Duration::from_secs(self.io_timeout_secs),

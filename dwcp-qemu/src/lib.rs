@@ -40,6 +40,10 @@ pub struct TunnelConfig {
     pub streams: u16,
     /// Compressor of the segments this side sends.
     pub codec: Codec,
+    /// Compressor of the segments the source sends when the tunnel's round trip is under 1 ms
+    /// (loopback, one switch): there the CPU limits QEMU, not the link, and compressing takes CPU
+    /// from the QEMUs. Default: none.
+    pub local_codec: Codec,
     /// Raw bytes one direction of one channel may have in flight before the receiver acknowledges
     /// them; each proxy buffers at most this much per channel and direction.
     pub window: u32,
@@ -63,6 +67,7 @@ impl Default for TunnelConfig {
         Self {
             streams: 4,
             codec: Codec::Lz4,
+            local_codec: Codec::None,
             window: 32 << 20,
             max_channels: 32,
             connect_timeout: Duration::from_secs(10),

@@ -17,6 +17,7 @@ use dwcp_core::frame::{FrameReader, FrameType, FrameWriter};
 use dwcp_core::handshake::{
     Negotiated, Offer, Psk, client_handshake, new_session_id, send_error, server_handshake,
 };
+use dwcp_hde::Codec;
 
 use crate::endpoint::{Endpoint, EndpointSettings, Notice, StreamReader};
 use crate::state::Role;
@@ -63,10 +64,10 @@ fn read_message(reader: &mut StreamReader, buf: &mut Vec<u8>) -> Result<Message<
     }
 }
 
-fn settings(role: Role, config: &TunnelConfig, window: u64) -> EndpointSettings {
+fn settings(role: Role, config: &TunnelConfig, codec: Codec, window: u64) -> EndpointSettings {
     EndpointSettings {
         role,
-        codec: config.codec,
+        codec,
         window,
         max_channels: config.max_channels,
         io_timeout: config.io_timeout,
@@ -79,7 +80,7 @@ fn report(
     role: Role,
     streams: usize,
     started: Instant,
-    config: &TunnelConfig,
+    codec: Codec,
 ) -> TunnelReport {
     let counters = endpoint.shared.state.lock().counters();
     TunnelReport {
@@ -88,7 +89,7 @@ fn report(
             Role::Destination => "destination",
         },
         streams,
-        codec: format!("{:?}", config.codec),
+        codec: format!("{codec:?}"),
         channels: counters.channels,
         resets: counters.resets,
         raw_bytes_sent: counters.raw_sent,
@@ -228,10 +229,18 @@ impl SourceProxy {
             streams.push(j?.0);
         }
         tracing::info!(peer = %self.peer, streams = streams.len(), window, send_window, rtt_us = rtt.as_micros() as u64, "QEMU tunnel up");
-        let endpoint = Endpoint::start(settings(Role::Source, cfg, window.into()), streams);
+        // On a local path the link is not what limits QEMU, the CPU is, and the compressor takes it
+        // from the QEMUs (measured: QEMU's plain migration through the tunnel on loopback, 3 rounds,
+        // 485 ms raw against 626 ms with LZ4).
+        let codec = if rtt < LOCAL_RTT {
+            cfg.local_codec
+        } else {
+            cfg.codec
+        };
+        let endpoint = Endpoint::start(settings(Role::Source, cfg, codec, window.into()), streams);
         endpoint.shared.state.lock().set_send_window(send_window);
         let outcome = self.serve(&endpoint);
-        let report = report(&endpoint, Role::Source, stream_count.into(), started, cfg);
+        let report = report(&endpoint, Role::Source, stream_count.into(), started, codec);
         match outcome {
             Ok(()) => {
                 endpoint.close(cfg.io_timeout)?;
@@ -422,9 +431,12 @@ impl DestinationProxy {
             .map(|s| s.expect("every stream joined"))
             .collect();
         tracing::info!(streams = count, window, "QEMU tunnel accepted");
-        let endpoint = Endpoint::start(settings(Role::Destination, cfg, window.into()), streams);
+        let endpoint = Endpoint::start(
+            settings(Role::Destination, cfg, cfg.codec, window.into()),
+            streams,
+        );
         let outcome = self.serve(&endpoint, count);
-        let report = report(&endpoint, Role::Destination, count, started, cfg);
+        let report = report(&endpoint, Role::Destination, count, started, cfg.codec);
         match outcome {
             Ok(()) => {
                 endpoint.close(cfg.io_timeout)?;

@@ -136,6 +136,7 @@ fn tunnel_throughput_across_the_internet_profile() {
         let psk = Psk::generate();
         let config = TunnelConfig {
             codec: dwcp_hde::Codec::parse(&codec).unwrap(),
+            local_codec: dwcp_hde::Codec::parse(&codec).unwrap(),
             window,
             accept_timeout: Duration::from_secs(30),
             ..TunnelConfig::default()

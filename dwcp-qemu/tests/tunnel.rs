@@ -17,6 +17,7 @@ fn config(codec: Codec) -> TunnelConfig {
     TunnelConfig {
         streams: 3,
         codec,
+        local_codec: codec,
         window: 1 << 20,
         connect_timeout: Duration::from_secs(2),
         io_timeout: Duration::from_secs(10),
