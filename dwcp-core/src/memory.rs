@@ -10,10 +10,10 @@ use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::hash::xxh3_128;
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::error::Error;
+use crate::hash::xxh3_128;
 
 /// The only page size of protocol v1.
 pub const PAGE_SIZE: usize = 4096;

@@ -70,7 +70,7 @@ pub(crate) struct Chooser {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Decision {
     pub codec: Codec,
-    index: usize,
+    pub index: usize,
 }
 
 impl Chooser {

@@ -68,6 +68,9 @@ pub struct EncodeCounters {
     pub delta_bytes: AtomicU64,
     /// Section bytes before compression (session encoder only).
     pub section_bytes: AtomicU64,
+    /// Sections the adaptive policy assigned to each of [`ADAPTIVE_CANDIDATES`](crate::ADAPTIVE_CANDIDATES),
+    /// by index (session encoder with an adaptive codec only).
+    pub adaptive_choices: [AtomicU64; crate::adaptive::CANDIDATES.len()],
 }
 
 /// A snapshot of [`EncodeCounters`].
@@ -95,6 +98,27 @@ pub struct EncodeStats {
     pub delta_bytes: u64,
     /// Section bytes before compression (session encoder only).
     pub section_bytes: u64,
+    /// Sections the adaptive policy assigned to each codec (none, lz4, zstd-1, -3, -6, -9, -13, -19),
+    /// so that a report shows what it chose (session encoder with an adaptive codec only).
+    #[serde(serialize_with = "by_codec_name")]
+    pub adaptive_choices: [u64; crate::adaptive::CANDIDATES.len()],
+}
+
+fn by_codec_name<S: serde::Serializer>(
+    counts: &[u64; crate::adaptive::CANDIDATES.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(counts.len()))?;
+    for (codec, n) in crate::adaptive::CANDIDATES.iter().zip(counts) {
+        let name = match codec {
+            Codec::None => "none".to_string(),
+            Codec::Lz4 => "lz4".to_string(),
+            Codec::Zstd(level) => format!("zstd-{level}"),
+        };
+        map.serialize_entry(&name, n)?;
+    }
+    map.end()
 }
 
 impl EncodeCounters {
@@ -113,6 +137,7 @@ impl EncodeCounters {
             delta_pages: l(&self.delta_pages),
             delta_bytes: l(&self.delta_bytes),
             section_bytes: l(&self.section_bytes),
+            adaptive_choices: std::array::from_fn(|i| l(&self.adaptive_choices[i])),
         }
     }
 }

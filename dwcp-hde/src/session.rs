@@ -587,10 +587,14 @@ impl SessionEncoder {
         };
         let decision = match self.config.codec {
             CodecPolicy::Fixed(codec) => Chooser::decision_for(codec),
-            CodecPolicy::Adaptive { fallback } => self
-                .chooser
-                .choose(len, probe)
-                .unwrap_or_else(|| Chooser::decision_for(fallback)),
+            CodecPolicy::Adaptive { fallback } => {
+                let decision = self
+                    .chooser
+                    .choose(len, probe)
+                    .unwrap_or_else(|| Chooser::decision_for(fallback));
+                self.counters.adaptive_choices[decision.index].fetch_add(1, Ordering::Relaxed);
+                decision
+            }
         };
         if decision.codec == Codec::None || probe >= INCOMPRESSIBLE {
             // A section sent raw by choice says nothing about what its literals would cost.

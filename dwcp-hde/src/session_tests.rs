@@ -160,6 +160,7 @@ proptest! {
         let source = ram(contents.len());
         fill(&source, &contents, &mut rng);
         let sink = ram(contents.len());
+        let adaptive = matches!(policy, CodecPolicy::Adaptive { .. });
         let config = SessionConfig {
             codec: policy,
             threads: 2,
@@ -200,6 +201,14 @@ proptest! {
         }
         let s = encoder.stats();
         prop_assert_eq!(s.zero_pages + s.literal_pages + s.dup_pages + s.delta_pages, sent);
+        // The report says what the adaptive policy chose, and only for it; DUP and DELTA records
+        // always make a section to choose for.
+        let choices: u64 = s.adaptive_choices.iter().sum();
+        if !adaptive {
+            prop_assert_eq!(choices, 0);
+        } else if s.dup_pages + s.delta_pages > 0 {
+            prop_assert!(choices > 0, "{:?}", s);
+        }
     }
 
     /// Corrupted or truncated extended chunks are refused or decode to something, never panic, and the

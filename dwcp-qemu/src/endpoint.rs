@@ -432,7 +432,7 @@ impl Shared {
     /// released were queued for QEMU, the next reader could queue later segments (or the channel's
     /// end) first, and QEMU would read the stream out of order (found by
     /// `a_long_stream_over_many_streams_arrives_in_order`: about one run in ten, and QEMU's multifd
-    /// channels failing about one migration in five).
+    /// migrations failing about one in ten).
     fn route(&self, _state: &Tunnel, events: Vec<Event>) -> Vec<(u32, String)> {
         let mut resets = Vec::new();
         for e in events {

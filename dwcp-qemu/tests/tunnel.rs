@@ -47,14 +47,17 @@ fn content(tag: u8, len: usize) -> Vec<u8> {
         .map(|i| match (i / 65_536) % 3 {
             0 => b"page header and some text "[i % 26] ^ tag,
             1 => 0,
-            _ => {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            }
+            _ => xorshift(&mut x),
         })
         .collect()
+}
+
+/// The next byte of a xorshift64 generator.
+fn xorshift(x: &mut u64) -> u8 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x as u8
 }
 
 #[test]
@@ -213,12 +216,7 @@ fn block(i: u64, out: &mut [u8]) {
         *b = match i % 4 {
             0 => b"a text line of a guest's page cache\n"[j % 36],
             1 => 0,
-            _ => {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            }
+            _ => xorshift(&mut x),
         };
     }
 }

@@ -299,9 +299,11 @@ struct Run {
 ///
 /// The summed delivery rate is the link's rate once the congestion controllers have filled the pipe,
 /// or, when every stream is starved of data (the kernel's app-limited flag), the rate the encoder
-/// produces. During the start-up (BBR's, or slow start) it is neither: taken as the link's, a
-/// start-up sample of a few MB/s made the encoder pick zstd-19, which then produced so little that the
-/// streams never left start-up: an idle image that takes 1.2 s across the emulated WAN took 11.5 s.
+/// produces. During the start-up (BBR's, or slow start) it is neither. Taken as the link's, a
+/// start-up sample of a few MB/s points the encoder at its slowest codecs, which then produce so
+/// little that the streams never leave start-up: an idle image that takes 1.2 s across the emulated
+/// WAN once took 11.5 s, every chunk compressed, slightly smaller than in the fast runs (the codec
+/// levels are not in the report, so zstd-19 is the likely, not the observed, choice).
 /// So no hint is given (the encoder uses its configured codec) until the rate stops growing by more
 /// than a quarter per sample, or the streams are starved.
 ///

@@ -3,7 +3,8 @@
 //!
 //! Goodput here is guest bytes delivered and verified per second of the whole migration (connect,
 //! handshake, transfer, digest check and handover included); random pages are sent raw, so the bytes
-//! on the wire equal the guest bytes plus framing. Target (issue 4): the best dwcp configuration
+//! on the wire equal the guest bytes plus framing. Every configuration runs in `--rounds` (default 3)
+//! interleaved rounds and the rows are medians. Target (issue 4): the best dwcp configuration
 //! reaches at least 0.9 x iperf3 with one stream, measured in the same run.
 
 use std::path::PathBuf;
