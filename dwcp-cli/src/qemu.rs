@@ -82,9 +82,10 @@ pub struct QemuSendArgs {
     /// Address of the `dwcp qemu recv`, HOST:PORT.
     #[arg(long, value_name = "PEER")]
     pub to: String,
-    /// Parallel DWCP streams of the tunnel (at most 2 on a path with a round trip under 1 ms).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub streams: u16,
+    /// Parallel DWCP streams of the tunnel. Default: 4, but 1 on a path with a round trip under 1 ms
+    /// (there more streams take CPU from QEMU); a value given here applies to both.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
     /// Tunnel options.
     #[command(flatten)]
     pub tunnel: TunnelOpts,
@@ -135,9 +136,11 @@ pub fn run(args: QemuArgs) -> anyhow::Result<()> {
         QemuCommand::Send(a) => {
             let psk = load_psk(&a.tunnel.psk_file)?;
             let (listen, peer) = (resolve(&a.listen)?, resolve(&a.to)?);
+            let defaults = a.tunnel.config();
             let config = TunnelConfig {
-                streams: a.streams,
-                ..a.tunnel.config()
+                streams: a.streams.unwrap_or(defaults.streams),
+                local_streams: a.streams.unwrap_or(defaults.local_streams),
+                ..defaults
             };
             let proxy = SourceProxy::bind(listen, peer, psk, config)?;
             eprintln!("dwcp: QEMU may migrate to tcp:{}", proxy.local_addr()?);

@@ -43,6 +43,8 @@ fn migrate_through_dwcp(multifd: u32) {
     };
     let config = TunnelConfig {
         streams: 2,
+        // Two streams even on loopback, so that segments of one channel travel on both.
+        local_streams: 2,
         local_codec,
         accept_timeout: Duration::from_secs(60),
         ..TunnelConfig::default()

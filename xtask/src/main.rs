@@ -70,6 +70,9 @@ enum Cmd {
         /// medians (default 3, 1 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
+        /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2").
+        #[arg(long)]
+        only: Option<String>,
         /// With `wan`: the link and the dwcp runs.
         #[command(flatten)]
         wan: wan::BenchWanOpts,
@@ -211,10 +214,11 @@ fn main() -> ExitCode {
             headline_only,
             wan,
             rounds,
+            only,
         } => match which {
             Which::Wan => wan::bench(&ws, &wan, quick, strict),
             Which::Amst => amst::bench(&ws, quick, rounds),
-            Which::Qemu => qemu::bench(&ws, &wan, quick, rounds),
+            Which::Qemu => qemu::bench(&ws, &wan, quick, rounds, only.as_deref()),
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),

@@ -666,7 +666,15 @@ pub fn bench(
     wan: &crate::wan::BenchWanOpts,
     quick: bool,
     rounds: Option<usize>,
+    only: Option<&str>,
 ) -> Result<()> {
+    let variants: Vec<&Variant> = VARIANTS
+        .iter()
+        .filter(|v| only.is_none_or(|o| v.name.contains(o)))
+        .collect();
+    if variants.is_empty() {
+        anyhow::bail!("no configuration's name contains {only:?}");
+    }
     // One migration of this guest varies 2-3x between runs on the shared 2-core machine (direct
     // multifd 2 on loopback: 303 to 2123 ms), so every configuration runs in several interleaved
     // rounds and the verdicts compare medians.
@@ -697,7 +705,7 @@ pub fn bench(
         dst_host: "127.0.0.1",
     };
     for round in 0..rounds {
-        for v in &VARIANTS {
+        for v in &variants {
             let mut r = measure(&ctx, &loopback, v)?;
             r["round"] = json!(round);
             results.push(r);
@@ -725,7 +733,7 @@ pub fn bench(
             dst_host: DST_ADDR,
         };
         for round in 0..rounds {
-            for v in &VARIANTS {
+            for v in &variants {
                 match measure(&ctx, &place, v) {
                     Ok(mut r) => {
                         r["round"] = json!(round);
