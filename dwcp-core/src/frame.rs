@@ -209,10 +209,17 @@ pub fn encode_header_prefixed(
     let len =
         u32::try_from(prefix.len() + body.len()).expect("payload length is bounded by MAX_PAYLOAD");
     h[24..28].copy_from_slice(&len.to_le_bytes());
-    let mut hasher = Xxh3Stream::with_seed(xxh3_64(&h[..32]));
-    hasher.update(prefix);
-    hasher.update(body);
-    h[32..40].copy_from_slice(&hasher.digest().to_le_bytes());
+    let sum = if prefix.is_empty() {
+        // One pass over one slice: the one-shot hash is faster than the streaming one (27 against
+        // 21 GB/s here), and most frames (all of the QEMU tunnel's) have no prefix.
+        checksum(&h, body)
+    } else {
+        let mut hasher = Xxh3Stream::with_seed(xxh3_64(&h[..32]));
+        hasher.update(prefix);
+        hasher.update(body);
+        hasher.digest()
+    };
+    h[32..40].copy_from_slice(&sum.to_le_bytes());
     h
 }
 
