@@ -52,6 +52,28 @@ pub fn max_encoded_len(pages: usize, runs: usize) -> usize {
     CHUNK_HEADER_LEN + RUN_LEN * runs + pages + pages * PAGE_SIZE
 }
 
+/// Starts a chunk in `out` (cleared first, room reserved for `bound` bytes): `header_len` zero bytes
+/// for the caller's header, the run table of `pages`, and one zeroed class byte per page. Returns the
+/// offset of the class bytes; the chunk's section starts `pages.len()` bytes after it. Both chunk
+/// formats share this layout.
+pub(crate) fn begin_chunk(
+    out: &mut Vec<u8>,
+    header_len: usize,
+    bound: usize,
+    pages: &[u64],
+) -> usize {
+    out.clear();
+    out.reserve(bound);
+    out.resize(header_len, 0);
+    for (start, len) in runs_of(pages) {
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let classes_at = out.len();
+    out.resize(classes_at + pages.len(), 0);
+    classes_at
+}
+
 /// Splits ascending page numbers into runs of consecutive pages.
 pub fn runs_of(pages: &[u64]) -> impl Iterator<Item = (u64, u16)> + '_ {
     let mut i = 0;

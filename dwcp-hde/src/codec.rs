@@ -8,7 +8,7 @@ use dwcp_core::memory::{MemorySource, PAGE_SIZE, is_zero_page};
 
 use crate::chunk::{
     CHUNK_HEADER_LEN, DecodedChunk, MAX_CHUNK_PAGES, PageClass, PageData, SectionCodec,
-    max_encoded_len, parse, runs_of,
+    begin_chunk, max_encoded_len, parse, runs_of,
 };
 
 /// Which compressor literal sections use.
@@ -168,15 +168,8 @@ pub fn encode_chunk(
         )));
     }
     let run_count = runs_of(pages).count();
-    out.clear();
-    out.reserve(max_encoded_len(pages.len(), run_count));
-    out.extend_from_slice(&[0u8; CHUNK_HEADER_LEN]);
-    for (start, len) in runs_of(pages) {
-        out.extend_from_slice(&start.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-    }
-    let classes_at = out.len();
-    out.resize(classes_at + pages.len(), 0);
+    let bound = max_encoded_len(pages.len(), run_count);
+    let classes_at = begin_chunk(out, CHUNK_HEADER_LEN, bound, pages);
     let section_at = out.len();
 
     // Copy every page straight into the literal section; a zero page is dropped again at once.

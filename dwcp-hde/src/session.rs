@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use crate::adaptive::{Chooser, INCOMPRESSIBLE};
 use crate::cache::DeltaCache;
-use crate::chunk::{MAX_CHUNK_PAGES, runs_of};
+use crate::chunk::{MAX_CHUNK_PAGES, begin_chunk, runs_of};
 use crate::codec::{Codec, EncodeCounters, EncodeStats};
 use crate::compress::{compress, probe_ratio};
 use crate::dedup::DedupIndex;
@@ -394,15 +394,8 @@ impl SessionEncoder {
     ) -> Result<usize, Error> {
         self.check_pages(pages)?;
         let run_count = runs_of(pages).count();
-        out.clear();
-        out.reserve(max_extended_len(pages.len(), run_count));
-        out.resize(EXTENDED_HEADER_LEN, 0);
-        for (start, len) in runs_of(pages) {
-            out.extend_from_slice(&start.to_le_bytes());
-            out.extend_from_slice(&len.to_le_bytes());
-        }
-        let classes_at = out.len();
-        out.resize(classes_at + pages.len(), 0);
+        let bound = max_extended_len(pages.len(), run_count);
+        let classes_at = begin_chunk(out, EXTENDED_HEADER_LEN, bound, pages);
         let section_at = out.len();
         scratch.dups.clear();
         scratch.deltas.clear();
