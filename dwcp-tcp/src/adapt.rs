@@ -49,22 +49,18 @@ impl StreamCountController {
         matches!(self.state, State::Settled { .. })
     }
 
-    fn grow(&self) -> usize {
-        (self.target * 2).min(self.max)
+    /// Doubles the target (up to the maximum) and measures whether that pays against `base`.
+    fn probe_more(&mut self, base: f64) -> State {
+        let from = self.target;
+        self.target = (self.target * 2).min(self.max);
+        State::Probing { from, base }
     }
 
     /// Takes the aggregate goodput (bytes/s) measured over the last window, run with
     /// [`target`](Self::target) streams, and returns the target for the next window.
     pub fn observe(&mut self, goodput: f64) -> usize {
         self.state = match self.state {
-            State::Warmup if self.target < self.max => {
-                let from = self.target;
-                self.target = self.grow();
-                State::Probing {
-                    from,
-                    base: goodput,
-                }
-            }
+            State::Warmup if self.target < self.max => self.probe_more(goodput),
             State::Warmup => State::Settled {
                 goodput,
                 low_windows: 0,
@@ -72,12 +68,7 @@ impl StreamCountController {
             State::Probing { from, base } => {
                 if goodput >= base * (1.0 + GROW_GAIN) {
                     if self.target < self.max {
-                        let from = self.target;
-                        self.target = self.grow();
-                        State::Probing {
-                            from,
-                            base: goodput,
-                        }
+                        self.probe_more(goodput)
                     } else {
                         State::Settled {
                             goodput,
@@ -99,12 +90,7 @@ impl StreamCountController {
             } => {
                 if goodput < settled * (1.0 - COLLAPSE) {
                     if low_windows + 1 >= 2 && self.target < self.max {
-                        let from = self.target;
-                        self.target = self.grow();
-                        State::Probing {
-                            from,
-                            base: goodput,
-                        }
+                        self.probe_more(goodput)
                     } else {
                         State::Settled {
                             goodput: settled,
