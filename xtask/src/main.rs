@@ -11,7 +11,9 @@
 //! - `wan up|down|check` and `bench wan --profile P`: the WAN test bed (`dwcp-wanem`, see `wan.rs` and
 //!   `docs/wan-testbed.md`); these need root.
 //! - `bench amst`: loopback goodput of 1..16 streams next to `iperf3 -P` (`amst.rs`).
-//! - `bench qemu`: QEMU's own migration direct and through dwcp, loopback and WAN (`qemu.rs`).
+//! - `bench qemu`: QEMU's own migration direct and through dwcp, loopback and WAN (`qemu.rs`);
+//!   `--baseline PATH` runs every dwcp configuration again with another `dwcp` build, interleaved,
+//!   for an A/B comparison on the same noisy machine.
 //! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
 //!   (`rdma.rs`, `docs/rdma.md`).
 //!
@@ -73,6 +75,11 @@ enum Cmd {
         /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2").
         #[arg(long)]
         only: Option<String>,
+        /// With `qemu`: also run every dwcp configuration with this other `dwcp` binary (e.g. a
+        /// build of an earlier commit), interleaved, as rows named "baseline ...", for an A/B
+        /// comparison on the same noisy machine; the verdicts ignore these rows.
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
         /// With `wan`: the link and the dwcp runs.
         #[command(flatten)]
         wan: wan::BenchWanOpts,
@@ -215,10 +222,11 @@ fn main() -> ExitCode {
             wan,
             rounds,
             only,
+            baseline,
         } => match which {
             Which::Wan => wan::bench(&ws, &wan, quick, strict),
             Which::Amst => amst::bench(&ws, quick, rounds),
-            Which::Qemu => qemu::bench(&ws, &wan, quick, rounds, only.as_deref()),
+            Which::Qemu => qemu::bench(&ws, &wan, quick, rounds, only.as_deref(), baseline),
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),

@@ -346,11 +346,42 @@ struct Ctx {
     initrd: PathBuf,
     kernel: PathBuf,
     dwcp: PathBuf,
+    /// Another `dwcp` binary every dwcp configuration also runs with (`--baseline`).
+    baseline: Option<PathBuf>,
     psk: PathBuf,
 }
 
-fn measure(ctx: &Ctx, place: &Place<'_>, v: &Variant) -> Result<Value> {
-    eprintln!("\n==> {} / {}", place.label, v.name);
+/// One run of the benchmark: a configuration, and the `dwcp` binary of its proxies.
+struct Run<'a> {
+    variant: &'a Variant,
+    name: String,
+    dwcp: &'a Path,
+}
+
+/// The runs of one round: every configuration, and each dwcp one again with the baseline binary
+/// right after it.
+fn runs<'a>(ctx: &'a Ctx, variants: &[&'a Variant]) -> Vec<Run<'a>> {
+    let mut out = Vec::new();
+    for &v in variants {
+        out.push(Run {
+            variant: v,
+            name: v.name.to_string(),
+            dwcp: &ctx.dwcp,
+        });
+        if let (true, Some(b)) = (v.dwcp, &ctx.baseline) {
+            out.push(Run {
+                variant: v,
+                name: format!("baseline {}", v.name),
+                dwcp: b,
+            });
+        }
+    }
+    out
+}
+
+fn measure(ctx: &Ctx, place: &Place<'_>, run: &Run<'_>) -> Result<Value> {
+    let v = run.variant;
+    eprintln!("\n==> {} / {}", place.label, run.name);
     let mut src = Qemu::start(
         &ctx.dir,
         "src",
@@ -380,7 +411,7 @@ fn measure(ctx: &Ctx, place: &Place<'_>, v: &Variant) -> Result<Value> {
     let mut proxies = Vec::new();
     let target = if v.dwcp {
         let (tunnel_port, src_port) = (free_port()?, free_port()?);
-        let mut recv = in_ns(place.dst_ns, &ctx.dwcp);
+        let mut recv = in_ns(place.dst_ns, run.dwcp);
         recv.args(["qemu", "recv", "--json", "--wait-secs", "120", "--listen"])
             .arg(format!("{}:{tunnel_port}", place.dst_host))
             .arg("--qemu")
@@ -389,7 +420,7 @@ fn measure(ctx: &Ctx, place: &Place<'_>, v: &Variant) -> Result<Value> {
             .arg(&ctx.psk);
         // The source proxy retries a refused connection, so the order of the two does not matter.
         let recv = Proc::spawn(&mut recv, Io::Capture)?;
-        let mut send = in_ns(place.src_ns, &ctx.dwcp);
+        let mut send = in_ns(place.src_ns, run.dwcp);
         send.args(["qemu", "send", "--json", "--wait-secs", "120"]);
         if !v.tunnel_codec.is_empty() {
             send.args(["--codec", v.tunnel_codec]);
@@ -461,7 +492,7 @@ fn measure(ctx: &Ctx, place: &Place<'_>, v: &Variant) -> Result<Value> {
         ram["transferred"].as_u64().unwrap_or(0)
     };
     let r = json!({
-        "place": place.label, "run": v.name, "status": info["status"], "dest_status": dest_status,
+        "place": place.label, "run": run.name, "status": info["status"], "dest_status": dest_status,
         "total_ms": info["total-time"], "downtime_ms": info["downtime"],
         "end_to_end_ms": end_to_end_ms, "real_downtime_ms": real_downtime_ms,
         "qemu_transferred_bytes": ram["transferred"], "wire_bytes": wire,
@@ -472,7 +503,7 @@ fn measure(ctx: &Ctx, place: &Place<'_>, v: &Variant) -> Result<Value> {
         bail!(
             "{} / {}: migration {} and destination {dest_status}",
             place.label,
-            v.name,
+            run.name,
             info["status"]
         );
     }
@@ -634,7 +665,10 @@ fn verdicts(results: &[Value], place: &str, ratio: f64) -> Vec<String> {
         results
             .iter()
             .filter(|r| {
-                r["place"] == place && r["run"].as_str().unwrap_or("").starts_with("dwcp") == dwcp
+                let run = r["run"].as_str().unwrap_or("");
+                r["place"] == place
+                    && !run.starts_with("baseline")
+                    && run.starts_with("dwcp") == dwcp
             })
             .filter_map(|r| {
                 r[key]
@@ -667,6 +701,7 @@ pub fn bench(
     quick: bool,
     rounds: Option<usize>,
     only: Option<&str>,
+    baseline: Option<PathBuf>,
 ) -> Result<()> {
     let variants: Vec<&Variant> = VARIANTS
         .iter()
@@ -694,6 +729,7 @@ pub fn bench(
         initrd: build_initrd(&dir)?,
         kernel: kernel()?,
         dwcp: ws.target.join("release/dwcp"),
+        baseline,
         psk,
         dir: dir.clone(),
     };
@@ -704,9 +740,10 @@ pub fn bench(
         dst_ns: None,
         dst_host: "127.0.0.1",
     };
+    let runs = runs(&ctx, &variants);
     for round in 0..rounds {
-        for v in &variants {
-            let mut r = measure(&ctx, &loopback, v)?;
+        for run in &runs {
+            let mut r = measure(&ctx, &loopback, run)?;
             r["round"] = json!(round);
             results.push(r);
         }
@@ -733,15 +770,15 @@ pub fn bench(
             dst_host: DST_ADDR,
         };
         for round in 0..rounds {
-            for v in &variants {
-                match measure(&ctx, &place, v) {
+            for run in &runs {
+                match measure(&ctx, &place, run) {
                     Ok(mut r) => {
                         r["round"] = json!(round);
                         results.push(r);
                     }
                     Err(e) => {
                         eprintln!("    failed: {e:#}");
-                        results.push(json!({"place": place.label, "run": v.name, "round": round, "error": format!("{e:#}")}));
+                        results.push(json!({"place": place.label, "run": run.name, "round": round, "error": format!("{e:#}")}));
                     }
                 }
             }
