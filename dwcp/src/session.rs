@@ -13,8 +13,10 @@ pub(crate) type StreamReader = FrameReader<BufReader<Box<dyn Conn>>>;
 /// Write side of a stream.
 pub(crate) type StreamWriter = FrameWriter<Box<dyn Conn>>;
 
-/// Bytes buffered ahead on each read side.
-const READ_BUFFER: usize = 256 << 10;
+/// Bytes buffered ahead on each read side: enough for frame headers and small frames. A larger
+/// payload is read straight into its buffer, except what the read buffer already holds, which is
+/// copied; so a buffer much larger than this makes each data frame cost a second copy.
+const READ_BUFFER: usize = 16 << 10;
 
 /// Splits a connected stream into its frame reader and writer, with `io_timeout` on both directions.
 pub(crate) fn split(
