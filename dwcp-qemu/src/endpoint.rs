@@ -22,9 +22,9 @@ use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, HEADER_LEN};
 use dwcp_hde::Codec;
 
-use crate::segment;
+use crate::segment::{self, RawSegment};
 use crate::state::{Event, Role, Tunnel};
-use crate::wire::{DATA_HEADER_LEN, MAX_SEGMENT, Message, data_header};
+use crate::wire::{DATA_HEADER_LEN, Encoding, MAX_SEGMENT, Message, data_header};
 
 /// Frames a lane holds queued before its senders block.
 const LANE_QUEUE_FRAMES: usize = 8;
@@ -54,7 +54,7 @@ struct Lane {
 }
 
 enum Down {
-    Bytes(Vec<u8>),
+    Bytes(RawSegment),
     End,
     Reset,
 }
@@ -514,9 +514,20 @@ fn stream_reader(shared: &Arc<Shared>, i: usize, mut reader: StreamReader) {
                     raw_len,
                     body,
                 } => {
-                    // Decompress outside the state lock: the streams decode in parallel.
-                    let mut raw = shared.take_buffer();
-                    segment::decode(encoding, raw_len, body, &mut raw)?;
+                    let raw = if encoding == Encoding::Raw && body.len() == raw_len as usize {
+                        // The frame's buffer goes on to QEMU as it is; the next frame is read into
+                        // a spare one.
+                        let start = payload.len() - body.len();
+                        RawSegment::new(
+                            std::mem::replace(&mut payload, shared.take_buffer()),
+                            start,
+                        )
+                    } else {
+                        // Decompress outside the state lock: the streams decode in parallel.
+                        let mut raw = shared.take_buffer();
+                        segment::decode(encoding, raw_len, body, &mut raw)?;
+                        raw.into()
+                    };
                     let mut state = shared.state.lock();
                     let events = state.on_data(channel, seq, raw)?;
                     shared.route(&state, events)
@@ -619,14 +630,14 @@ fn pump_up(shared: &Arc<Shared>, id: u32, mut socket: TcpStream) {
                     &mut out,
                     &mut scratch,
                 );
-                if enc != crate::wire::Encoding::Raw {
+                if enc != Encoding::Raw {
                     shared.give_buffer(std::mem::replace(&mut payload, out));
                 } else {
                     shared.give_buffer(out);
                 }
                 enc
             };
-            if encoding == crate::wire::Encoding::Zero {
+            if encoding == Encoding::Zero {
                 payload.truncate(DATA_HEADER_LEN);
             }
             let Some(seq) = shared.state.lock().next_segment(id, n) else {
@@ -666,7 +677,7 @@ fn pump_down(shared: &Arc<Shared>, id: u32, mut socket: TcpStream, rx: Receiver<
                     .state
                     .lock()
                     .on_written(id, bytes.len() as u64, rx.is_empty());
-                shared.give_buffer(bytes);
+                shared.give_buffer(bytes.into_buffer());
                 if let Some(ack) = ack
                     && let Err(e) = shared.send_message(&ack, None)
                 {

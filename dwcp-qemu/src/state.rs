@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use dwcp_core::error::Error;
 
+use crate::segment::RawSegment;
 use crate::wire::{MAX_SEGMENT, Message};
 
 /// A receiver acknowledges at least every this many written bytes.
@@ -27,7 +28,7 @@ pub enum Event {
     /// A new channel exists (destination: connect to QEMU, in id order).
     Opened(u32),
     /// Bytes to write to the channel's local QEMU connection, in order.
-    Deliver(u32, Vec<u8>),
+    Deliver(u32, RawSegment),
     /// Every byte of the peer's direction was delivered above: shut down the local write side.
     Ended(u32),
     /// The peer reset the channel: tear down the local connection.
@@ -40,7 +41,7 @@ pub enum Event {
 #[derive(Debug, Default)]
 struct Inbound {
     next_seq: u64,
-    pending: BTreeMap<u64, Vec<u8>>,
+    pending: BTreeMap<u64, RawSegment>,
     /// Raw bytes received, in order or not.
     received: u64,
     /// Raw bytes released in order to the local writer.
@@ -282,7 +283,13 @@ impl Tunnel {
     }
 
     /// Handles segment `seq` of `channel`, already decoded to `raw` (at most [`MAX_SEGMENT`] bytes).
-    pub fn on_data(&mut self, channel: u32, seq: u64, raw: Vec<u8>) -> Result<Vec<Event>, Error> {
+    pub fn on_data(
+        &mut self,
+        channel: u32,
+        seq: u64,
+        raw: impl Into<RawSegment>,
+    ) -> Result<Vec<Event>, Error> {
+        let raw = raw.into();
         let mut events = Vec::new();
         let window = self.window;
         let Some(ch) = self.peer_channel(channel, &mut events)? else {
@@ -537,7 +544,7 @@ mod tests {
         assert!(dst.on_data(2, 1, vec![1]).is_err(), "data after the end");
         assert_eq!(
             dst.on_data(2, 0, vec![1; 10]).unwrap(),
-            vec![Event::Deliver(2, vec![1; 10]), Event::Ended(2)]
+            vec![Event::Deliver(2, vec![1; 10].into()), Event::Ended(2)]
         );
         assert!(dst.on_message(&end(1, 10)).is_err(), "second end");
     }

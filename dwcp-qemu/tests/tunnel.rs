@@ -210,6 +210,31 @@ fn a_wrong_key_never_reaches_the_destination_qemu() {
     assert!(qemu.accept().is_err(), "the destination QEMU was contacted");
 }
 
+#[test]
+fn a_qemu_that_never_migrates_times_the_source_out() {
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = TunnelConfig {
+        accept_timeout: Duration::from_secs(1),
+        ..config(Codec::Lz4)
+    };
+    let started = Instant::now();
+    let (_addr, source, dest) = proxies(qemu.local_addr().unwrap(), cfg);
+    let err = source.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Timeout(m) if m.contains("QEMU did not connect")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the source gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination saw the abort"
+    );
+}
+
 /// Block `i` of the long stream below: text, zeros or pseudo-random bytes, so that segments take
 /// different times to decode and the stream readers overtake each other.
 fn block(i: u64, out: &mut [u8]) {
