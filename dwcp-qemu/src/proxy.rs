@@ -278,6 +278,9 @@ impl SourceProxy {
                     while !stop.load(Ordering::Acquire) {
                         match listener.accept() {
                             Ok(pair) => {
+                                // An accepted socket inherits the listener's receive timeout, and
+                                // QEMU may pause a connection for longer than that.
+                                let _ = pair.0.set_read_timeout(None);
                                 if tx.send(Ok(pair)).is_err() {
                                     return;
                                 }

@@ -211,6 +211,40 @@ fn a_wrong_key_never_reaches_the_destination_qemu() {
 }
 
 #[test]
+fn a_connection_that_pauses_is_carried_whole() {
+    // QEMU's connections go quiet for a while (a multifd channel waits for the main one's sync):
+    // a pause of any length below the I/O timeout is not an error.
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_addr = qemu.local_addr().unwrap();
+    let dst = std::thread::spawn(move || {
+        let (mut s, _) = qemu.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let (addr, source, dest) = proxies(qemu_addr, config(Codec::Lz4));
+    let data = content(7, 400_000);
+    // As QEMU does, connect once the source proxy is serving (its tunnel is up well within this):
+    // connections accepted then, not ones queued earlier, are the ones a serving proxy handles.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&data[..100_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    s.write_all(&data[100_000..]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(dst.join().unwrap() == data, "the bytes differ");
+    let (s, d) = (
+        source.join().unwrap().unwrap(),
+        dest.join().unwrap().unwrap(),
+    );
+    assert_eq!(s.resets + d.resets, 0);
+}
+
+#[test]
 fn a_qemu_that_never_migrates_times_the_source_out() {
     let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = TunnelConfig {
