@@ -129,6 +129,19 @@ impl Proc {
         })
     }
 
+    /// Kills the process (with its descendants) unless it already exited, and returns the end of
+    /// what it wrote to standard error, for a failure report.
+    pub fn stop_and_tail(&mut self) -> String {
+        self.kill();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        tail(&self.label, &stderr)
+    }
+
     /// Like [`wait`](Self::wait), and fails unless the process exited successfully.
     pub fn wait_success(&mut self, timeout: Duration) -> Result<Finished> {
         let out = self.wait(timeout)?;

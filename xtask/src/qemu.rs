@@ -380,7 +380,6 @@ fn runs<'a>(ctx: &'a Ctx, variants: &[&'a Variant]) -> Vec<Run<'a>> {
 }
 
 fn measure(ctx: &Ctx, place: &Place<'_>, run: &Run<'_>) -> Result<Value> {
-    let v = run.variant;
     eprintln!("\n==> {} / {}", place.label, run.name);
     let mut src = Qemu::start(
         &ctx.dir,
@@ -398,6 +397,33 @@ fn measure(ctx: &Ctx, place: &Place<'_>, run: &Run<'_>) -> Result<Value> {
         true,
         place.dst_ns,
     )?;
+    let mut proxies = Vec::new();
+    match migrate(ctx, place, run, &mut src, &mut dst, &mut proxies) {
+        Ok(r) => Ok(r),
+        // What the QEMUs and the proxies said last is what tells why.
+        Err(e) => {
+            let mut why = format!("{e:#}");
+            for p in [&mut src.proc, &mut dst.proc]
+                .into_iter()
+                .chain(proxies.iter_mut())
+            {
+                why.push_str(&p.stop_and_tail());
+            }
+            bail!("{why}")
+        }
+    }
+}
+
+/// The migration of one run, between two booted QEMUs; the proxies it starts go to `proxies`.
+fn migrate(
+    ctx: &Ctx,
+    place: &Place<'_>,
+    run: &Run<'_>,
+    src: &mut Qemu,
+    dst: &mut Qemu,
+    proxies: &mut Vec<Proc>,
+) -> Result<Value> {
+    let v = run.variant;
     src.wait_ready()?;
     std::thread::sleep(Duration::from_secs(1));
     src.configure(v)?;
@@ -408,7 +434,6 @@ fn measure(ctx: &Ctx, place: &Place<'_>, run: &Run<'_>) -> Result<Value> {
         "migrate-incoming",
         json!({"uri": format!("tcp:{dst_qemu_host}:{qemu_port}")}),
     )?;
-    let mut proxies = Vec::new();
     let target = if v.dwcp {
         let (tunnel_port, src_port) = (free_port()?, free_port()?);
         let mut recv = in_ns(place.dst_ns, run.dwcp);
@@ -472,7 +497,7 @@ fn measure(ctx: &Ctx, place: &Place<'_>, run: &Run<'_>) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut tunnel = Vec::new();
-    for mut p in proxies {
+    for p in proxies.iter_mut() {
         let out = p.wait_success(Duration::from_secs(90))?;
         tunnel.push(serde_json::from_str::<Value>(out.stdout.trim()).unwrap_or(Value::Null));
     }
