@@ -8,7 +8,8 @@
 //!   turned off.
 //! - `bench wan` measures, across one private link: iperf3 single-stream CUBIC, single-stream BBR and
 //!   `-P 8`, then `dwcp send`/`recv` of a random and an idle-guest image; it prints goodput, logical
-//!   throughput and migration time and writes `target/xtask/bench-wan.json`.
+//!   throughput and migration time (with the adaptive codec's choices) and writes
+//!   `target/xtask/bench-wan.json` and a copy named after the time of the run.
 //!
 //! Traffic only ever goes to 10.77.0.2 inside namespaces this xtask created. Every child runs under a
 //! time limit, and a private link is torn down on every exit path (its forwarder also stops by itself
@@ -917,13 +918,14 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
             logical: Some(num("memory_bytes") / total_s),
             time_s: total_s,
             notes: format!(
-                "wire {:.0} MB, {} streams, digest ok; pass 0 {} wire, setup {setup_ms:.0} ms, commit {:.0} ms; emulator: lost {} / queue drops {}, wall {wall:.1} s",
+                "wire {:.0} MB, {} streams, digest ok; pass 0 {} wire, setup {setup_ms:.0} ms, commit {:.0} ms; emulator: lost {} / queue drops {}, wall {wall:.1} s{}",
                 num("wire_bytes") / 1e6,
                 s["streams"].as_u64().map_or("?".into(), |n| n.to_string()),
                 mbit(pass0_rate * 8.0),
                 num("downtime_ms"),
                 counter_delta(&before, &after, "lost"),
-                counter_delta(&before, &after, "queue_drops")
+                counter_delta(&before, &after, "queue_drops"),
+                codec_choices(&s["encode"]["adaptive_choices"])
             ),
             data: json!({ "send": s, "recv": r }),
         });
@@ -1001,9 +1003,42 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
         "targets": targets.iter().map(|(t, ok)| json!({ "target": t, "met": ok })).collect::<Vec<_>>(),
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
-    println!("\n(written to {})", json_path.display());
+    // Every run is also kept under its own name: an outlier is only understood from its report.
+    let stamped = ws.target.join("xtask").join(format!(
+        "bench-wan-{}.json",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    ));
+    std::fs::write(&stamped, serde_json::to_string_pretty(&doc)?)?;
+    println!(
+        "\n(written to {} and {})",
+        json_path.display(),
+        stamped.display()
+    );
     if strict && targets.iter().any(|(_, ok)| !ok) {
         bail!("some WAN targets were missed (--strict)");
     }
     Ok(())
+}
+
+/// The adaptive codec's choices of a `dwcp send` report (sections per codec), those it made, as
+/// "; codecs: lz4 530, zstd-1 409"; empty when it made none.
+fn codec_choices(choices: &Value) -> String {
+    let made: Vec<String> = choices
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(codec, n)| {
+            n.as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| format!("{codec} {n}"))
+        })
+        .collect();
+    if made.is_empty() {
+        String::new()
+    } else {
+        format!("; codecs: {}", made.join(", "))
+    }
 }
