@@ -69,7 +69,7 @@ enum Cmd {
         #[arg(long)]
         headline_only: bool,
         /// With `amst`/`qemu`: interleaved rounds of every configuration; the verdicts compare
-        /// medians (default 3, 1 with `--quick`).
+        /// medians (default 3, and 7 for `qemu` on loopback; 1 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
         /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2").
