@@ -13,18 +13,16 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use crate::Workspace;
-use crate::headline::{demo_with, flag, iperf3_parallel, num, require_iperf3};
+use crate::headline::{demo_with, flag, iperf3_parallel, num, require_iperf3, upper_median};
 use crate::process::{Io, run};
 
 const TARGET_OF_IPERF_SINGLE: f64 = 0.9;
 /// Runs of each configuration by default (one with `--quick`).
 const ROUNDS: usize = 3;
 
-/// The median (the upper one of an even count).
-pub(crate) fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The median of a configuration's runs (every configuration runs at least once).
+fn median(v: &[f64]) -> f64 {
+    upper_median(v).expect("at least one round")
 }
 
 /// Runs the AMST benchmark.

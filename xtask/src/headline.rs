@@ -70,6 +70,14 @@ struct Stats {
     samples: Vec<f64>,
 }
 
+/// The middle value of `v` (the upper of the two middle ones for an even count, so that it is always
+/// a measured value); `None` for no values.
+pub(crate) fn upper_median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 impl Stats {
     fn new(samples: Vec<f64>) -> Self {
         Self { samples }
@@ -785,6 +793,13 @@ pub(crate) fn flag(v: &Value, key: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upper_median_is_always_a_measured_value() {
+        assert_eq!(upper_median(&[]), None);
+        assert_eq!(upper_median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(upper_median(&[4.0, 1.0, 3.0, 2.0]), Some(3.0));
+    }
 
     #[test]
     fn median_min_max() {

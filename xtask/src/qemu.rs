@@ -675,7 +675,7 @@ fn medians(results: &[Value]) -> Vec<Value> {
             ] {
                 let v: Vec<f64> = rows.iter().filter_map(|r| r[key].as_f64()).collect();
                 if !v.is_empty() {
-                    m[key] = json!(crate::amst::median(&v));
+                    m[key] = json!(crate::headline::upper_median(&v));
                 }
             }
             m

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::Workspace;
+use crate::headline::upper_median;
 use crate::process::{Io, Proc, run};
 
 /// Kernel modules, in load order.
@@ -658,14 +659,6 @@ fn dwcp_goodputs(console: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 fn report_bench(console: &str) -> Result<()> {
     let ib = ib_write_bw_averages(console);
     let dwcp = dwcp_goodputs(console);
@@ -674,9 +667,9 @@ fn report_bench(console: &str) -> Result<()> {
         .filter(|(c, _)| *c == 1)
         .map(|(_, g)| *g)
         .collect();
-    let ib_median = median(ib.clone())
+    let ib_median = upper_median(&ib)
         .context("no ib_write_bw result in the guest output (see the console above)")?;
-    let dwcp_median = median(single.clone())
+    let dwcp_median = upper_median(&single)
         .context("no dwcp RDMA benchmark result in the guest output (see the console above)")?;
     eprintln!(
         "\nRDMA goodput in one Soft-RoCE guest, {BENCH_MSG}-byte messages, MB = 2^20 bytes (rounds interleaved):"
@@ -694,7 +687,7 @@ fn report_bench(console: &str) -> Result<()> {
     // Each dwcp round runs right after its ib_write_bw round: the per-round ratio cancels the load
     // of the (shared) host drifting between rounds, the ratio of the medians does not.
     let round_ratios: Vec<f64> = ib.iter().zip(&single).map(|(a, b)| b / a).collect();
-    let paired = median(round_ratios.clone()).unwrap_or(0.0);
+    let paired = upper_median(&round_ratios).unwrap_or(0.0);
     let ratio = dwcp_median / ib_median;
     let verdict = |r: f64| if r >= TARGET_RATIO { "met" } else { "MISSED" };
     eprintln!(
