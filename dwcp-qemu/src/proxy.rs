@@ -7,8 +7,6 @@
 use std::collections::BTreeSet;
 use std::io::{BufReader, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, bounded, select, unbounded};
@@ -263,47 +261,33 @@ impl SourceProxy {
             .listener
             .try_clone()
             .map_err(|e| Error::io("cloning the QEMU listener", e))?;
-        // Linux's accept() gives up after the socket's receive timeout: the acceptor looks at `stop`
-        // that often.
-        socket2::SockRef::from(&listener)
-            .set_read_timeout(Some(ACCEPT_TICK))
-            .map_err(|e| Error::io("setting the QEMU listener's timeout", e))?;
-        let stop = Arc::new(AtomicBool::new(false));
         let (tx, accepted) = bounded(1);
-        let acceptor = {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("qemu-accept".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Acquire) {
-                        match listener.accept() {
-                            Ok(pair) => {
-                                // An accepted socket inherits the listener's receive timeout, and
-                                // QEMU may pause a connection for longer than that.
-                                let _ = pair.0.set_read_timeout(None);
-                                if tx.send(Ok(pair)).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock
-                                        | ErrorKind::TimedOut
-                                        | ErrorKind::Interrupted
-                                ) => {}
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
+        let acceptor = std::thread::Builder::new()
+            .name("qemu-accept".into())
+            .spawn(move || {
+                loop {
+                    match listener.accept() {
+                        Ok(pair) => {
+                            if tx.send(Ok(pair)).is_err() {
                                 return;
                             }
                         }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        // Also how it ends: shutting the listener down below fails a blocked
+                        // accept(), and the receiver is gone by then.
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
                     }
-                })
-                .map_err(|e| Error::io("spawning the QEMU acceptor", e))?
-        };
+                }
+            })
+            .map_err(|e| Error::io("spawning the QEMU acceptor", e))?;
         let result = self.serve_channels(endpoint, &accepted);
-        stop.store(true, Ordering::Release);
         drop(accepted);
+        // Linux wakes an accept() blocked on a listener that is shut down (it fails with EINVAL).
+        // The proxy serves one migration, so the listener is not needed afterwards.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
         let _ = acceptor.join();
         result
     }
@@ -359,15 +343,15 @@ impl SourceProxy {
                     Ok(Err(e)) => return Err(Error::io("accepting a QEMU connection", e)),
                     Err(_) => return Err(Error::Protocol("the QEMU acceptor ended".into())),
                 },
-                default(ACCEPT_TICK) => {}
+                default(SERVE_TICK) => {}
             }
         }
     }
 }
 
-/// How long the source's QEMU acceptor and its main thread block before they look at the session's
-/// state again.
-const ACCEPT_TICK: Duration = Duration::from_millis(100);
+/// How long the source's main thread waits for a connection or a notice before it looks at the
+/// session's state and its deadline again.
+const SERVE_TICK: Duration = Duration::from_millis(100);
 
 /// The destination side: accepts one tunnel and connects to the destination QEMU for every channel.
 #[derive(Debug)]
