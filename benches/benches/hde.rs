@@ -10,6 +10,9 @@
 //! It prints a table (median of several runs, logical guest bytes per second) and the targets,
 //! writes the table to `target/criterion/hde-table.md`, then runs the Criterion benchmarks of the
 //! main policies. `--quick` shrinks the corpora and the repetitions.
+//!
+//! A benchmark file: one group per corpus and codec, with the CLI references run beside them in the
+//! same group.
 
 use std::fmt::Write as _;
 use std::hint::black_box;

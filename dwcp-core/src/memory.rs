@@ -5,6 +5,8 @@
 //! migration reads it. Pages are therefore only ever *copied* out of or into a mapping through raw
 //! pointers, never borrowed as Rust slices while the guest may run; a page copied while it was being
 //! written may be torn, and the dirty log reports it again, exactly as with a hypervisor's dirty log.
+//!
+//! Over 600 lines because of its unit tests (from `mod tests` on); the code itself is under 500.
 
 use std::fs::OpenOptions;
 use std::path::Path;

@@ -22,6 +22,9 @@
 //! The receiver still verifies the content hash of every DUP source and DELTA base, and refuses the
 //! chunk on a mismatch ([`crate::DecodeError::BaseMismatch`]): a broken invariant ends the migration
 //! with an error, never with a silently wrong page.
+//!
+//! Kept whole (about 650 lines): the pass invariants below bind `begin_pass`, `encode_batch` and
+//! `end_pass` to the dedup index and delta cache they update; the tests are in `session_tests.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -1,4 +1,7 @@
 //! Round trips and refusals of the session encoder and decoder (every class, codec and policy).
+//!
+//! A test module: one round trip or refusal per class, codec and policy; splitting it would scatter
+//! the shared fixtures.
 
 use std::sync::Arc;
 

@@ -6,6 +6,9 @@
 //! only decode, update the state and hand bytes to the channel's writer queue, whose size the peer's
 //! window bounds. So a QEMU that stops reading one channel cannot stall the other channels, and the
 //! two proxies can never wait on each other in a cycle.
+//!
+//! Kept whole (about 720 lines): the writer, reader and pump threads share the ownership rules
+//! stated above, which is easier to check in one file.
 
 use std::collections::HashMap;
 use std::io::{BufReader, ErrorKind, Read, Write};

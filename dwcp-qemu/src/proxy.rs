@@ -3,6 +3,9 @@
 //! accepts QEMU's connections until every channel has finished; the destination proxy accepts one
 //! tunnel and connects to the destination QEMU once per channel, in the order the source accepted them
 //! (QEMU 7.2 takes its first incoming connection as the main channel).
+//!
+//! Kept whole (about 680 lines): the two proxies share their set-up, the QEMU-side acceptor and the
+//! shutdown order, which is easier to keep symmetric in one file.
 
 use std::collections::BTreeSet;
 use std::io::{BufReader, ErrorKind};

@@ -2,6 +2,9 @@
 //! reassembly, flow-control windows, half-close and reset. The I/O layer ([`crate::endpoint`]) feeds
 //! it what arrived and what its local sockets did, and carries out the [`Event`]s and messages it
 //! returns. Everything here is deterministic and tested without a network.
+//!
+//! Over 600 lines because of its unit tests (from `mod tests` on); the state machine itself is
+//! under 450.
 
 use std::collections::{BTreeMap, HashSet};
 

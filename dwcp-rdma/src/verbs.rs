@@ -4,6 +4,9 @@
 //! domain and completion queue, ...), so a parent is never destroyed while a child still lives, and
 //! every object is destroyed in its `Drop`. Raw pointers never leave this module except as opaque
 //! numbers placed in work requests.
+//!
+//! Kept whole (about 800 lines): every `unsafe` call into libibverbs of the crate is in this one
+//! module, behind safe owners, so that it can be audited in one place.
 
 use std::ffi::CStr;
 use std::io;

@@ -7,6 +7,10 @@
 //! engine re-sends on the remaining lanes (or after reconnecting), so losing a stream loses no data.
 //! Lanes come and go while a session runs: [`Lanes::add`] starts one, [`Lanes::retire`] stops
 //! scheduling on one and closes it once its chunks are acknowledged.
+//!
+//! Kept whole (about 650 lines): the scheduler, the writer loop, acknowledgement release and the
+//! orphan hand-back share one set of counters and one locking order, which is easier to check in
+//! one file.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -419,6 +423,15 @@ impl Lanes {
     pub fn requeue_orphans(&mut self, chunks: Vec<DataChunk>) {
         self.orphans.extend(chunks);
         self.orphans.sort_by_key(|c| c.id);
+    }
+
+    /// Keeps new chunks that [`send_data`](Self::send_data) handed back (no lane was live) with the
+    /// orphans, counted as outstanding like them, so that they go out with the next re-send.
+    pub fn hold_unsent(&mut self, chunks: Vec<DataChunk>) {
+        self.outstanding
+            .chunks
+            .fetch_add(chunks.len() as u64, Ordering::AcqRel);
+        self.requeue_orphans(chunks);
     }
 
     /// Stops scheduling new chunks on lane `id`; it is closed by [`close_retired`](Self::close_retired)

@@ -14,6 +14,8 @@
 //! interface" at that instant. Random loss is applied there, on the wire, so a lost packet has still
 //! used its share of the rate (as on a real lossy link). A surviving packet is released at departure +
 //! one-way delay + jitter, never before a previously released packet unless reordering is asked for.
+//!
+//! Over 600 lines because of its unit tests (from `mod tests` on); the model itself is under 600.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};

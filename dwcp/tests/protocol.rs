@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use dwcp::{Listener, ReceiverConfig};
+use dwcp::{Listener, Migration, ReceiverConfig};
 use dwcp_core::digest::memory_digest;
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, encode_frame};
 use dwcp_core::handshake::{Offer, client_handshake};
@@ -469,4 +469,44 @@ fn a_silent_stranger_does_not_hold_up_the_streams_of_a_session() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn strangers_do_not_end_or_delay_a_destination_waiting_for_its_source() {
+    // A scanner's worth of bad connections first: garbage, a wrong key, and silent ones that hold
+    // their handshake until the time-out (5 s here).
+    let (l, addr) = listener(receiver_config());
+    let rx = std::thread::spawn(move || {
+        let incoming = l.accept_source()?;
+        let ram = GuestRam::anonymous(incoming.layout().clone()).unwrap();
+        incoming.receive_into(&ram).map(|r| (r, ram))
+    });
+    let mut silent = Vec::new();
+    for i in 0..20u8 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        if i % 4 == 0 {
+            silent.push(s);
+        } else {
+            let _ = s.write_all(&[i; 64]);
+        }
+    }
+    let wrong_key = Migration::new(addr, psk(9)).config(source_config());
+    let g = guest(4 << 20, dwcp_core::sim::ContentMix::IDLE_GUEST, 21);
+    let refused = wrong_key.run(&*g, &mut g.dirty_log(), &mut g.control());
+    assert!(refused.is_err(), "a source with another key was let in");
+    let started = Instant::now();
+    let report = Migration::new(addr, psk(1))
+        .config(source_config())
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let (received, ram) = rx.join().unwrap().unwrap();
+    assert!(report.digest_match && received.digest_match);
+    common::assert_same_memory(&*g, &ram);
+    // The five silent strangers hold five handshake threads for 5 s, not the real source.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the real source waited {:?} behind strangers",
+        started.elapsed()
+    );
+    drop(silent);
 }

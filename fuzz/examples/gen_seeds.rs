@@ -3,6 +3,8 @@
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds` (from the repository root) writes
 //! `fuzz/corpus/{frame,messages,chunk,session_chunk,dictionary}/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
+//!
+//! A generator of seed files: one small function per target and seed, long by nature.
 
 use std::fs;
 use std::path::{Path, PathBuf};

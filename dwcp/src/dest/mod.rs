@@ -1,0 +1,564 @@
+//! The destination side's I/O shell: accept an authenticated session, apply pages from every stream
+//! (newest iteration wins), compare digests, and take over the VM on the source's commit.
+//!
+//! [`Listener`] accepts connections and authenticates sources (also keeping parked streams for
+//! reuse); [`session`] runs one session: it accepts the streams that join it and carries out what
+//! `dwcp_proto::dest::DestMachine` decides; [`apply`] is the data path, one thread per stream.
+//!
+//! Streams of a session may join at any time (the source adds streams while it runs, and reconnects
+//! after failures), so the listener keeps accepting for the session while it runs. A stream that
+//! breaks is dropped without ending the session: the source re-sends what that stream carried, and
+//! the chunk ledger makes sure a chunk that arrives twice is applied once. The session ends with an
+//! error when the source breaks the protocol, reports an error, or leaves no stream open for longer
+//! than it may take to reconnect.
+
+mod apply;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use parking_lot::Mutex;
+
+use dwcp_core::apply::PageVersions;
+use dwcp_core::digest::PageHashes;
+use dwcp_core::error::{Error, HandshakeError};
+use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
+use dwcp_core::handshake::{Negotiated, Offer, Psk, new_session_id, server_handshake};
+use dwcp_core::ledger::ChunkLedger;
+use dwcp_core::memory::{MemoryLayout, MemorySink, PAGE_SIZE};
+use dwcp_core::messages::{JoinMessage, SessionInit, decode_u64, encode_u64};
+use dwcp_core::transport::Acceptor;
+use dwcp_hde::ChunkDecoder;
+use dwcp_tcp::TcpAcceptor;
+
+use self::apply::{Shared, SharedWriter};
+use self::session::{ACCEPT_POLL, MAX_CONCURRENT_HANDSHAKES, Session};
+use crate::config::ReceiverConfig;
+use crate::report::ReceiveReport;
+use crate::session::{
+    StreamReader, StreamWriter, classify, hex, peer_error, report_error, split, unexpected,
+};
+
+/// A destination waiting for migrations.
+pub struct Listener {
+    acceptor: Box<dyn Acceptor>,
+    psk: Psk,
+    config: ReceiverConfig,
+    /// New sessions that arrived while another session ran (authenticated, not yet read), and parked
+    /// streams a source opens a session on.
+    openers_tx: Sender<Opener>,
+    openers_rx: Receiver<Opener>,
+    /// Parked streams that join a running session.
+    joins_tx: Sender<ParkedJoin>,
+    joins_rx: Receiver<ParkedJoin>,
+    parked_count: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("acceptor", &self.acceptor)
+            .field("config", &self.config)
+            .field("parked", &self.parked_count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stream that opens the next session.
+enum Opener {
+    /// A parked stream on which the source sent SessionInit (its payload).
+    Parked(StreamReader, SharedWriter, Vec<u8>),
+    /// A new, authenticated connection asking for a new session while another one was running (a
+    /// source starting its next migration a moment before the previous session ended here).
+    Fresh(Negotiated, StreamReader, StreamWriter, SocketAddr),
+}
+
+/// A parked stream that asks to join a session.
+type ParkedJoin = (JoinMessage, StreamReader, SharedWriter);
+
+/// Streams a destination keeps parked at most (more are closed instead).
+const MAX_PARKED: u64 = 256;
+
+impl Listener {
+    /// Listens for TCP streams on `addr`; sources must prove knowledge of `psk`.
+    pub fn bind(addr: SocketAddr, psk: Psk, config: ReceiverConfig) -> Result<Self, Error> {
+        let acceptor = TcpAcceptor::bind(addr, config.socket.clone())?;
+        Ok(Self::over(Box::new(acceptor), psk, config))
+    }
+
+    /// Receives migrations over any transport: `acceptor` hands out the connections sources open
+    /// (TCP, RDMA, ...); the engine above it is the same.
+    pub fn over(acceptor: Box<dyn Acceptor>, psk: Psk, config: ReceiverConfig) -> Self {
+        let (openers_tx, openers_rx) = unbounded();
+        let (joins_tx, joins_rx) = unbounded();
+        Self {
+            acceptor,
+            psk,
+            config,
+            openers_tx,
+            openers_rx,
+            joins_tx,
+            joins_rx,
+            parked_count: Arc::default(),
+        }
+    }
+
+    /// Streams parked for reuse by a later session right now.
+    pub fn parked_streams(&self) -> u64 {
+        self.parked_count.load(Ordering::Relaxed)
+    }
+
+    /// Keeps an authenticated stream of an ended session for reuse: a thread answers its health checks
+    /// until the source opens a session or joins one on it, or it has been idle for
+    /// `pool_idle_timeout`.
+    fn park(&self, reader: StreamReader, writer: SharedWriter) {
+        if self.parked_count.fetch_add(1, Ordering::AcqRel) >= MAX_PARKED {
+            self.parked_count.fetch_sub(1, Ordering::AcqRel);
+            let _ = writer.lock().write_frame(FrameType::Close, &[]);
+            return;
+        }
+        let (openers, joins, count, idle) = (
+            self.openers_tx.clone(),
+            self.joins_tx.clone(),
+            Arc::clone(&self.parked_count),
+            self.config.pool_idle_timeout,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("amst-parked".into())
+            .spawn(move || {
+                watch_parked(reader, writer, &openers, &joins, idle);
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.parked_count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.acceptor.local_addr()
+    }
+
+    /// Waits for a source, authenticates it and reads what it wants to send. A peer that fails the
+    /// handshake yields an error (nothing has been written anywhere); call again to keep waiting.
+    pub fn accept(&self) -> Result<Incoming<'_>, Error> {
+        let conn = loop {
+            if let Some(opener) = self.next_opener() {
+                return self.open(opener);
+            }
+            if let Some(c) = self.acceptor.accept_timeout(ACCEPT_POLL)? {
+                break c;
+            }
+        };
+        let started = Instant::now();
+        let (neg, reader, writer, peer) =
+            authenticate_opener(conn, &self.psk, self.config.connect_timeout)?;
+        self.opened(neg, reader, writer, peer, started)
+    }
+
+    /// Waits until an authenticated source opens a session, as [`accept`](Self::accept) does, but
+    /// never gives up on a stranger: a connection that fails the handshake (a port scanner, a health
+    /// check, a peer with another key, one that sends garbage or nothing) is dropped with a logged
+    /// reason. Handshakes run on their own threads, at most 16 at once, each bounded by
+    /// `connect_timeout`, so silent strangers cannot delay the real source; more connections wait
+    /// in the listen backlog. Fails only when the listener itself fails.
+    pub fn accept_source(&self) -> Result<Incoming<'_>, Error> {
+        let in_flight = Arc::new(AtomicU64::new(0));
+        loop {
+            if let Some(opener) = self.next_opener() {
+                match self.open(opener) {
+                    Ok(incoming) => return Ok(incoming),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an authenticated source did not open a session; still waiting");
+                        continue;
+                    }
+                }
+            }
+            if in_flight.load(Ordering::Acquire) as usize >= MAX_CONCURRENT_HANDSHAKES {
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+            let Some(conn) = self.acceptor.accept_timeout(ACCEPT_POLL)? else {
+                continue;
+            };
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            let (psk, timeout, openers, handshakes) = (
+                self.psk.clone(),
+                self.config.connect_timeout,
+                self.openers_tx.clone(),
+                Arc::clone(&in_flight),
+            );
+            // Not scoped: a stranger's handshake may take until its time-out; an opener that
+            // authenticates after we returned waits for the next call.
+            let spawned = std::thread::Builder::new()
+                .name("dwcp-handshake".into())
+                .spawn(move || {
+                    match authenticate_opener(conn, &psk, timeout) {
+                        Ok((neg, r, w, peer)) => {
+                            let _ = openers.send(Opener::Fresh(neg, r, w, peer));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dropped a connection that did not authenticate; still waiting")
+                        }
+                    }
+                    handshakes.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "could not start a handshake thread");
+            }
+        }
+    }
+
+    /// A stream waiting to open a session (a parked one, or one authenticated meanwhile); turns away
+    /// parked streams that ask to join a session that has ended.
+    fn next_opener(&self) -> Option<Opener> {
+        while let Ok((join, _, writer)) = self.joins_rx.try_recv() {
+            let e = Error::Handshake(HandshakeError::UnknownSession(join.session_id));
+            report_error(&mut writer.lock(), &e);
+        }
+        self.openers_rx.try_recv().ok()
+    }
+
+    fn open(&self, opener: Opener) -> Result<Incoming<'_>, Error> {
+        match opener {
+            Opener::Parked(reader, writer, init) => self.open_on_parked(reader, writer, &init),
+            Opener::Fresh(neg, reader, writer, peer) => {
+                self.opened(neg, reader, writer, peer, Instant::now())
+            }
+        }
+    }
+
+    /// Reads SessionInit on the first stream of a new session.
+    fn opened(
+        &self,
+        neg: Negotiated,
+        mut reader: StreamReader,
+        mut writer: StreamWriter,
+        peer: SocketAddr,
+        started: Instant,
+    ) -> Result<Incoming<'_>, Error> {
+        if neg.stream_index != 0 {
+            let e = Error::Protocol(format!(
+                "a new session must start with stream 0, not {}",
+                neg.stream_index
+            ));
+            report_error(&mut writer, &e);
+            return Err(e);
+        }
+        let mut p = Vec::new();
+        let mut h = reader
+            .read_frame(&mut p)
+            .map_err(|e| classify(e, "SessionInit"))?;
+        // An optional zstd dictionary for the session's chunks comes first.
+        let mut dictionary = None;
+        if h.frame_type == FrameType::Dictionary {
+            match dwcp_hde::Dictionary::from_bytes(&p) {
+                Ok(d) => dictionary = Some(Arc::new(d)),
+                Err(e) => {
+                    let e = Error::from(e);
+                    report_error(&mut writer, &e);
+                    return Err(e);
+                }
+            }
+            h = reader
+                .read_frame(&mut p)
+                .map_err(|e| classify(e, "SessionInit"))?;
+        }
+        let init = match h.frame_type {
+            FrameType::SessionInit => p,
+            FrameType::Error => return Err(peer_error(&p)),
+            other => {
+                let e = unexpected(other, "instead of SessionInit");
+                report_error(&mut writer, &e);
+                return Err(e);
+            }
+        };
+        let mut incoming = self.incoming(
+            neg.session_id,
+            reader,
+            writer,
+            &init,
+            peer,
+            started,
+            Vec::new(),
+        )?;
+        incoming.dictionary = dictionary;
+        Ok(incoming)
+    }
+
+    /// A new session on a stream parked by an earlier one: SessionReady will carry the new id.
+    fn open_on_parked(
+        &self,
+        mut reader: StreamReader,
+        writer: SharedWriter,
+        init: &[u8],
+    ) -> Result<Incoming<'_>, Error> {
+        let Ok(writer) = Arc::try_unwrap(writer).map(Mutex::into_inner) else {
+            return Err(Error::Protocol(
+                "a parked stream is still in use by the previous session".into(),
+            ));
+        };
+        let session_id = new_session_id();
+        reader.bind_session(session_id, MAX_PAYLOAD);
+        let peer = writer
+            .get_ref()
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        for c in [reader.get_ref().get_ref(), writer.get_ref()] {
+            let _ = c.set_read_timeout(Some(self.config.connect_timeout));
+            let _ = c.set_write_timeout(Some(self.config.connect_timeout));
+        }
+        tracing::debug!(session = %format!("{session_id:x}"), "session opened on a parked stream");
+        self.incoming(
+            session_id,
+            reader,
+            writer,
+            init,
+            peer,
+            Instant::now(),
+            encode_u64(session_id).to_vec(),
+        )
+    }
+
+    /// Validates SessionInit and returns the session waiting for its sink.
+    #[allow(clippy::too_many_arguments)]
+    fn incoming(
+        &self,
+        session_id: u64,
+        reader: StreamReader,
+        mut writer: StreamWriter,
+        init: &[u8],
+        peer: SocketAddr,
+        started: Instant,
+        ready_payload: Vec<u8>,
+    ) -> Result<Incoming<'_>, Error> {
+        let init = match SessionInit::decode(init) {
+            Ok(init) => init,
+            Err(e) => {
+                let e = Error::from(e);
+                report_error(&mut writer, &e);
+                return Err(e);
+            }
+        };
+        if init.layout.total_bytes() > self.config.max_memory_bytes {
+            let e = Error::Layout(format!(
+                "source announces {} bytes of memory, this destination accepts at most {}",
+                init.layout.total_bytes(),
+                self.config.max_memory_bytes
+            ));
+            report_error(&mut writer, &e);
+            return Err(e);
+        }
+        tracing::info!(session = %format!("{session_id:x}"), %peer, bytes = init.layout.total_bytes(), streams = init.stream_count, "source authenticated");
+        Ok(Incoming {
+            listener: self,
+            session_id,
+            init,
+            reader,
+            writer,
+            peer,
+            started,
+            ready_payload,
+            dictionary: None,
+        })
+    }
+}
+
+/// Answers a parked stream's health checks until the source reuses it (the stream then goes to
+/// `openers` or `joins`), closes it, or leaves it idle for `idle`.
+fn watch_parked(
+    mut reader: StreamReader,
+    writer: SharedWriter,
+    openers: &Sender<Opener>,
+    joins: &Sender<ParkedJoin>,
+    idle: Duration,
+) {
+    let _ = reader.get_ref().get_ref().set_read_timeout(Some(idle));
+    let mut p = Vec::new();
+    loop {
+        let Ok(h) = reader.read_frame(&mut p) else {
+            return;
+        };
+        match h.frame_type {
+            FrameType::Ping => {
+                let Ok(nonce) = decode_u64(&p, "Ping") else {
+                    return;
+                };
+                if writer
+                    .lock()
+                    .write_frame(FrameType::Pong, &encode_u64(nonce))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            FrameType::SessionInit => {
+                let _ = openers.send(Opener::Parked(reader, writer, p));
+                return;
+            }
+            FrameType::Join => {
+                if let Ok(join) = JoinMessage::decode(&p) {
+                    let _ = joins.send((join, reader, writer));
+                }
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// An authenticated source whose memory layout is known; decide where its pages go.
+#[derive(Debug)]
+pub struct Incoming<'l> {
+    listener: &'l Listener,
+    session_id: u64,
+    init: SessionInit,
+    reader: StreamReader,
+    writer: StreamWriter,
+    peer: SocketAddr,
+    started: Instant,
+    /// SessionReady's payload: empty, or the new session id on a parked stream.
+    ready_payload: Vec<u8>,
+    /// The zstd dictionary the source sent for this session's chunks.
+    dictionary: Option<Arc<dwcp_hde::Dictionary>>,
+}
+
+impl<'l> Incoming<'l> {
+    /// The memory layout the source will send.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.init.layout
+    }
+
+    /// The source's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Refuses the migration, telling the source why (`code` says what kind of refusal it is).
+    pub fn refuse(mut self, code: dwcp_core::ErrorCode, reason: &str) {
+        let msg = dwcp_core::messages::ErrorMessage {
+            code,
+            message: reason.to_string(),
+        };
+        let _ = self.writer.write_frame(FrameType::Error, &msg.encode());
+    }
+
+    /// Receives the migration into `sink`, whose layout must equal [`layout`](Self::layout). Returns after
+    /// the digests matched and the source committed the handover: the caller now owns the VM.
+    pub fn receive_into(mut self, sink: &dyn MemorySink) -> Result<ReceiveReport, Error> {
+        if sink.layout() != &self.init.layout {
+            let e = Error::Layout(format!(
+                "destination memory has {} pages, the source sends {}",
+                sink.layout().total_pages(),
+                self.init.layout.total_pages()
+            ));
+            report_error(&mut self.writer, &e);
+            return Err(e);
+        }
+        let listener = self.listener;
+        let cfg = listener.config.clone();
+        for c in [self.reader.get_ref().get_ref(), self.writer.get_ref()] {
+            let _ = c.set_read_timeout(Some(cfg.io_timeout));
+            let _ = c.set_write_timeout(Some(cfg.io_timeout));
+        }
+        self.writer
+            .write_frame(FrameType::SessionReady, &self.ready_payload)?;
+        self.writer.bind_session(self.session_id);
+        let total_pages = self.init.layout.total_pages();
+        let shared = Shared {
+            sink,
+            sink_started_zeroed: sink.starts_zeroed(),
+            finished: AtomicBool::new(false),
+            versions: PageVersions::new(total_pages),
+            hashes: PageHashes::new(total_pages),
+            ledger: ChunkLedger::new(),
+            // Each stream's thread decodes its own chunks; the decoder's pool is not used.
+            decoder: {
+                let mut d = ChunkDecoder::new(1)?;
+                d.set_dictionary(self.dictionary.clone());
+                d
+            },
+            total_pages,
+            pages_applied: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+        };
+        let session = Session::new(
+            self.session_id,
+            usize::from(self.init.stream_count).max(1),
+            &cfg,
+            listener,
+        );
+        let (tx, events) = unbounded();
+        let (outcome, streams_opened) = std::thread::scope(|scope| {
+            let acceptor = {
+                let (session, tx) = (&session, tx.clone());
+                std::thread::Builder::new()
+                    .name("amst-accept".into())
+                    .spawn_scoped(scope, move || session.accept_joins(&tx))
+                    .expect("spawning the session's acceptor")
+            };
+            let (result, opened) =
+                session.drive(scope, (self.reader, self.writer), &shared, &events, &tx);
+            session.stop_accepting.store(true, Ordering::Release);
+            let _ = acceptor.join();
+            if let Err(e) = &result {
+                session.fail_all(e);
+                tracing::warn!(error = %e, "migration failed on the destination");
+            }
+            drop(tx);
+            (result, opened)
+        });
+        let (final_iteration, digest) = outcome?;
+        let pages = shared.pages_applied.load(Ordering::Relaxed);
+        let report = ReceiveReport {
+            session_id: format!("{:016x}", self.session_id),
+            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            streams: streams_opened as usize,
+            duplicate_chunks: shared.duplicates.load(Ordering::Relaxed),
+            memory_bytes: self.init.layout.total_bytes(),
+            pages_applied: pages,
+            stale_pages_dropped: shared.stale.load(Ordering::Relaxed),
+            logical_bytes: (pages + shared.stale.load(Ordering::Relaxed)) * PAGE_SIZE as u64,
+            wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
+            final_iteration,
+            digest_match: true,
+            digest: hex(digest),
+        };
+        tracing::info!(session = %report.session_id, pages, "migration received and committed");
+        Ok(report)
+    }
+}
+
+/// Authenticates a connection that opens a new session, within `timeout`.
+fn authenticate_opener(
+    conn: Box<dyn dwcp_core::transport::Conn>,
+    psk: &Psk,
+    timeout: Duration,
+) -> Result<(Negotiated, StreamReader, StreamWriter, SocketAddr), Error> {
+    let peer = conn
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (mut reader, mut writer) = split(conn, timeout)?;
+    let neg = server_handshake(
+        &mut reader,
+        &mut writer,
+        psk,
+        Offer::default(),
+        |requested| {
+            if requested == 0 {
+                Ok(new_session_id())
+            } else {
+                Err(HandshakeError::UnknownSession(requested).into())
+            }
+        },
+    )
+    .map_err(|e| classify(e, &format!("the handshake of {peer}")))?;
+    Ok((neg, reader, writer, peer))
+}

@@ -1,0 +1,240 @@
+//! Opening a migration's session: stream 0 (a parked stream from the connection pool when one
+//! passes its health check, else a new authenticated connection), the path's round trip, the mode,
+//! the codec, the optional dictionary, SessionInit and SessionReady.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dwcp_core::digest::PageHashes;
+use dwcp_core::error::Error;
+use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
+use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Offer};
+use dwcp_core::memory::MemorySource;
+use dwcp_core::messages::{SessionInit, decode_u64};
+use dwcp_core::pool::BufferPool;
+use dwcp_core::transport::Connector;
+use dwcp_hde::{CodecPolicy, Encoder, SessionConfig, SessionEncoder};
+use dwcp_proto::source::{StreamRange, stream_range};
+use dwcp_tcp::{Mode, ModeSetting, TcpConnector};
+
+use super::Migration;
+use super::encoder::{PageEncoder, usable_codec};
+use super::links::{Dialer, JoinedStream, Links, health_check};
+use crate::config::{PageClasses, threads_or_cores};
+use crate::session::{classify, peer_error, unexpected};
+
+/// A session the destination accepted, with stream 0 carrying data.
+pub(super) struct Established {
+    pub(super) t0: Instant,
+    pub(super) links: Links,
+    pub(super) mode: Mode,
+    pub(super) mode_configured: bool,
+    pub(super) streams: StreamRange,
+    pub(super) rtt: f64,
+    pub(super) congestion: String,
+    pub(super) pool: BufferPool,
+    pub(super) encoder: PageEncoder,
+    pub(super) hashes: PageHashes,
+    /// Pool bytes one encoded chunk may take.
+    pub(super) chunk_buffer_bytes: u64,
+}
+
+impl Established {
+    pub(super) fn open(m: &Migration<'_>, source: &dyn MemorySource) -> Result<Self, Error> {
+        let t0 = Instant::now();
+        let cfg = &m.config;
+        let connector: Arc<dyn Connector> = match &m.connector {
+            Some(c) => Arc::clone(c),
+            None => Arc::new(TcpConnector::new(m.addr, cfg.socket.clone())),
+        };
+        let dialer = Dialer {
+            connector,
+            psk: m.psk.clone(),
+            offer: Offer::default(),
+            connect_timeout: cfg.connect_timeout,
+            io_timeout: cfg.io_timeout,
+        };
+        // Stream 0 opens the session; its handshake (two round trips) also measures the path.
+        let pool_key = (dialer.connector.peer(), m.psk.fingerprint());
+        let mut pooled = m
+            .pool
+            .as_ref()
+            .map(|p| p.take(pool_key))
+            .unwrap_or_default();
+        let hs_start = Instant::now();
+        let mut reused = None;
+        while let Some(mut p) = pooled.pop() {
+            match health_check(&mut p, cfg.connect_timeout.min(Duration::from_secs(1))) {
+                Ok(()) => {
+                    reused = Some(p);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "a pooled stream failed its health check"),
+            }
+        }
+        let reused_stream = reused.is_some();
+        let (first, capabilities, new_session) = match reused {
+            Some(p) => (
+                JoinedStream {
+                    index: 0,
+                    reader: p.reader,
+                    writer: p.writer,
+                },
+                p.capabilities,
+                None,
+            ),
+            None => {
+                let (first, neg) = dialer.open(0, 0)?;
+                (first, neg.capabilities, Some(neg.session_id))
+            }
+        };
+        if let Some(pool) = &m.pool {
+            tracing::debug!(
+                reused = reused_stream,
+                spare = pooled.len(),
+                idle = pool.idle_streams(),
+                "connection pool"
+            );
+        }
+        // The kernel's RTT measurement where there is one: the handshake's wall time also counts key
+        // derivation and thread start-up, which on a busy host would make loopback look like a WAN.
+        let rtt = first
+            .writer
+            .get_ref()
+            .as_tcp()
+            .and_then(|s| dwcp_tcp::telemetry::sample(s).ok())
+            .map(|t| t.min_rtt_s)
+            .filter(|&r| r > 0.0)
+            .unwrap_or_else(|| hs_start.elapsed().as_secs_f64() / 2.0);
+        let congestion = first
+            .writer
+            .get_ref()
+            .as_tcp()
+            .and_then(|s| socket2::SockRef::from(s).tcp_congestion().ok())
+            .map(|v| {
+                String::from_utf8_lossy(&v)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .unwrap_or_else(|| first.writer.get_ref().transport().to_string());
+        let mode = match cfg.mode {
+            ModeSetting::Fixed(mode) => mode,
+            ModeSetting::Auto => dwcp_tcp::mode::classify(Duration::from_secs_f64(rtt), None),
+        };
+        let streams = stream_range(mode, threads_or_cores(0), cfg.streams, cfg.max_streams);
+        let complete_encoder = match cfg.page_classes {
+            PageClasses::All => true,
+            PageClasses::Auto => mode != Mode::Datacenter,
+            PageClasses::ZeroAndLiteral => false,
+        };
+        let codec = usable_codec(cfg.codec, capabilities);
+        // Adaptive codec choice needs both codecs at the destination; otherwise the usable one, fixed.
+        let both = capabilities & (CAP_LZ4 | CAP_ZSTD) == CAP_LZ4 | CAP_ZSTD;
+        // On a datacenter path the kernel's delivery rate says nothing about what the pipeline can take
+        // (loopback reports tens of GB/s and the adaptive choice would send raw pages at a third of
+        // the speed lz4 reaches, measured), so the configured codec stays.
+        let policy = if cfg.adaptive_codec && both && mode != Mode::Datacenter {
+            CodecPolicy::Adaptive { fallback: codec }
+        } else {
+            CodecPolicy::Fixed(codec)
+        };
+        let init = SessionInit {
+            layout: source.layout().clone(),
+            stream_count: streams.max as u16,
+        };
+        let JoinedStream {
+            mut reader,
+            mut writer,
+            ..
+        } = first;
+        // The dictionary goes once, before SessionInit, on a freshly authenticated stream 0 (a parked
+        // stream opens its session with SessionInit alone).
+        let dictionary = if cfg.dictionary
+            && complete_encoder
+            && capabilities & CAP_ZSTD != 0
+            && new_session.is_some()
+        {
+            let d = Arc::new(dwcp_hde::Dictionary::train_from_memory(
+                source,
+                1024,
+                64 << 10,
+            )?);
+            writer.write_frame(FrameType::Dictionary, &d.to_bytes())?;
+            Some(d)
+        } else {
+            None
+        };
+        writer.write_frame(FrameType::SessionInit, &init.encode())?;
+        let mut p = Vec::new();
+        let h = reader
+            .read_frame(&mut p)
+            .map_err(|e| classify(e, "SessionReady"))?;
+        match h.frame_type {
+            FrameType::SessionReady => {}
+            FrameType::Error => return Err(peer_error(&p)),
+            other => return Err(unexpected(other, "instead of SessionReady")),
+        }
+        // On a pooled stream the destination names the new session in SessionReady.
+        let session_id = match new_session {
+            Some(id) => id,
+            None => {
+                let id = decode_u64(&p, "SessionReady")?;
+                reader.bind_session(id, MAX_PAYLOAD);
+                writer.bind_session(id);
+                id
+            }
+        };
+        tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial = streams.initial, max_streams = streams.max, %congestion, "session established");
+        let pool = match &cfg.buffer_pool {
+            Some(shared) => shared.clone(),
+            None => BufferPool::new(cfg.buffer_budget)?,
+        };
+        let encoder = if complete_encoder {
+            let mut e = SessionEncoder::new(
+                SessionConfig {
+                    codec: policy,
+                    threads: cfg.encoder_threads,
+                    delta_cache_bytes: cfg.delta_cache_bytes,
+                    ..SessionConfig::default()
+                },
+                source.layout().total_pages(),
+            )?;
+            e.set_dictionary(dictionary);
+            PageEncoder::Session(Box::new(e))
+        } else {
+            PageEncoder::Plain(Encoder::new(codec, cfg.encoder_threads)?)
+        };
+        let mut links = Links::new(
+            dialer,
+            session_id,
+            pooled,
+            m.pool.clone().map(|p| (p, pool_key)),
+            capabilities,
+            rtt,
+        );
+        links.install(
+            JoinedStream {
+                index: 0,
+                reader,
+                writer,
+            },
+            mode,
+        )?;
+        Ok(Self {
+            t0,
+            links,
+            mode,
+            mode_configured: !matches!(cfg.mode, ModeSetting::Auto),
+            streams,
+            rtt,
+            congestion,
+            pool,
+            encoder,
+            hashes: PageHashes::new(source.layout().total_pages()),
+            chunk_buffer_bytes: dwcp_core::pool::SizeClass::for_len(
+                dwcp_hde::format::max_extended_len(cfg.pages_per_chunk, cfg.pages_per_chunk),
+            )
+            .map_or(1 << 20, |c| c.capacity()) as u64,
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! The source side's I/O shell: the [`Migration`] API, stream set-up, and the loop that carries out
+//! what `dwcp_proto::source::SourceMachine` decides.
+//!
+//! The machine decides; this module does. [`establish`] opens stream 0 (or reuses a parked one),
+//! measures the path and sends SessionInit; [`links`] owns the streams (one writer thread per lane
+//! in `dwcp_tcp::Lanes`, one acknowledgement reader thread per stream, background joins); [`driver`]
+//! runs the loop: it feeds the machine events stamped with the clock (acknowledgements, lost
+//! streams, joins, the destination's handover frames, cancel) and carries out its actions (encode
+//! and send a batch, open or retire a stream, reconnect, pause or resume the guest, send the
+//! handover's frames); [`publish`] turns counters into metrics.
+
+mod driver;
+mod encoder;
+mod establish;
+mod links;
+mod publish;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use dwcp_core::error::Error;
+use dwcp_core::handshake::Psk;
+use dwcp_core::memory::{DirtyLog, MemorySource, VmControl};
+use dwcp_core::transport::Connector;
+
+use crate::config::MigrationConfig;
+use crate::metrics::MigrationMetrics;
+use crate::pool::ConnectionPool;
+use crate::report::{MigrationReport, Progress, StreamTelemetry};
+
+/// A live migration of one VM's memory to a destination [`crate::Listener`].
+///
+/// ```no_run
+/// # use dwcp::{Migration, MigrationConfig};
+/// # use dwcp_core::{handshake::Psk, sim::*};
+/// let guest = SimulatedGuest::new(SimulatedGuestConfig { size_bytes: 1 << 30, mix: ContentMix::IDLE_GUEST, seed: 1 })?;
+/// let psk = Psk::from_file("key".as_ref())?;
+/// let report = Migration::new("10.0.0.2:7700".parse().unwrap(), psk)
+///     .config(MigrationConfig::default())
+///     .run(&*guest, &mut guest.dirty_log(), &mut guest.control())?;
+/// assert!(report.digest_match);
+/// # Ok::<(), dwcp_core::Error>(())
+/// ```
+pub struct Migration<'a> {
+    connector: Option<Arc<dyn Connector>>,
+    pool: Option<ConnectionPool>,
+    addr: SocketAddr,
+    psk: Psk,
+    config: MigrationConfig,
+    progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
+    metrics: Option<MigrationMetrics>,
+    cancel: Arc<AtomicBool>,
+    telemetry: TelemetryFeed,
+}
+
+/// The latest `TCP_INFO` sample of every open stream of a running migration, refreshed about every
+/// 250 ms. Cheap to clone; read it from any thread (the prediction component, a UI) while
+/// [`Migration::run`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryFeed(Arc<parking_lot::RwLock<Vec<StreamTelemetry>>>);
+
+impl TelemetryFeed {
+    /// The latest samples, one per open stream.
+    pub fn latest(&self) -> Vec<StreamTelemetry> {
+        self.0.read().clone()
+    }
+
+    fn publish(&self, samples: Vec<StreamTelemetry>) {
+        *self.0.write() = samples;
+    }
+}
+
+/// How often the streams' `TCP_INFO` is sampled while a migration runs.
+const TELEMETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+impl std::fmt::Debug for Migration<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("addr", &self.addr)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Migration<'a> {
+    /// A migration over TCP to the destination listening at `addr`, authenticated with `psk`.
+    pub fn new(addr: SocketAddr, psk: Psk) -> Self {
+        Self {
+            connector: None,
+            pool: None,
+            addr,
+            psk,
+            config: MigrationConfig::default(),
+            progress: None,
+            metrics: None,
+            cancel: Arc::default(),
+            telemetry: TelemetryFeed::default(),
+        }
+    }
+
+    /// A feed of the streams' kernel telemetry, updated while the migration runs.
+    pub fn telemetry_feed(&self) -> TelemetryFeed {
+        self.telemetry.clone()
+    }
+
+    /// A migration over any transport: `connector` opens each stream (TCP, RDMA, ...); the engine
+    /// above it is the same.
+    pub fn over(connector: Arc<dyn Connector>, psk: Psk) -> Self {
+        let addr = connector.peer();
+        Self {
+            connector: Some(connector),
+            ..Self::new(addr, psk)
+        }
+    }
+
+    /// Reuses streams parked in `pool` by earlier migrations to the same destination (with the same
+    /// key), and parks this migration's streams there when it succeeds.
+    pub fn connection_pool(mut self, pool: ConnectionPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Replaces the configuration.
+    pub fn config(mut self, config: MigrationConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Calls `f` after every batch of chunks.
+    pub fn on_progress(mut self, f: &'a (dyn Fn(&Progress) + Sync)) -> Self {
+        self.progress = Some(f);
+        self
+    }
+
+    /// Updates `metrics` as the migration runs.
+    pub fn metrics(mut self, metrics: MigrationMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A flag that cancels the migration when set; the source guest then keeps (or resumes) running.
+    pub fn cancel_handle(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// Runs the migration to completion. On success the destination owns the VM and `vm.handed_over()` was
+    /// called; on any error before the handover the guest is running on the source (resumed if it had
+    /// been paused), except for [`Error::HandoverUnconfirmed`].
+    pub fn run(
+        self,
+        source: &dyn MemorySource,
+        dirty: &mut dyn DirtyLog,
+        vm: &mut dyn VmControl,
+    ) -> Result<MigrationReport, Error> {
+        self.config.validate()?;
+        let result = establish::Established::open(&self, source)
+            .and_then(|session| driver::Driver::new(&self, source, session).run(dirty, vm));
+        if let Some(m) = &self.metrics {
+            m.migrations
+                .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+                .inc();
+        }
+        result
+    }
+}
