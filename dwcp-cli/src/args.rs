@@ -182,7 +182,9 @@ pub struct RecvArgs {
     /// Address to listen on (HOST:PORT).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Image file to write the received memory to (created or truncated).
+    /// Where to write the received memory: an image file (created or truncated, filled as pages
+    /// arrive, removed if the migration fails), or a device or pipe such as /dev/null (written in
+    /// one pass after the source committed, from memory).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
     /// File holding the pre-shared key (see `dwcp keygen`).

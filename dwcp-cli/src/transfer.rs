@@ -13,9 +13,6 @@ use crate::output::{self, JsonReport};
 use crate::progress::ProgressView;
 use crate::rss::RssSampler;
 
-/// Failed connection attempts `recv` tolerates before it gives up.
-const MAX_FAILED_ACCEPTS: u32 = 16;
-
 /// Reads a pre-shared key file, saying which file and how to make one if that fails.
 pub(crate) fn load_psk(path: &Path) -> anyhow::Result<Psk> {
     Psk::from_file(path).with_context(|| {
@@ -86,25 +83,16 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
     // Tells people (and scripts) that the port is open, without polluting stdout.
     eprintln!("dwcp: listening on {local}");
 
-    let mut failures = 0;
-    let incoming = loop {
-        match listener.accept() {
-            Ok(incoming) => break incoming,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, failures, max = MAX_FAILED_ACCEPTS, "refused a connection; still waiting");
-                if failures >= MAX_FAILED_ACCEPTS {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "giving up after {failures} failed connection attempts on {local}"
-                    )));
-                }
-            }
-        }
-    };
+    // A port scanner, a health check or a peer with another key is logged and dropped; only our
+    // authenticated source ends the wait.
+    let incoming = listener
+        .accept_source()
+        .with_context(|| format!("waiting for a source on {local}"))?;
     let peer = incoming.peer();
     let layout = incoming.layout().clone();
     tracing::info!(%peer, bytes = layout.total_bytes(), out = %args.out.display(), "receiving");
-    let out = match GuestRam::create_file(&args.out, layout) {
+    let output = Output::for_path(&args.out);
+    let out = match output.memory(&args.out, layout) {
         Ok(out) => out,
         Err(e) => {
             incoming.refuse(
@@ -114,7 +102,12 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
             return Err(e).context("preparing the output image");
         }
     };
-    let result = incoming.receive_into(&out);
+    let mut result = incoming.receive_into(&out);
+    if result.is_ok() {
+        if let Err(e) = output.finish(&args.out, &out) {
+            result = Err(e);
+        }
+    }
     drop(out);
     if let Some(m) = &metrics {
         m.migrations
@@ -126,11 +119,13 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
         Ok(r) => r,
         Err(e) => {
             // The file holds an unverified mix of pages: nobody should mistake it for the guest's memory.
-            let removed = std::fs::remove_file(&args.out).is_ok();
-            let what = if removed {
-                "removed the incomplete output"
-            } else {
-                "the output is incomplete"
+            // A device or a pipe got nothing (it is written only after the commit) and is left alone.
+            let what = match output {
+                Output::Stream => "nothing was written to the output",
+                Output::File if std::fs::remove_file(&args.out).is_ok() => {
+                    "removed the incomplete output"
+                }
+                Output::File => "the output is incomplete",
             };
             return Err(e).context(format!(
                 "receiving from {peer} into {} failed ({what})",
@@ -149,5 +144,56 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
         let mut text = output::receive_text(&report, &peer.to_string());
         text.push_str(&format!("  written to        {}\n", args.out.display()));
         output::emit(&text)
+    }
+}
+
+/// Where `recv` puts the received memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// A regular file (created or truncated), mapped: pages land in it as they arrive.
+    File,
+    /// A device or a pipe (`/dev/null`, a FIFO, `/dev/stdout`): it cannot be sized or mapped, so the
+    /// memory is received into anonymous memory and written out in order once the source committed.
+    Stream,
+}
+
+impl Output {
+    fn for_path(path: &Path) -> Self {
+        match std::fs::metadata(path) {
+            Ok(m) if !m.file_type().is_file() && !m.is_dir() => Output::Stream,
+            _ => Output::File,
+        }
+    }
+
+    fn memory(self, path: &Path, layout: dwcp_core::MemoryLayout) -> dwcp_core::Result<GuestRam> {
+        match self {
+            Output::File => GuestRam::create_file(path, layout),
+            Output::Stream => GuestRam::anonymous(layout),
+        }
+    }
+
+    /// Writes what was received to a device or pipe; a file already holds it.
+    fn finish(self, path: &Path, ram: &GuestRam) -> dwcp_core::Result<()> {
+        use std::io::Write;
+        if self == Output::File {
+            return Ok(());
+        }
+        let ctx = |e| {
+            dwcp_core::Error::io(
+                format!("writing the received memory to {}", path.display()),
+                e,
+            )
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(ctx)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut page = vec![0u8; dwcp_core::PAGE_SIZE];
+        for p in 0..ram.layout().total_pages() {
+            ram.copy_out(p, &mut page);
+            w.write_all(&page).map_err(ctx)?;
+        }
+        w.flush().map_err(ctx)
     }
 }

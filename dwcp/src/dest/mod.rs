@@ -202,7 +202,7 @@ impl Listener {
                             let _ = openers.send(Opener::Fresh(neg, r, w, peer));
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "dropped a connection that did not authenticate; still waiting")
+                            tracing::warn!(error = %e, "refused a connection that did not authenticate; still waiting")
                         }
                     }
                     handshakes.fetch_sub(1, Ordering::AcqRel);
