@@ -306,6 +306,40 @@ fn a_failure_after_the_commit_is_unconfirmed_and_the_guest_stays_paused() {
 }
 
 #[test]
+fn losing_the_handover_stream_fails_before_the_commit_and_is_unconfirmed_after_it() {
+    let before = run(Setup {
+        faults: Faults {
+            kill_handover_stream_in: Some("AwaitingVerdict"),
+            ..Faults::default()
+        },
+        ..Setup::default()
+    });
+    let e = failure(&before);
+    assert!(
+        matches!(e, Error::Protocol(m) if m.contains("carrying the handover")),
+        "{e:?}"
+    );
+    assert!(before.guest_running && before.resumed);
+
+    let after = run(Setup {
+        faults: Faults {
+            kill_handover_stream_in: Some("AwaitingCommitAck"),
+            ..Faults::default()
+        },
+        ..Setup::default()
+    });
+    let e = failure(&after);
+    assert!(
+        matches!(e, Error::HandoverUnconfirmed(m) if m.contains("no confirmation")),
+        "{e:?}"
+    );
+    assert!(
+        !after.guest_running && !after.resumed,
+        "the guest must stay paused"
+    );
+}
+
+#[test]
 fn a_digest_mismatch_resumes_the_guest() {
     let r = run(Setup {
         workload: busy(),

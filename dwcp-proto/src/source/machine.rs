@@ -58,7 +58,7 @@ pub(super) enum Recovery {
     },
 }
 
-/// The source's decisions. See the [module documentation](self).
+/// The source's decisions. See the [module documentation](crate::source).
 #[derive(Debug)]
 pub struct SourceMachine {
     pub(super) p: SourceParams,
@@ -360,6 +360,11 @@ impl SourceMachine {
                 self.our_digest = Some((digest, elapsed));
                 self.deadline = Some(now + self.p.io_timeout);
             }
+            SourceEvent::Verdict(_) if self.phase == Phase::AwaitingCommitAck => {
+                return self.fail(Error::HandoverUnconfirmed(
+                    "the destination answered the commit with something else".into(),
+                ));
+            }
             SourceEvent::Verdict(d) => {
                 if self.phase != Phase::AwaitingVerdict || self.their_digest.is_some() {
                     return self.fail(Error::Protocol(
@@ -438,11 +443,6 @@ impl SourceMachine {
         let error = if self.commit_sent {
             match error {
                 e @ Error::HandoverUnconfirmed(_) => e,
-                Error::Protocol(_) if self.phase == Phase::AwaitingCommitAck => {
-                    Error::HandoverUnconfirmed(
-                        "the destination answered the commit with something else".into(),
-                    )
-                }
                 e => Error::HandoverUnconfirmed(format!(
                     "no confirmation after the commit was sent: {e}"
                 )),

@@ -68,6 +68,8 @@ pub struct Faults {
     pub reading_stops_after: Option<u64>,
     /// Cancel when the source machine first enters this state.
     pub cancel_in: Option<&'static str>,
+    /// Kill the stream that carried Finish when the source machine first enters this state.
+    pub kill_handover_stream_in: Option<&'static str>,
     /// Per mille chance, at each delivery, that a random stream dies (random schedules).
     pub random_loss_per_mille: u64,
     /// The destination's digest is off by one (a corrupted copy).
@@ -243,6 +245,7 @@ pub struct Sim {
     reconnect_failures_left: u32,
     killed_all: bool,
     finish_lane: Option<u16>,
+    handover_killed: bool,
     /// Frames of killed streams still on their way to the destination.
     zombies: Vec<(Duration, Up)>,
     // destination side
@@ -327,6 +330,7 @@ impl Sim {
             reconnect_failures_left: s.faults.failed_reconnects,
             killed_all: false,
             finish_lane: None,
+            handover_killed: false,
             zombies: Vec::new(),
             dest_memory: vec![0; s.pages as usize],
             versions: PageVersions::new(s.pages),
@@ -424,6 +428,16 @@ impl Sim {
             self.drain_actions();
             if self.run.source.is_some() && self.run.dest.is_some() {
                 break;
+            }
+            if let Some(state) = self.s.faults.kill_handover_stream_in {
+                if !self.handover_killed && self.src.state_name() == state {
+                    if let Some(lane) = self.finish_lane {
+                        self.handover_killed = true;
+                        self.kill(lane);
+                        self.report_failed();
+                        continue;
+                    }
+                }
             }
             if let Some(state) = self.s.faults.cancel_in {
                 if !self.cancelled && self.src.state_name() == state {
