@@ -7,6 +7,9 @@
 //!
 //! Each dwcp figure is the median of several runs (min and max shown too). The table goes to stdout and,
 //! as JSON, to `target/xtask/bench-e2e.json`.
+//!
+//! Kept whole (about 800 lines): every headline figure, its measurement and its target stand
+//! together, so the verdict table reads top to bottom.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

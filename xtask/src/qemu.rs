@@ -10,6 +10,9 @@
 //! `ram.transferred`, and the bytes on the wire (for dwcp runs, the tunnel's bytes). The WAN half needs
 //! root; it runs QEMU and the proxies inside private namespaces (`dwcp-qb<pid>-s`/`-d`).
 //! Results go to `target/xtask/bench-qemu.json`.
+//!
+//! Kept whole (about 850 lines): one benchmark, its variants, rounds and verdicts; the QEMU boot
+//! helpers it shares with the tests live in the test harness.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -14,6 +14,9 @@
 //! Traffic only ever goes to 10.77.0.2 inside namespaces this xtask created. Every child runs under a
 //! time limit, and a private link is torn down on every exit path (its forwarder also stops by itself
 //! when this process dies, because its stdin pipe closes).
+//!
+//! Kept whole (about 1,050 lines): the test bed's commands and its benchmark share the namespace
+//! and process bookkeeping; a split is due when the benchmark grows again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
