@@ -376,6 +376,17 @@ fn dest_machine() -> (DestMachine, std::time::Instant) {
     (m, t0)
 }
 
+/// A stream asks to join; returns the machine's answer.
+fn join(
+    m: &mut DestMachine,
+    t0: std::time::Instant,
+    index: u16,
+    pooled: bool,
+) -> Option<DestAction> {
+    m.handle(t0, DestEvent::StreamJoined { index, pooled });
+    m.poll_action()
+}
+
 fn finish(frames: u64) -> dwcp_core::messages::Finish {
     dwcp_core::messages::Finish {
         final_iteration: 1,
@@ -396,63 +407,26 @@ fn finished_err(m: &mut DestMachine) -> String {
 #[test]
 fn the_destination_refuses_streams_it_should_not_take() {
     let (mut m, t0) = dest_machine();
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 0,
-            pooled: false,
-        },
-    );
-    assert!(
-        matches!(m.poll_action(), Some(DestAction::RefuseStream { index: 0, why }) if why.contains("in use"))
-    );
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 1,
-            pooled: true,
-        },
-    );
+    let refused = |a: Option<DestAction>, index: u16, why: &str| matches!(&a, Some(DestAction::RefuseStream { index: i, why: w }) if *i == index && w.contains(why));
+    assert!(refused(join(&mut m, t0, 0, false), 0, "in use"));
     assert_eq!(
-        m.poll_action(),
+        join(&mut m, t0, 1, true),
         Some(DestAction::AcceptStream {
             index: 1,
             pooled: true
         })
     );
     // Twice the announced count at most.
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 2,
-            pooled: false,
-        },
-    );
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 3,
-            pooled: false,
-        },
-    );
-    assert!(matches!(
-        m.poll_action(),
-        Some(DestAction::AcceptStream { index: 2, .. })
-    ));
-    assert!(matches!(
-        m.poll_action(),
-        Some(DestAction::AcceptStream { index: 3, .. })
-    ));
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 4,
-            pooled: false,
-        },
-    );
-    assert!(
-        matches!(m.poll_action(), Some(DestAction::RefuseStream { index: 4, why }) if why.contains("at most 2"))
-    );
+    for index in [2, 3] {
+        assert_eq!(
+            join(&mut m, t0, index, false),
+            Some(DestAction::AcceptStream {
+                index,
+                pooled: false
+            })
+        );
+    }
+    assert!(refused(join(&mut m, t0, 4, false), 4, "at most 2"));
     // After Finish, nobody joins.
     m.handle(
         t0,
@@ -463,16 +437,7 @@ fn the_destination_refuses_streams_it_should_not_take() {
     );
     assert_eq!(m.poll_action(), Some(DestAction::StopData));
     assert_eq!(m.poll_action(), Some(DestAction::CheckReceived));
-    m.handle(
-        t0,
-        DestEvent::StreamJoined {
-            index: 5,
-            pooled: false,
-        },
-    );
-    assert!(
-        matches!(m.poll_action(), Some(DestAction::RefuseStream { index: 5, why }) if why.contains("ending"))
-    );
+    assert!(refused(join(&mut m, t0, 5, false), 5, "ending"));
 }
 
 #[test]

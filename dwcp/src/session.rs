@@ -82,6 +82,25 @@ pub(crate) fn report_error(writer: &mut StreamWriter, error: &Error) {
     let _ = writer.write_frame(FrameType::Error, &error_payload(error));
 }
 
+/// Reads the next frame into `payload`; it must be `expected` (an Error frame is the peer's error).
+/// `what` names it in errors.
+pub(crate) fn read_expected(
+    reader: &mut StreamReader,
+    payload: &mut Vec<u8>,
+    expected: FrameType,
+    what: &str,
+) -> Result<(), Error> {
+    let h = reader.read_frame(payload).map_err(|e| classify(e, what))?;
+    match h.frame_type {
+        t if t == expected => Ok(()),
+        FrameType::Error => Err(peer_error(payload)),
+        other => Err(unexpected(
+            other,
+            &format!("instead of {}", expected.name()),
+        )),
+    }
+}
+
 pub(crate) fn unexpected(ft: FrameType, when: &str) -> Error {
     Error::Protocol(format!("unexpected {} frame {when}", ft.name()))
 }

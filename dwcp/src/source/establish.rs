@@ -21,7 +21,7 @@ use super::Migration;
 use super::encoder::{PageEncoder, usable_codec};
 use super::links::{Dialer, JoinedStream, Links, health_check};
 use crate::config::{PageClasses, threads_or_cores};
-use crate::session::{classify, peer_error, unexpected};
+use crate::session::read_expected;
 
 /// A session the destination accepted, with stream 0 carrying data.
 pub(super) struct Established {
@@ -166,14 +166,7 @@ impl Established {
         };
         writer.write_frame(FrameType::SessionInit, &init.encode())?;
         let mut p = Vec::new();
-        let h = reader
-            .read_frame(&mut p)
-            .map_err(|e| classify(e, "SessionReady"))?;
-        match h.frame_type {
-            FrameType::SessionReady => {}
-            FrameType::Error => return Err(peer_error(&p)),
-            other => return Err(unexpected(other, "instead of SessionReady")),
-        }
+        read_expected(&mut reader, &mut p, FrameType::SessionReady, "SessionReady")?;
         // On a pooled stream the destination names the new session in SessionReady.
         let session_id = match new_session {
             Some(id) => id,

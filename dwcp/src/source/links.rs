@@ -16,7 +16,9 @@ use dwcp_core::transport::{Conn, Connector};
 use dwcp_tcp::{LaneHandle, Lanes, Mode};
 
 use crate::pool::{ConnectionPool, PoolKey, PooledStream};
-use crate::session::{StreamReader, StreamWriter, classify, peer_error, split, unexpected};
+use crate::session::{
+    StreamReader, StreamWriter, classify, peer_error, read_expected, split, unexpected,
+};
 
 /// An authenticated stream, ready to become a lane.
 pub(super) struct JoinedStream {
@@ -242,15 +244,13 @@ pub(super) fn health_check(p: &mut PooledStream, timeout: Duration) -> Result<()
     let nonce = dwcp_core::handshake::new_session_id();
     p.writer.write_frame(FrameType::Ping, &encode_u64(nonce))?;
     let mut payload = Vec::new();
-    let h = p
-        .reader
-        .read_frame(&mut payload)
-        .map_err(|e| classify(e, "Pong"))?;
-    match h.frame_type {
-        FrameType::Pong if decode_u64(&payload, "Pong")? == nonce => Ok(()),
-        FrameType::Error => Err(peer_error(&payload)),
-        other => Err(unexpected(other, "instead of Pong")),
+    read_expected(&mut p.reader, &mut payload, FrameType::Pong, "Pong")?;
+    if decode_u64(&payload, "Pong")? != nonce {
+        return Err(Error::Protocol(
+            "a parked stream answered the health check with another nonce".into(),
+        ));
     }
+    Ok(())
 }
 
 /// Joins a parked stream to session `session_id` as stream `index`: Ping/Pong, then Join answered by
@@ -270,15 +270,12 @@ fn join_pooled(
     p.writer.write_frame(FrameType::Join, &join.encode())?;
     p.writer.bind_session(session_id);
     let mut payload = Vec::new();
-    let h = p
-        .reader
-        .read_frame(&mut payload)
-        .map_err(|e| classify(e, "the answer to Join"))?;
-    match h.frame_type {
-        FrameType::SessionReady => {}
-        FrameType::Error => return Err(peer_error(&payload)),
-        other => return Err(unexpected(other, "instead of SessionReady")),
-    }
+    read_expected(
+        &mut p.reader,
+        &mut payload,
+        FrameType::SessionReady,
+        "the answer to Join",
+    )?;
     p.reader.bind_session(session_id, MAX_PAYLOAD);
     set_timeouts(p.writer.get_ref(), io_timeout, "configuring a stream")?;
     Ok(JoinedStream {
