@@ -98,7 +98,7 @@ impl<'m, 'a> Driver<'m, 'a> {
         let result = match outcome {
             Ok(done) => {
                 vm.handed_over();
-                Ok(self.report(&machine, done))
+                Ok(self.report(done))
             }
             Err(f) => {
                 if f.tell_peer {
@@ -394,8 +394,11 @@ impl<'m, 'a> Driver<'m, 'a> {
                 vm.resume();
                 None
             }
-            // The loop returns on Finished before it gets here; other actions are new to this shell.
-            _ => None,
+            // The loop returns on Finished before it gets here.
+            other => {
+                tracing::debug!(action = ?other, "an action this shell does not carry out");
+                None
+            }
         };
         if let Some(ev) = event {
             machine.handle(Instant::now(), ev);
@@ -495,7 +498,7 @@ impl<'m, 'a> Driver<'m, 'a> {
         }
     }
 
-    fn report(&mut self, machine: &SourceMachine, done: Completed) -> MigrationReport {
+    fn report(&mut self, done: Completed) -> MigrationReport {
         let s = &self.s;
         let total_time = s.t0.elapsed().as_secs_f64();
         let memory_bytes = self.source.layout().total_bytes();
@@ -519,7 +522,6 @@ impl<'m, 'a> Driver<'m, 'a> {
                 "stream totals"
             );
         }
-        let _ = machine;
         MigrationReport {
             session_id: format!("{:016x}", s.links.session_id),
             total_ms: total_time * 1e3,
