@@ -6,6 +6,11 @@
 //! on the wire equal the guest bytes plus framing. Every configuration runs in `--rounds` (default 3)
 //! interleaved rounds and the rows are medians. Target (issue 4): the best dwcp configuration
 //! reaches at least 0.9 x iperf3 with one stream, measured in the same run.
+//!
+//! `--baseline PATH` runs every dwcp configuration again with another `dwcp` build, right next to the
+//! current one, and prints the ratio of the medians. The two go first in alternate rounds (ABBA): a
+//! demo that starts right after another 1 GiB process pays for that process's teardown, and a fixed
+//! order once made one build look 25 % slower than the other with one stream.
 
 use std::path::PathBuf;
 
@@ -26,7 +31,12 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Runs the AMST benchmark.
-pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
+pub fn bench(
+    ws: &Workspace,
+    quick: bool,
+    rounds: Option<usize>,
+    baseline: Option<PathBuf>,
+) -> Result<()> {
     require_iperf3()?;
     let mut build = ws.cargo();
     build.args(["build", "--release", "-p", "dwcp-cli"]);
@@ -35,6 +45,14 @@ pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
     if !bin.is_file() {
         bail!("{} was not built", bin.display());
     }
+    if let Some(b) = &baseline {
+        if !b.is_file() {
+            bail!(
+                "--baseline {}: no such file (a `dwcp` binary of another build)",
+                b.display()
+            );
+        }
+    }
     let size = if quick { "256M" } else { "1G" };
     let counts: &[u32] = if quick { &[1, 4] } else { &[1, 2, 4, 8, 16] };
     let rounds = rounds.unwrap_or(if quick { 1 } else { ROUNDS }).max(1);
@@ -42,13 +60,29 @@ pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
         "\n==> AMST loopback goodput, random {size}, iperf3 -P N next to dwcp --streams N, \
          {rounds} interleaved rounds (medians)"
     );
-    let dwcp_run = |extra: &[&str]| -> Result<(f64, serde_json::Value)> {
-        let r = demo_with(&bin, size, Some("random"), 0, extra)?;
+    let run_with = |bin: &std::path::Path, extra: &[&str]| -> Result<(f64, serde_json::Value)> {
+        let r = demo_with(bin, size, Some("random"), 0, extra)?;
         if !flag(&r, "digest_match")? {
             bail!("dwcp demo {extra:?}: digests differ");
         }
         let bps = num(&r, "memory_bytes")? / (num(&r, "total_ms")? / 1e3);
         Ok((bps, r))
+    };
+    let dwcp_run = |extra: &[&str]| run_with(&bin, extra);
+    // With a baseline: this configuration with both builds, the first one alternating by round.
+    let mut base_samples: Vec<Vec<f64>> = vec![Vec::new(); counts.len() + 1];
+    let mut ab = |round: usize, slot: usize, extra: &[&str]| -> Result<(f64, serde_json::Value)> {
+        let Some(b) = &baseline else {
+            return dwcp_run(extra);
+        };
+        if round % 2 == 1 {
+            base_samples[slot].push(run_with(b, extra)?.0);
+            dwcp_run(extra)
+        } else {
+            let current = dwcp_run(extra)?;
+            base_samples[slot].push(run_with(b, extra)?.0);
+            Ok(current)
+        }
     };
     // A dwcp run of 1 GiB lasts about 0.4 s against iperf3's 5 s, so one busy moment of this shared
     // machine moves a single dwcp figure by a third: every configuration runs `rounds` times,
@@ -56,13 +90,13 @@ pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); counts.len()];
     let mut adaptive_samples = Vec::new();
     let mut peaks = Vec::new();
-    for _ in 0..rounds {
-        for (&n, (iperf, dwcp)) in counts.iter().zip(samples.iter_mut()) {
+    for round in 0..rounds {
+        for (slot, (&n, (iperf, dwcp))) in counts.iter().zip(samples.iter_mut()).enumerate() {
             iperf.push(iperf3_parallel(n).with_context(|| format!("iperf3 -P {n}"))?);
             let s = n.to_string();
-            dwcp.push(dwcp_run(&["--streams", &s])?.0);
+            dwcp.push(ab(round, slot, &["--streams", &s])?.0);
         }
-        let (adaptive, report) = dwcp_run(&[])?;
+        let (adaptive, report) = ab(round, counts.len(), &[])?;
         adaptive_samples.push(adaptive);
         peaks.push(
             report
@@ -117,9 +151,32 @@ pub fn bench(ws: &Workspace, quick: bool, rounds: Option<usize>) -> Result<()> {
         single / 1e9,
         if met { "MET" } else { "MISSED" }
     );
+    if baseline.is_some() {
+        println!("\n| streams | dwcp | baseline | dwcp / baseline |");
+        println!("|---|---:|---:|---:|");
+        let labels = counts
+            .iter()
+            .map(|n| n.to_string())
+            .chain(["adaptive".to_string()]);
+        let currents = samples
+            .iter()
+            .map(|(_, d)| d.as_slice())
+            .chain([adaptive_samples.as_slice()]);
+        for ((label, current), base) in labels.zip(currents).zip(&base_samples) {
+            let (c, b) = (median(current), median(base));
+            println!(
+                "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2} |",
+                c / 1e9,
+                b / 1e9,
+                c / b
+            );
+        }
+    }
     let out = ws.target.join("xtask");
     std::fs::create_dir_all(&out)?;
     let json = json!({
+        "baseline": baseline.as_ref().map(|b| b.display().to_string()),
+        "baseline_bps": base_samples,
         "size": size,
         "rounds": rounds,
         "samples": counts.iter().zip(&samples).map(|(n, (i, d))| json!({"streams": n, "iperf3_bps": i, "dwcp_bps": d})).collect::<Vec<_>>(),

@@ -75,9 +75,9 @@ enum Cmd {
         /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2").
         #[arg(long)]
         only: Option<String>,
-        /// With `qemu`: also run every dwcp configuration with this other `dwcp` binary (e.g. a
-        /// build of an earlier commit), interleaved, as rows named "baseline ...", for an A/B
-        /// comparison on the same noisy machine; the verdicts ignore these rows.
+        /// With `qemu`, `amst` and `wan`: also run every dwcp configuration with this other `dwcp`
+        /// binary (e.g. a build of an earlier commit), interleaved, as rows named "baseline ...",
+        /// for an A/B comparison on the same noisy machine; the verdicts ignore these rows.
         #[arg(long)]
         baseline: Option<std::path::PathBuf>,
         /// With `wan`: the link and the dwcp runs.
@@ -224,8 +224,8 @@ fn main() -> ExitCode {
             only,
             baseline,
         } => match which {
-            Which::Wan => wan::bench(&ws, &wan, quick, strict),
-            Which::Amst => amst::bench(&ws, quick, rounds),
+            Which::Wan => wan::bench(&ws, &wan, quick, strict, baseline),
+            Which::Amst => amst::bench(&ws, quick, rounds, baseline),
             Which::Qemu => qemu::bench(&ws, &wan, quick, rounds, only.as_deref(), baseline),
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),

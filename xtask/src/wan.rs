@@ -788,7 +788,21 @@ fn counter_delta(before: &Value, after: &Value, key: &str) -> u64 {
 }
 
 /// `cargo xtask bench wan`.
-pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> Result<()> {
+pub fn bench(
+    ws: &Workspace,
+    opts: &BenchWanOpts,
+    quick: bool,
+    strict: bool,
+    baseline: Option<PathBuf>,
+) -> Result<()> {
+    if let Some(b) = &baseline {
+        if !b.is_file() {
+            bail!(
+                "--baseline {}: no such file (a `dwcp` binary of another build)",
+                b.display()
+            );
+        }
+    }
     require_root()?;
     crate::headline::require_iperf3()?;
     build(ws, &["dwcp-wanem", "dwcp-cli"])?;
@@ -859,14 +873,14 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
     } else {
         dir.clone()
     };
-    for (mix, img) in &images {
+    let dwcp_row = |dwcp: &Path, label: &str, mix: &str, img: &Path| -> Result<BenchRow> {
         let out = out_dir.join(format!("dwcp-wan-bench-{}.img", std::process::id()));
         let _ = std::fs::remove_file(&out);
         let listen = format!("{DST_ADDR}:{DWCP_PORT}");
         let mut recv = Proc::spawn(
             Command::new("ip")
                 .args(["netns", "exec", &link.dst])
-                .arg(&dwcp)
+                .arg(dwcp)
                 .args(["recv", "--listen", &listen, "--out"])
                 .arg(&out)
                 .arg("--psk-file")
@@ -879,7 +893,7 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
         })?;
         let mut send = Command::new("ip");
         send.args(["netns", "exec", &link.src])
-            .arg(&dwcp)
+            .arg(dwcp)
             .args(["send", "--to", &listen, "--image"])
             .arg(img)
             .arg("--psk-file")
@@ -915,8 +929,8 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
                 .as_array()
                 .map(|p| p.iter().filter_map(|x| x["duration_ms"].as_f64()).sum())
                 .unwrap_or(0.0);
-        rows.push(BenchRow {
-            name: format!("dwcp {mix} {image_size}"),
+        Ok(BenchRow {
+            name: format!("{label} {mix} {image_size}"),
             goodput: num("wire_bytes") / total_s,
             logical: Some(num("memory_bytes") / total_s),
             time_s: total_s,
@@ -931,7 +945,29 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
                 codec_choices(&s["encode"]["adaptive_choices"])
             ),
             data: json!({ "send": s, "recv": r }),
-        });
+        })
+    };
+    // With a baseline, each image is sent by both builds (both ends), the first one alternating.
+    let mut pairs: Vec<(String, f64, f64)> = Vec::new();
+    for (i, (mix, img)) in images.iter().enumerate() {
+        let Some(b) = &baseline else {
+            rows.push(dwcp_row(&dwcp, "dwcp", mix, img)?);
+            continue;
+        };
+        let (current, base) = if i % 2 == 0 {
+            let c = dwcp_row(&dwcp, "dwcp", mix, img)?;
+            (c, dwcp_row(b, "baseline dwcp", mix, img)?)
+        } else {
+            let base = dwcp_row(b, "baseline dwcp", mix, img)?;
+            (dwcp_row(&dwcp, "dwcp", mix, img)?, base)
+        };
+        pairs.push((
+            format!("{mix} {image_size}"),
+            current.time_s / base.time_s,
+            current.logical.unwrap_or(0.0) / base.logical.unwrap_or(f64::NAN),
+        ));
+        rows.push(current);
+        rows.push(base);
     }
     let summary = link.info["summary"]
         .as_str()
@@ -953,6 +989,9 @@ pub fn bench(ws: &Workspace, opts: &BenchWanOpts, quick: bool, strict: bool) -> 
             r.time_s,
             r.notes
         );
+    }
+    for (image, time, logical) in &pairs {
+        println!("dwcp / baseline, {image}: time {time:.2} x, logical throughput {logical:.2} x");
     }
     let best_iperf = rows
         .iter()
