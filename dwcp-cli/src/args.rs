@@ -94,6 +94,20 @@ pub struct MigrateOpts {
     /// Pre-copy passes before stop-and-copy is forced.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_iterations: u32,
+    /// Most bytes per second on the wire, like QEMU's max-bandwidth (K/M/G: powers of 1024,
+    /// e.g. 100M); default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_bandwidth: Option<u64>,
+}
+
+/// A rate in bytes per second: a size, and not zero.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!(
+            "invalid rate {s:?}: a cap must be above 0 (omit the option for no cap)"
+        )),
+        r => Ok(r),
+    }
 }
 
 impl MigrateOpts {
@@ -107,6 +121,7 @@ impl MigrateOpts {
             downtime_limit: Duration::from_millis(self.downtime_ms),
             max_iterations: self.max_iterations,
             codec: self.codec,
+            max_bandwidth: self.max_bandwidth,
             ..MigrationConfig::default()
         }
     }

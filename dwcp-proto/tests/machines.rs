@@ -357,6 +357,70 @@ fn a_digest_mismatch_resumes_the_guest() {
     assert!(r.guest_running && r.resumed);
 }
 
+/// Bytes released per whole second of virtual time, from `from` on.
+fn per_second(r: &Run, from: Duration, to: Duration) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut start = from;
+    while start + Duration::from_secs(1) <= to {
+        let end = start + Duration::from_secs(1);
+        let bytes: u64 = r
+            .released
+            .iter()
+            .filter(|(t, _)| *t >= start && *t < end)
+            .map(|&(_, b)| b)
+            .sum();
+        out.push(bytes as f64);
+        start = end;
+    }
+    out
+}
+
+#[test]
+fn a_bandwidth_cap_holds_over_every_second_and_a_new_one_within_one() {
+    // 4096 pages of 64 simulated wire bytes: 256 KiB for pass 0, 4 s at 64 KiB/s.
+    let cap = 65536.0;
+    let r = run(Setup {
+        pages: 4096,
+        max_bandwidth: Some(cap),
+        bandwidth_changes: vec![(Duration::from_millis(2500), Some(cap / 2.0))],
+        ..Setup::default()
+    });
+    completed(&r);
+    let first = per_second(&r, Duration::ZERO, Duration::from_millis(2500));
+    assert!(first.len() >= 2, "{first:?}");
+    for (k, b) in first.iter().enumerate() {
+        assert!(
+            (b - cap).abs() <= 0.05 * cap,
+            "second {k}: {b} bytes at a cap of {cap}"
+        );
+    }
+    // Within a second of the change the new cap holds.
+    let after = per_second(&r, Duration::from_millis(3500), r.virtual_time);
+    assert!(
+        !after.is_empty(),
+        "the migration ended too soon: {:?}",
+        r.virtual_time
+    );
+    for (k, b) in after.iter().enumerate() {
+        assert!(
+            (b - cap / 2.0).abs() <= 0.05 * cap / 2.0,
+            "second {k} after the change: {b}"
+        );
+    }
+    // Lifting the cap lets it run at the simulated link's speed again.
+    let free = run(Setup {
+        pages: 4096,
+        max_bandwidth: Some(cap),
+        bandwidth_changes: vec![(Duration::from_millis(1000), None)],
+        ..Setup::default()
+    });
+    assert!(
+        free.virtual_time < Duration::from_millis(1500),
+        "{:?}",
+        free.virtual_time
+    );
+}
+
 fn dest_machine() -> (DestMachine, std::time::Instant) {
     let t0 = std::time::Instant::now();
     let mut m = DestMachine::new(

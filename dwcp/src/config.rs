@@ -88,6 +88,9 @@ pub struct MigrationConfig {
     /// Stop-and-copy is forced when the dirty set has not shrunk for this many passes (a guest dirtying
     /// memory faster than the link drains it never converges by iterating).
     pub stall_passes: u32,
+    /// Most bytes per second this migration puts on the wire, over TCP and RDMA alike (None: no cap).
+    /// Change it while the migration runs with [`crate::Migration::bandwidth_handle`].
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for MigrationConfig {
@@ -116,6 +119,7 @@ impl Default for MigrationConfig {
             digest_threads: 0,
             verification: Verification::SentPages,
             stall_passes: 3,
+            max_bandwidth: None,
         }
     }
 }
@@ -124,6 +128,11 @@ impl MigrationConfig {
     /// Checks the parameters; [`crate::Migration::run`] does this too, before connecting.
     pub fn validate(&self) -> Result<(), dwcp_core::Error> {
         let bad = |m: String| Err(dwcp_core::Error::Config(m));
+        if let Some(rate) = self.max_bandwidth {
+            if let Err(e) = dwcp_pba::check_rate(rate as f64) {
+                return bad(format!("max_bandwidth: {e}"));
+            }
+        }
         if self.streams > 64 || self.max_streams > 64 {
             return bad(format!(
                 "streams = {}, max_streams = {} (0 for automatic, else 1..=64)",

@@ -26,4 +26,4 @@ pub use dwcp_core::{Error, Result};
 pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;
 pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
-pub use source::{Migration, TelemetryFeed};
+pub use source::{BandwidthHandle, Migration, TelemetryFeed};

@@ -478,3 +478,64 @@ fn every_page_class_crosses_the_engine_bit_exact() {
         report.encode
     );
 }
+
+#[test]
+fn a_bandwidth_cap_is_obeyed_and_can_be_lifted_while_the_migration_runs() {
+    // 16 MiB of incompressible pages at a cap of 32 MiB/s cannot take less than about half a second,
+    // whatever the machine's speed (the bucket's burst is 2 % of a second).
+    let g = guest(16 << 20, ContentMix::RANDOM, 31);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let cap = 32 << 20;
+    let started = std::time::Instant::now();
+    let report = Migration::new(addr, psk(1))
+        .config(MigrationConfig {
+            max_bandwidth: Some(cap),
+            ..source_config()
+        })
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let (received, ram) = rx.join().unwrap();
+    received.unwrap();
+    assert_same_memory(&*g, &ram.unwrap());
+    let floor = report.wire_bytes as f64 / cap as f64 - 0.05;
+    assert!(
+        elapsed >= floor,
+        "{} bytes in {elapsed:.3} s at a cap of {cap} B/s",
+        report.wire_bytes
+    );
+
+    // A cap that would take 16 s, lifted after 200 ms from another thread.
+    let g = guest(16 << 20, ContentMix::RANDOM, 32);
+    let (addr, rx) = spawn_receiver(psk(1), receiver_config());
+    let migration = Migration::new(addr, psk(1)).config(MigrationConfig {
+        max_bandwidth: Some(1 << 20),
+        ..source_config()
+    });
+    let handle = migration.bandwidth_handle();
+    assert!(handle.set(Some(0)).is_err(), "a cap of 0 is refused");
+    let lifter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        handle.set(None).unwrap();
+    });
+    let started = std::time::Instant::now();
+    migration
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    lifter.join().unwrap();
+    let (received, _) = rx.join().unwrap();
+    received.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the lifted cap still held: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        MigrationConfig {
+            max_bandwidth: Some(0),
+            ..source_config()
+        }
+        .validate()
+        .is_err()
+    );
+}

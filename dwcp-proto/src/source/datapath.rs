@@ -35,6 +35,9 @@ impl SourceMachine {
         self.batch_out = false;
         self.flow_fresh = false;
         self.next_chunk += chunks;
+        if let Some(cap) = &mut self.cap {
+            cap.charge(now, wire_bytes);
+        }
         self.chunk_bytes += wire_bytes;
         self.pass.wire_bytes += wire_bytes;
         self.pass.content_pages += content_pages;
@@ -197,8 +200,17 @@ impl SourceMachine {
         }
         let total = self.pass.pages.len();
         if self.pass.requested < total {
+            if self.cap.as_ref().is_some_and(|c| !c.ready(now)) {
+                // Waiting for the cap is not the destination's silence.
+                self.stalled = None;
+                return;
+            }
             let per_chunk = self.p.pages_per_chunk.max(1);
-            let n = (per_chunk * self.p.chunks_per_batch.max(1)).min(total - self.pass.requested);
+            let chunks = match &self.cap {
+                Some(c) => c.batch_chunks(per_chunk * PAGE_SIZE as u64, self.p.chunks_per_batch),
+                None => self.p.chunks_per_batch.max(1),
+            };
+            let n = (per_chunk * chunks).min(total - self.pass.requested);
             let need = n.div_ceil(per_chunk) * self.p.chunk_buffer_bytes;
             if self.flow.pool_free_bytes < need {
                 return self.stall(now, Stall::Budget);

@@ -41,6 +41,8 @@ pub struct SourceParams {
     pub telemetry_interval: Duration,
     /// Seed of the reconnection jitter.
     pub seed: u64,
+    /// A cap on the bytes this migration puts on the wire per second (None: as fast as it goes).
+    pub max_bandwidth: Option<f64>,
 }
 
 /// The pages of a pass.
@@ -194,6 +196,9 @@ pub enum SourceEvent {
     LocalFailed(Error),
     /// The operator cancelled the migration.
     Cancel,
+    /// The operator changed the bandwidth cap (bytes/s; None lifts it). An invalid rate is ignored
+    /// with a warning: the shell validates what it is given.
+    SetMaxBandwidth(Option<f64>),
 }
 
 /// What the shell must do.

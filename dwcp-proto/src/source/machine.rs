@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use dwcp_core::error::Error;
 use dwcp_tcp::Mode;
 
+use super::cap::Cap;
 use super::convergence::{Convergence, LinkEstimate, StopReason};
 use super::events::{Completed, Failure, Flow, PassPages, SourceAction, SourceEvent, SourceParams};
 use super::streams::{Backoff, StreamCount};
@@ -99,6 +100,8 @@ pub struct SourceMachine {
     pub(super) their_digest: Option<u128>,
     pub(super) deadline: Option<Instant>,
     pub(super) commit_sent: bool,
+    /// The bandwidth cap, if any.
+    pub(super) cap: Option<Cap>,
 }
 
 impl SourceMachine {
@@ -150,6 +153,11 @@ impl SourceMachine {
             their_digest: None,
             deadline: None,
             commit_sent: false,
+            cap: params.max_bandwidth.and_then(|rate| {
+                Cap::new(rate, now)
+                    .inspect_err(|e| tracing::warn!(error = %e, "bandwidth cap ignored"))
+                    .ok()
+            }),
             pass,
             p: params,
         };
@@ -195,6 +203,9 @@ impl SourceMachine {
         }
         if self.sending() {
             consider(self.next_telemetry);
+            if let Some(t) = self.cap.as_ref().and_then(Cap::not_before) {
+                consider(t);
+            }
             if self.phase == Phase::Precopy {
                 if let Some(end) = self.streams.window_end() {
                     consider(end);
@@ -328,6 +339,9 @@ impl SourceMachine {
             SourceEvent::Resent { chunks, bytes } => {
                 self.resilience.resent_chunks += chunks;
                 self.resilience.resent_bytes += bytes;
+                if let Some(cap) = &mut self.cap {
+                    cap.charge(now, bytes);
+                }
                 if matches!(self.recovery, Recovery::Resending) {
                     self.recovery = Recovery::None;
                 }
@@ -383,8 +397,24 @@ impl SourceMachine {
             }
             SourceEvent::PeerFailed(e) | SourceEvent::LocalFailed(e) => return self.fail(e),
             SourceEvent::Cancel => return self.fail(Error::Cancelled),
+            SourceEvent::SetMaxBandwidth(rate) => self.set_cap(now, rate),
         }
         self.drive(now);
+    }
+
+    fn set_cap(&mut self, now: Instant, rate: Option<f64>) {
+        let Some(rate) = rate else {
+            self.cap = None;
+            return;
+        };
+        let changed = match &mut self.cap {
+            Some(cap) => cap.set_rate(now, rate),
+            None => Cap::new(rate, now).map(|c| self.cap = Some(c)),
+        };
+        match changed {
+            Ok(()) => tracing::info!(bytes_per_sec = rate, "bandwidth cap set"),
+            Err(e) => tracing::warn!(error = %e, "bandwidth cap change ignored"),
+        }
     }
 
     pub(super) fn awaited(&self) -> &'static str {

@@ -16,6 +16,7 @@
 //! paused, since the destination may already run it. Stream losses and reconnections happen inside
 //! the sending phases without leaving them.
 
+mod cap;
 mod convergence;
 mod datapath;
 mod events;

@@ -124,6 +124,10 @@ pub struct Setup {
     pub frame_time: Duration,
     pub workload: Workload,
     pub faults: Faults,
+    /// The bandwidth cap at the start (bytes/s of simulated wire bytes).
+    pub max_bandwidth: Option<f64>,
+    /// Cap changes at these virtual times.
+    pub bandwidth_changes: Vec<(Duration, Option<f64>)>,
 }
 
 impl Default for Setup {
@@ -142,6 +146,8 @@ impl Default for Setup {
             frame_time: Duration::from_micros(50),
             workload: Workload::idle(),
             faults: Faults::default(),
+            max_bandwidth: None,
+            bandwidth_changes: Vec::new(),
         }
     }
 }
@@ -218,6 +224,8 @@ pub struct Run {
     pub stale_writes_refused: u64,
     /// Late copies (from killed streams) that arrived after the destination had applied a newer pass.
     pub late_copies_after_newer: u64,
+    /// Wire bytes the source released, with the virtual time of release.
+    pub released: Vec<(Duration, u64)>,
     pub actions: Vec<String>,
 }
 
@@ -296,6 +304,7 @@ impl Sim {
             reconnect_backoff: Duration::from_millis(10),
             telemetry_interval: Duration::from_millis(250),
             seed: s.seed,
+            max_bandwidth: s.max_bandwidth,
         };
         let src = SourceMachine::new(params, t0);
         let dst = DestMachine::new(
@@ -360,6 +369,7 @@ impl Sim {
                 data_frames_delivered: 0,
                 stale_writes_refused: 0,
                 late_copies_after_newer: 0,
+                released: Vec::new(),
                 actions: Vec::new(),
             },
             cancelled: false,
@@ -446,6 +456,7 @@ impl Sim {
                     continue;
                 }
             }
+            self.bandwidth_changes();
             self.guest_writes();
             self.due_joins();
             self.due_zombies();
@@ -540,6 +551,21 @@ impl Sim {
                 self.ledger.complete(id);
             }
             Claim::Duplicate => {}
+        }
+    }
+
+    fn bandwidth_changes(&mut self) {
+        let now = self.now;
+        let due: Vec<Option<f64>> = self
+            .s
+            .bandwidth_changes
+            .iter()
+            .filter(|(t, _)| *t <= now)
+            .map(|&(_, r)| r)
+            .collect();
+        self.s.bandwidth_changes.retain(|(t, _)| *t > now);
+        for rate in due {
+            self.src_event(SourceEvent::SetMaxBandwidth(rate));
         }
     }
 
@@ -804,6 +830,7 @@ impl Sim {
             }
         }
         self.run.max_in_flight = self.run.max_in_flight.max(self.in_flight);
+        self.run.released.push((self.now, wire));
         self.src_event(SourceEvent::BatchSent {
             chunks: count,
             wire_bytes: wire,
@@ -1057,6 +1084,11 @@ impl Sim {
             self.src.poll_timeout(),
             self.dst.poll_timeout(),
             self.joins.iter().map(|&(t, _)| self.t0 + t).min(),
+            self.s
+                .bandwidth_changes
+                .iter()
+                .map(|&(t, _)| self.t0 + t)
+                .min(),
         ];
         let next = timers.into_iter().flatten().min();
         // Always forward, so that a timer that is due now cannot stop the clock.

@@ -46,6 +46,8 @@ pub(super) struct Driver<'m, 'a> {
     control_lane: Option<u16>,
     /// Page numbers of the batch being encoded (reused).
     storage: Vec<u64>,
+    /// The bandwidth handle's generation the machine knows.
+    bandwidth_seen: u64,
 }
 
 impl<'m, 'a> Driver<'m, 'a> {
@@ -57,6 +59,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             digest_threads: threads_or_cores(m.config.digest_threads),
             control_lane: None,
             storage: Vec::new(),
+            bandwidth_seen: 0,
             s,
         }
     }
@@ -92,7 +95,9 @@ impl<'m, 'a> Driver<'m, 'a> {
             reconnect_backoff: cfg.reconnect_backoff,
             telemetry_interval: TELEMETRY_INTERVAL,
             seed: self.s.links.session_id ^ dwcp_core::handshake::new_session_id(),
+            max_bandwidth: self.m.bandwidth.get().map(|r| r as f64),
         };
+        self.bandwidth_seen = self.m.bandwidth.generation();
         let mut machine = SourceMachine::new(params, Instant::now());
         let outcome = self.drive(&mut machine, dirty, vm);
         let result = match outcome {
@@ -173,6 +178,12 @@ impl<'m, 'a> Driver<'m, 'a> {
     fn housekeeping(&mut self, machine: &mut SourceMachine) {
         if self.m.cancel.load(Ordering::Relaxed) {
             machine.handle(Instant::now(), SourceEvent::Cancel);
+        }
+        let generation = self.m.bandwidth.generation();
+        if generation != self.bandwidth_seen {
+            self.bandwidth_seen = generation;
+            let rate = self.m.bandwidth.get().map(|r| r as f64);
+            machine.handle(Instant::now(), SourceEvent::SetMaxBandwidth(rate));
         }
         while let Ok(ev) = self.s.links.events.try_recv() {
             self.link_event(machine, ev);

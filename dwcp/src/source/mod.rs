@@ -53,6 +53,7 @@ pub struct Migration<'a> {
     metrics: Option<MigrationMetrics>,
     cancel: Arc<AtomicBool>,
     telemetry: TelemetryFeed,
+    bandwidth: BandwidthHandle,
 }
 
 /// The latest `TCP_INFO` sample of every open stream of a running migration, refreshed about every
@@ -69,6 +70,46 @@ impl TelemetryFeed {
 
     fn publish(&self, samples: Vec<StreamTelemetry>) {
         *self.0.write() = samples;
+    }
+}
+
+/// Changes a running migration's bandwidth cap from any thread. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct BandwidthHandle(Arc<BandwidthState>);
+
+#[derive(Debug, Default)]
+struct BandwidthState {
+    /// Bytes per second; 0: no cap.
+    rate: std::sync::atomic::AtomicU64,
+    /// Bumped on every change, so the migration notices one.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl BandwidthHandle {
+    /// Sets the cap in bytes per second (None lifts it); the migration applies it at its next batch.
+    /// A rate of 0 or beyond any link is refused.
+    pub fn set(&self, bytes_per_sec: Option<u64>) -> Result<(), Error> {
+        if let Some(rate) = bytes_per_sec {
+            dwcp_pba::check_rate(rate as f64)
+                .map_err(|e| Error::Config(format!("max_bandwidth: {e}")))?;
+        }
+        self.0.rate.store(
+            bytes_per_sec.unwrap_or(0),
+            std::sync::atomic::Ordering::Release,
+        );
+        self.0
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The cap now, bytes per second.
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.rate.load(std::sync::atomic::Ordering::Acquire)).filter(|&r| r > 0)
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -97,6 +138,7 @@ impl<'a> Migration<'a> {
             metrics: None,
             cancel: Arc::default(),
             telemetry: TelemetryFeed::default(),
+            bandwidth: BandwidthHandle::default(),
         }
     }
 
@@ -140,6 +182,12 @@ impl<'a> Migration<'a> {
         self
     }
 
+    /// A handle that changes the bandwidth cap while the migration runs (it starts from
+    /// `MigrationConfig::max_bandwidth` unless set before [`run`](Self::run)).
+    pub fn bandwidth_handle(&self) -> BandwidthHandle {
+        self.bandwidth.clone()
+    }
+
     /// A flag that cancels the migration when set; the source guest then keeps (or resumes) running.
     pub fn cancel_handle(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.cancel)
@@ -155,6 +203,9 @@ impl<'a> Migration<'a> {
         vm: &mut dyn VmControl,
     ) -> Result<MigrationReport, Error> {
         self.config.validate()?;
+        if self.bandwidth.generation() == 0 && self.config.max_bandwidth.is_some() {
+            self.bandwidth.set(self.config.max_bandwidth)?;
+        }
         let result = establish::Established::open(&self, source)
             .and_then(|session| driver::Driver::new(&self, source, session).run(dirty, vm));
         if let Some(m) = &self.metrics {
