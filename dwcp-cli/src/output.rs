@@ -114,8 +114,8 @@ pub fn migration_text(r: &MigrationReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  downtime          {:.2} ms (digest {:.2} ms)",
-        r.downtime_ms, r.digest_ms
+        "  downtime          {:.2} ms (digest {:.2} ms; predicted {:.2} ms)",
+        r.downtime_ms, r.digest_ms, r.predicted_downtime_ms
     );
     let _ = writeln!(s, "  iterations        {} ({converged})", r.iterations);
     let _ = writeln!(
@@ -154,8 +154,8 @@ pub fn migration_text(r: &MigrationReport) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "  {:>4}  {:>10}  {:>12}  {:>10}  {:>10}  {:>14}",
-        "pass", "pages", "wire", "ms", "dirtied", "pred. down ms"
+        "  {:>4}  {:>10}  {:>12}  {:>10}  {:>10}  {:>10}  {:>14}",
+        "pass", "pages", "wire", "ms", "pred. ms", "dirtied", "pred. down ms"
     );
     let last = r.passes.len().saturating_sub(1);
     for (i, p) in r.passes.iter().enumerate() {
@@ -166,11 +166,12 @@ pub fn migration_text(r: &MigrationReport) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:>4}  {:>10}  {:>12}  {:>10.1}  {:>10}  {:>14.2}",
+            "  {:>4}  {:>10}  {:>12}  {:>10.1}  {:>10.1}  {:>10}  {:>14.2}",
             label,
             p.pages,
             bytes(p.wire_bytes),
             p.duration_ms,
+            p.predicted_duration_ms,
             p.dirtied_pages,
             p.predicted_downtime_ms
         );

@@ -18,6 +18,9 @@ pub struct IterationReport {
     pub dirtied_pages: u64,
     /// Predicted downtime if the guest were paused now.
     pub predicted_downtime_ms: f64,
+    /// How long this pass was predicted to take when it began, from the previous pass's cost per
+    /// page (0 for the first pass, which has no previous one).
+    pub predicted_duration_ms: f64,
 }
 
 /// Stream failures survived during a migration and what they cost.

@@ -16,6 +16,9 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Guest pause, from pause to the destination's confirmation.
     pub downtime_ms: f64,
+    /// The downtime predicted when pre-copy ended (each pass also carries its predicted and measured
+    /// duration).
+    pub predicted_downtime_ms: f64,
     /// Part of the downtime spent computing the source digest.
     pub digest_ms: f64,
     /// Passes made, the stop-and-copy pass included.

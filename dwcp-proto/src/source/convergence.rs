@@ -95,6 +95,18 @@ impl Convergence {
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
     }
 
+    /// How long sending the pages `pass` dirtied is predicted to take (the next pass, or the final
+    /// one), at the pass's cost per page.
+    pub fn predicted_next_pass(&self, pass: &PassMeasurement) -> Duration {
+        let elapsed = pass.elapsed.as_secs_f64();
+        let per_page = if pass.content_pages > 0 {
+            elapsed / pass.content_pages as f64
+        } else {
+            elapsed / pass.pages.max(1) as f64
+        };
+        Duration::try_from_secs_f64(pass.dirtied as f64 * per_page).unwrap_or(Duration::MAX)
+    }
+
     /// Records `pass` and says whether pre-copy ends now, with its predicted downtime.
     pub fn observe(&mut self, pass: &PassMeasurement) -> (Option<StopReason>, Duration) {
         let predicted = self.predicted_downtime(pass);

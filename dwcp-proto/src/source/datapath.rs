@@ -102,7 +102,10 @@ impl SourceMachine {
                     duration_ms: m.elapsed.as_secs_f64() * 1e3,
                     dirtied_pages: m.dirtied,
                     predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
+                    predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
                 };
+                self.pass_prediction = self.convergence.predicted_next_pass(&m);
+                self.predicted_downtime = predicted;
                 self.passes.push(report);
                 self.actions.push_back(SourceAction::PassDone(report));
                 match reason {
@@ -251,6 +254,7 @@ impl SourceMachine {
                 * 1e3,
             dirtied_pages: 0,
             predicted_downtime_ms: 0.0,
+            predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
         });
         // The handover's frames all travel on one stream: if that stream fails now, the migration
         // fails (the guest resumes) rather than guessing which of them arrived.

@@ -297,6 +297,8 @@ pub struct Completed {
     pub passes: Vec<IterationReport>,
     /// From the pause to the destination's confirmation.
     pub downtime: Duration,
+    /// What the downtime was predicted to be when pre-copy ended.
+    pub predicted_downtime: Duration,
     /// The agreed digest.
     pub digest: u128,
     /// Time the source digest took.

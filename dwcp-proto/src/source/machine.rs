@@ -102,6 +102,10 @@ pub struct SourceMachine {
     pub(super) commit_sent: bool,
     /// The bandwidth cap, if any.
     pub(super) cap: Option<Cap>,
+    /// What the current pass was predicted to take when it began.
+    pub(super) pass_prediction: Duration,
+    /// The downtime predicted when pre-copy ended.
+    pub(super) predicted_downtime: Duration,
 }
 
 impl SourceMachine {
@@ -153,6 +157,8 @@ impl SourceMachine {
             their_digest: None,
             deadline: None,
             commit_sent: false,
+            pass_prediction: Duration::ZERO,
+            predicted_downtime: Duration::ZERO,
             cap: params.max_bandwidth.and_then(|rate| {
                 Cap::new(rate, now)
                     .inspect_err(|e| tracing::warn!(error = %e, "bandwidth cap ignored"))
@@ -455,6 +461,7 @@ impl SourceMachine {
             stop_reason: self.stop_reason.unwrap_or(StopReason::Converged),
             passes: self.passes.clone(),
             downtime,
+            predicted_downtime: self.predicted_downtime,
             digest,
             digest_elapsed,
             resilience: self.resilience,

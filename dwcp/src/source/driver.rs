@@ -537,6 +537,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             session_id: format!("{:016x}", s.links.session_id),
             total_ms: total_time * 1e3,
             downtime_ms: done.downtime.as_secs_f64() * 1e3,
+            predicted_downtime_ms: done.predicted_downtime.as_secs_f64() * 1e3,
             digest_ms: done.digest_elapsed.as_secs_f64() * 1e3,
             iterations: done.passes.len() as u32,
             converged: done.stop_reason == dwcp_proto::source::StopReason::Converged,
