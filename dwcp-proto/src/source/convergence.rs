@@ -78,18 +78,10 @@ impl Convergence {
         }
     }
 
-    /// The downtime a pause after `pass` is predicted to cost.
-    ///
-    /// Pages the guest wrote are almost never zero, so the whole pass is charged to its content pages:
-    /// a conservative cost per page that zero pages cannot make look cheap.
+    /// The downtime a pause after `pass` is predicted to cost: its dirty pages at its cost per page,
+    /// the digest and the handover's round trips.
     pub fn predicted_downtime(&self, pass: &PassMeasurement) -> Duration {
-        let elapsed = pass.elapsed.as_secs_f64();
-        let per_page = if pass.content_pages > 0 {
-            elapsed / pass.content_pages as f64
-        } else {
-            elapsed / pass.pages.max(1) as f64
-        };
-        let secs = pass.dirtied as f64 * per_page
+        let secs = pass.dirtied as f64 * per_page(pass)
             + self.policy.digest_estimate.as_secs_f64()
             + 3.0 * self.policy.rtt.as_secs_f64();
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
@@ -98,13 +90,7 @@ impl Convergence {
     /// How long sending the pages `pass` dirtied is predicted to take (the next pass, or the final
     /// one), at the pass's cost per page.
     pub fn predicted_next_pass(&self, pass: &PassMeasurement) -> Duration {
-        let elapsed = pass.elapsed.as_secs_f64();
-        let per_page = if pass.content_pages > 0 {
-            elapsed / pass.content_pages as f64
-        } else {
-            elapsed / pass.pages.max(1) as f64
-        };
-        Duration::try_from_secs_f64(pass.dirtied as f64 * per_page).unwrap_or(Duration::MAX)
+        Duration::try_from_secs_f64(pass.dirtied as f64 * per_page(pass)).unwrap_or(Duration::MAX)
     }
 
     /// Records `pass` and says whether pre-copy ends now, with its predicted downtime.
@@ -131,6 +117,17 @@ impl Convergence {
             self.passes_without_progress += 1;
         }
         (reason, predicted)
+    }
+}
+
+/// A pass's cost per page, seconds. Pages the guest wrote are almost never zero, so the whole pass
+/// is charged to its content pages: a conservative cost that zero pages cannot make look cheap.
+fn per_page(pass: &PassMeasurement) -> f64 {
+    let elapsed = pass.elapsed.as_secs_f64();
+    if pass.content_pages > 0 {
+        elapsed / pass.content_pages as f64
+    } else {
+        elapsed / pass.pages.max(1) as f64
     }
 }
 
