@@ -27,15 +27,19 @@ pub enum Profile {
     Internet,
     /// 100 Mbit/s, 150 ms RTT, 1% loss.
     Poor,
+    /// `internet` whose rate changes mid-run ([`SHIFTING_SCHEDULE`]: 1 Gbit/s, 300 Mbit/s from 5 s,
+    /// 1 Gbit/s again from 12 s).
+    Shifting,
 }
 
 impl Profile {
     /// Every profile, in order.
-    pub const ALL: [Profile; 4] = [
+    pub const ALL: [Profile; 5] = [
         Profile::Lan,
         Profile::Metro,
         Profile::Internet,
         Profile::Poor,
+        Profile::Shifting,
     ];
 
     /// Its name.
@@ -45,6 +49,7 @@ impl Profile {
             Profile::Metro => "metro",
             Profile::Internet => "internet",
             Profile::Poor => "poor",
+            Profile::Shifting => "shifting",
         }
     }
 
@@ -66,7 +71,7 @@ impl Profile {
                 rtt: Duration::from_millis(5),
                 ..base
             },
-            Profile::Internet => LinkParams {
+            Profile::Internet | Profile::Shifting => LinkParams {
                 rate_bps: 1_000_000_000,
                 rtt: Duration::from_millis(50),
                 loss: LossModel::Bernoulli { p: 0.001 },
@@ -82,13 +87,23 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The rate changes this profile makes after the link comes up (empty for a steady profile).
+    pub fn schedule(self) -> &'static [RateStep] {
+        match self {
+            Profile::Shifting => &SHIFTING_SCHEDULE,
+            _ => &[],
+        }
+    }
+}
+
 impl FromStr for Profile {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Profile::ALL
             .into_iter()
             .find(|p| p.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown profile {s:?} (lan, metro, internet, poor)"))
+            .ok_or_else(|| format!("unknown profile {s:?} (lan, metro, internet, poor, shifting)"))
     }
 }
 
@@ -152,7 +167,7 @@ impl LinkParams {
 
     /// The token bucket depth: 1 ms at the rate, at least one maximum-size packet.
     pub fn burst_bytes(&self) -> u64 {
-        (self.rate_bps / 8 / 1000).max(MAX_PACKET as u64 + 1)
+        burst_bytes_of(self.rate_bps)
     }
 
     /// The configuration of one direction (`index` 0: source → destination, 1: the reverse).
@@ -211,6 +226,64 @@ impl LinkParams {
         }
         s
     }
+}
+
+/// The token bucket depth for a rate in bits per second: 1 ms at the rate, at least one maximum-size
+/// packet.
+pub fn burst_bytes_of(rate_bps: u64) -> u64 {
+    (rate_bps / 8 / 1000).max(MAX_PACKET as u64 + 1)
+}
+
+/// One step of a rate schedule: from `at` after the link comes up, the rate is `rate_bps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateStep {
+    /// When, counted from the moment the link forwards.
+    pub at: Duration,
+    /// The new rate per direction, bits per second (0: unlimited).
+    pub rate_bps: u64,
+}
+
+/// The schedule of the `shifting` profile: 1 Gbit/s, down to 300 Mbit/s at 5 s, back up at 12 s,
+/// the kind of change a shared internet path shows when a competing flow comes and goes.
+pub const SHIFTING_SCHEDULE: [RateStep; 2] = [
+    RateStep {
+        at: Duration::from_secs(5),
+        rate_bps: 300_000_000,
+    },
+    RateStep {
+        at: Duration::from_secs(12),
+        rate_bps: 1_000_000_000,
+    },
+];
+
+/// Parses `5s:300mbit,12s:1gbit` into steps sorted by time (at most 1000 steps, each within a day);
+/// `none` is the empty schedule (a steady rate, even on the `shifting` profile).
+pub fn parse_schedule(s: &str) -> Result<Vec<RateStep>, String> {
+    let mut steps = Vec::new();
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(steps);
+    }
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (at, rate) = part
+            .split_once(':')
+            .ok_or_else(|| format!("schedule step {part:?} is not TIME:RATE (e.g. 5s:300mbit)"))?;
+        let at = parse_duration(at)?;
+        if at > Duration::from_secs(86_400) {
+            return Err(format!("schedule step {part:?} is more than a day away"));
+        }
+        steps.push(RateStep {
+            at,
+            rate_bps: parse_rate(rate)?,
+        });
+        if steps.len() > 1000 {
+            return Err("a rate schedule has at most 1000 steps".into());
+        }
+    }
+    if steps.is_empty() {
+        return Err("an empty rate schedule".into());
+    }
+    steps.sort_by_key(|s| s.at);
+    Ok(steps)
 }
 
 fn trim(x: f64) -> String {
@@ -380,6 +453,20 @@ mod tests {
         assert_eq!("Poor".parse::<Profile>().unwrap(), Profile::Poor);
         assert!("mars".parse::<Profile>().is_err());
         assert!(Profile::Poor.params().summary().contains("100 Mbit/s"));
+        assert_eq!("shifting".parse::<Profile>().unwrap(), Profile::Shifting);
+        assert_eq!(Profile::Shifting.schedule()[0].rate_bps, 300_000_000);
+        assert!(Profile::Internet.schedule().is_empty());
+    }
+
+    #[test]
+    fn schedules() {
+        let s = parse_schedule("12s:1gbit, 5s:300mbit").unwrap();
+        assert_eq!(s, SHIFTING_SCHEDULE.to_vec());
+        assert_eq!(parse_schedule("0s:unlimited").unwrap()[0].rate_bps, 0);
+        assert!(parse_schedule("none").unwrap().is_empty());
+        for bad in ["", "5s", "5s:fast", "x:1gbit", "100000s:1gbit"] {
+            assert!(parse_schedule(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -184,6 +184,19 @@ impl Forwarder {
         }
     }
 
+    /// Changes both directions' rate from now on (bits per second of IP packets, 0: unlimited), with
+    /// the token bucket depth that [`LinkParams::burst_bytes`](crate::config::LinkParams::burst_bytes)
+    /// gives that rate. Packets already released keep their times; queued ones leave at the new rate.
+    pub fn set_rate(&self, rate_bps: u64) {
+        let rate = rate_bps / 8;
+        let burst = crate::config::burst_bytes_of(rate_bps);
+        for d in &self.dirs {
+            let now = self.common.now();
+            d.lock().set_rate(now, rate, burst);
+            d.wake.notify_all();
+        }
+    }
+
     /// Why a thread stopped, if one did.
     pub fn failure(&self) -> Option<String> {
         self.common

@@ -192,6 +192,13 @@ impl ActiveLink {
             .unwrap_or_default()
     }
 
+    /// Changes the rate of both directions from now on (bits per second, 0: unlimited).
+    pub fn set_rate(&self, rate_bps: u64) {
+        if let Some(f) = &self.forwarder {
+            f.set_rate(rate_bps);
+        }
+    }
+
     /// Why the forwarder stopped, if it did.
     pub fn failure(&self) -> Option<String> {
         self.forwarder.as_ref().and_then(Forwarder::failure)

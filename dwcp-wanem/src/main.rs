@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dwcp_wanem::config::{
-    DEFAULT_MTU, LinkParams, Profile, parse_duration, parse_loss, parse_queue, parse_rate,
+    DEFAULT_MTU, LinkParams, Profile, RateStep, parse_duration, parse_loss, parse_queue,
+    parse_rate, parse_schedule,
 };
 use dwcp_wanem::link::{ActiveLink, DEFAULT_DST_NS, DEFAULT_SRC_NS, INTERFACE, LinkSpec};
 use dwcp_wanem::probe::{self, ProbeOptions, ProbeServer};
@@ -81,7 +82,7 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct LinkArgs {
-    /// Starting point: lan, metro, internet or poor.
+    /// Starting point: lan, metro, internet, poor or shifting.
     #[arg(long, default_value = "internet")]
     profile: Profile,
     /// Rate per direction (e.g. 1gbit, 300mbit, unlimited).
@@ -149,9 +150,14 @@ struct UpArgs {
     /// Also write the ready line to this file once the link forwards.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Rewrite this file with the counters (JSON) every second.
+    /// Rewrite this file every second with the current rate and the counters
+    /// (`{"rate_bps": .., "counters": {..}}`).
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// Rate changes after the link comes up, e.g. `5s:300mbit,12s:1gbit` (default: the profile's own,
+    /// none except for `shifting`).
+    #[arg(long, value_parser = parse_schedule)]
+    rate_schedule: Option<Vec<RateStep>>,
     /// Tear down when standard input reaches end of file (the parent closed it or died).
     #[arg(long)]
     exit_on_stdin_eof: bool,
@@ -221,8 +227,26 @@ fn up(args: UpArgs) -> Result<()> {
     }
     let started = Instant::now();
     let mut last_stats = Instant::now();
+    let schedule = args
+        .rate_schedule
+        .clone()
+        .unwrap_or_else(|| args.link.profile.schedule().to_vec());
+    let mut next_step = 0;
+    let mut rate_bps = params.rate_bps;
     let reason = loop {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
+        while let Some(step) = schedule.get(next_step)
+            && started.elapsed() >= step.at
+        {
+            link.set_rate(step.rate_bps);
+            rate_bps = step.rate_bps;
+            next_step += 1;
+            eprintln!(
+                "dwcp-wanem: at {:.3} s the rate is now {}",
+                started.elapsed().as_secs_f64(),
+                dwcp_wanem::config::format_rate(rate_bps)
+            );
+        }
         if stop.load(Ordering::SeqCst) {
             break "signal".to_string();
         }
@@ -239,13 +263,15 @@ fn up(args: UpArgs) -> Result<()> {
             && last_stats.elapsed() >= Duration::from_secs(1)
         {
             last_stats = Instant::now();
-            let _ = write_atomic(path, &serde_json::to_string(&link.stats())?);
+            let stats = json!({ "rate_bps": rate_bps, "counters": link.stats() });
+            let _ = write_atomic(path, &serde_json::to_string(&stats)?);
         }
     };
     let stats = link.stats();
     let torn = link.tear_down();
     if let Some(path) = &args.stats_file {
-        let _ = write_atomic(path, &serde_json::to_string(&stats)?);
+        let file = json!({ "rate_bps": rate_bps, "counters": stats });
+        let _ = write_atomic(path, &serde_json::to_string(&file)?);
     }
     println!(
         "{}",

@@ -90,6 +90,29 @@ impl TokenBucket {
         at + u64::try_from(wait).unwrap_or(u64::MAX / 2)
     }
 
+    /// From `now` on, tokens accrue at `rate_bytes_per_sec` (0: unlimited) up to `burst_bytes`.
+    /// Tokens earned at the old rate until `now` are kept (up to the new depth), and a debt stays a
+    /// debt: a rate change never lets a burst through that neither rate would.
+    pub fn set_rate(&mut self, now: Nanos, rate_bytes_per_sec: u64, burst_bytes: u64) {
+        if self.rate != 0 {
+            self.refill(now);
+        }
+        let burst = burst_bytes.max(1);
+        if self.rate == 0 || rate_bytes_per_sec == 0 {
+            // From or to unlimited: start from a full bucket at `now`, as a fresh link would.
+            self.tokens = u128::from(burst) * NANOS_PER_SEC;
+            self.last = self.last.max(now);
+        } else if self.last > now {
+            // Still in debt: what is owed, in bytes, is now paid back at the new rate.
+            let owed = u128::from(self.last - now) * u128::from(self.rate);
+            let wait = owed.div_ceil(u128::from(rate_bytes_per_sec));
+            self.last = now + u64::try_from(wait).unwrap_or(u64::MAX / 2);
+        }
+        self.rate = rate_bytes_per_sec;
+        self.burst = burst;
+        self.tokens = self.tokens.min(u128::from(burst) * NANOS_PER_SEC);
+    }
+
     /// Takes `len` bytes' worth of tokens at time `at` (which must be `ready_at` or later). The bucket
     /// may go into debt for a packet larger than the burst; later packets then wait for it.
     pub fn take(&mut self, at: Nanos, len: u64) {
@@ -480,6 +503,16 @@ impl<T> Direction<T> {
         self.queue.len() + self.line.len()
     }
 
+    /// Changes the rate from `now` on (bytes per second of IP packets, 0: unlimited) and the bucket
+    /// depth with it. Packets already on the wire keep their release times; queued ones leave at
+    /// the new rate.
+    pub fn set_rate(&mut self, now: Nanos, rate_bytes_per_sec: u64, burst_bytes: u64) {
+        self.advance(now);
+        self.bucket.set_rate(now, rate_bytes_per_sec, burst_bytes);
+        self.config.rate_bytes_per_sec = rate_bytes_per_sec;
+        self.config.burst_bytes = burst_bytes;
+    }
+
     /// A packet of `len` bytes arrives at `now`.
     pub fn offer(&mut self, now: Nanos, len: u64, packet: T) -> Offer {
         self.advance(now);
@@ -653,6 +686,54 @@ mod tests {
         let out = simulate(&mut d, &arrivals);
         let times: Vec<_> = out.iter().map(|o| o.1).collect();
         assert_eq!(times, (0..10).map(|k| k * MS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_rate_change_applies_from_its_instant_on() {
+        // 1,000,000 B/s with 1,000-byte packets (one per ms), halved at 5 ms, lifted at 15 ms.
+        let mut d = Direction::new(DirectionConfig {
+            rate_bytes_per_sec: 1_000_000,
+            burst_bytes: 1_000,
+            ..cfg()
+        });
+        for i in 0..20 {
+            d.offer(0, 1_000, SimPacket { id: i, len: 1_000 });
+        }
+        let mut times = Vec::new();
+        let mut now = 0;
+        let mut changed = [false; 2];
+        while times.len() < 20 {
+            if !changed[0] && now >= 5 * MS {
+                d.set_rate(5 * MS, 500_000, 1_000);
+                changed[0] = true;
+            }
+            if !changed[1] && now >= 15 * MS {
+                d.set_rate(15 * MS, 0, 1_000);
+                changed[1] = true;
+            }
+            while let Some((p, _)) = d.poll(now) {
+                times.push((p.id, now));
+            }
+            now = d
+                .next_event()
+                .unwrap_or(now + MS)
+                .min(if changed[0] { 15 * MS } else { 5 * MS }.max(now + 1));
+        }
+        let t: Vec<_> = times.iter().map(|x| x.1).collect();
+        // 0..=5 ms at the old rate, then one every 2 ms until 15 ms, then the rest at once.
+        assert_eq!(&t[..6], &[0, MS, 2 * MS, 3 * MS, 4 * MS, 5 * MS]);
+        assert_eq!(&t[6..11], &[7 * MS, 9 * MS, 11 * MS, 13 * MS, 15 * MS]);
+        assert!(t[11..].iter().all(|&x| x == 15 * MS), "{t:?}");
+        assert_eq!(d.config().rate_bytes_per_sec, 0);
+    }
+
+    #[test]
+    fn a_rate_change_keeps_a_debt() {
+        let mut b = TokenBucket::new(1_000_000, 1_000);
+        b.take(0, 3_000); // 2 ms of debt at 1 MB/s: 2,000 bytes owed.
+        b.set_rate(0, 2_000_000, 1_000);
+        // Owed 2,000 bytes at 2 MB/s: 1 ms, then 1,000 bytes of tokens take 0.5 ms more.
+        assert_eq!(b.ready_at(0, 1_000), 1_500_000);
     }
 
     #[test]

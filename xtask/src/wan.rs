@@ -59,7 +59,7 @@ pub enum WanCmd {
 /// Which link: a profile, with optional overrides (passed to `dwcp-wanem up`).
 #[derive(Debug, Clone, Args)]
 pub struct LinkOpts {
-    /// lan, metro, internet or poor.
+    /// lan, metro, internet, poor or shifting.
     #[arg(long, default_value = "internet")]
     pub profile: String,
     /// Rate per direction (1gbit, 300mbit, …).
@@ -80,6 +80,9 @@ pub struct LinkOpts {
     /// Let jitter reorder packets.
     #[arg(long)]
     pub reorder: bool,
+    /// Rate changes after the link comes up (5s:300mbit,12s:1gbit).
+    #[arg(long)]
+    pub rate_schedule: Option<String>,
 }
 
 impl LinkOpts {
@@ -91,6 +94,7 @@ impl LinkOpts {
             ("--jitter", &self.jitter),
             ("--loss", &self.loss),
             ("--queue", &self.queue),
+            ("--rate-schedule", &self.rate_schedule),
         ] {
             if let Some(v) = v {
                 a.push(flag.into());
@@ -444,7 +448,8 @@ impl PrivateLink {
     fn counters(&self) -> Value {
         std::fs::read_to_string(&self.stats)
             .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .map(|v| v["counters"].clone())
             .unwrap_or(Value::Null)
     }
 
