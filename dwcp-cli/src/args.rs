@@ -166,6 +166,15 @@ pub struct DemoArgs {
     /// during the migration (by default it is preallocated before, as a VMM preallocates guest RAM).
     #[arg(long)]
     pub lazy_destination: bool,
+    /// Migrate this many guests (each of --size) at once, through one connection pool and one
+    /// buffer pool, as a host being evacuated does; the report gives each one's time and Jain's
+    /// fairness index of their throughputs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub vms: u32,
+    /// With --vms: the host's uplink cap shared by all the migrations (max-min fair, re-split when
+    /// one ends; K/M/G: powers of 1024).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, requires = "vms")]
+    pub uplink: Option<u64>,
 }
 
 /// `dwcp send`.
@@ -189,6 +198,10 @@ pub struct SendArgs {
     /// Do not show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Record every stream's kernel telemetry (acknowledged bytes, RTT, delivery rate, app-limited
+    /// flag; about every 250 ms) as CSV in FILE: a link trace for PBA (docs/pba.md).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 /// `dwcp recv`.

@@ -16,6 +16,9 @@ use crate::rss::RssSampler;
 
 /// Runs the demo and prints its report.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.vms > 1 || args.uplink.is_some() {
+        return crate::fleet::run(args);
+    }
     let rss = RssSampler::start();
     let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let dirty_bytes_per_sec = args
@@ -126,7 +129,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Makes a blocked `accept` return (with a handshake error) by connecting and hanging up.
-fn wake_listener(addr: SocketAddr) {
+pub(crate) fn wake_listener(addr: SocketAddr) {
     let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 

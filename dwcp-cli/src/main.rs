@@ -12,6 +12,7 @@
 
 mod args;
 mod demo;
+mod fleet;
 mod metrics;
 mod output;
 mod progress;
@@ -19,6 +20,7 @@ mod qemu;
 mod rss;
 mod size;
 mod tools;
+mod trace;
 mod transfer;
 
 use std::io::IsTerminal;

@@ -2,6 +2,8 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use dwcp::{Listener, Migration, Progress, ReceiverConfig};
@@ -51,7 +53,24 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
         migration = migration.metrics(m);
     }
     // An image does not change while it is sent: nothing is ever dirty, and there is no guest to pause.
-    let result = migration.run(&image, &mut NoDirtyLog, &mut NoVmControl);
+    let result = match &args.trace {
+        None => migration.run(&image, &mut NoDirtyLog, &mut NoVmControl),
+        Some(path) => {
+            let feed = migration.telemetry_feed();
+            let done = AtomicBool::new(false);
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                let recorder = scope.spawn(|| crate::trace::record(&feed, path, start, &done));
+                let result = migration.run(&image, &mut NoDirtyLog, &mut NoVmControl);
+                done.store(true, Ordering::Release);
+                let samplings = recorder
+                    .join()
+                    .map_err(|_| anyhow!("the trace recorder panicked"))??;
+                tracing::info!(samplings, trace = %path.display(), "trace written");
+                anyhow::Ok(result)
+            })?
+        }
+    };
     progress.finish();
     let peak_rss = rss.finish();
     let report = result.with_context(|| format!("migrating {} to {addr}", args.image.display()))?;

@@ -139,6 +139,63 @@ impl BufferPool {
         self.acquire_inner(min_len, Some(Instant::now() + timeout))
     }
 
+    /// `count` buffers of at least `min_len` bytes each, taken together: waits until all of them
+    /// fit in the budget at once. A caller that needs several buffers for one unit of work must not
+    /// hold some while it waits for the rest: when many such callers share one pool, each can end
+    /// up holding part of what it needs while the budget is spent, and none goes on.
+    pub fn acquire_many(&self, count: usize, min_len: usize) -> Result<Vec<PooledBuf>, Error> {
+        let class = SizeClass::for_len(min_len).ok_or_else(|| {
+            Error::Config(format!(
+                "buffer of {min_len} bytes exceeds the largest pool class"
+            ))
+        })?;
+        let size = class.capacity();
+        let inner = &*self.inner;
+        if count.saturating_mul(size) > inner.budget {
+            return Err(Error::Config(format!(
+                "{count} buffers of {size} bytes exceed the pool budget of {} bytes",
+                inner.budget
+            )));
+        }
+        let mut st = inner.state.lock();
+        let mut waited = false;
+        loop {
+            let reused = st.idle[class.index()].len().min(count);
+            let fresh = (count - reused) * size;
+            if st.allocated + fresh > inner.budget {
+                for other in SizeClass::ALL.into_iter().filter(|c| *c != class) {
+                    while st.allocated + fresh > inner.budget {
+                        match st.idle[other.index()].pop() {
+                            Some(_) => st.allocated -= other.capacity(),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            if st.allocated + fresh <= inner.budget {
+                let mut out = Vec::with_capacity(count);
+                for _ in 0..reused {
+                    let buf = st.idle[class.index()].pop().expect("counted above");
+                    out.push(self.hand_out(&mut st, buf, class));
+                }
+                inner.hits.fetch_add(reused as u64, Ordering::Relaxed);
+                inner
+                    .misses
+                    .fetch_add((count - reused) as u64, Ordering::Relaxed);
+                st.allocated += fresh;
+                for _ in reused..count {
+                    out.push(self.hand_out(&mut st, Vec::with_capacity(size), class));
+                }
+                return Ok(out);
+            }
+            if !waited {
+                inner.waits.fetch_add(1, Ordering::Relaxed);
+                waited = true;
+            }
+            inner.returned.wait(&mut st);
+        }
+    }
+
     fn acquire_inner(
         &self,
         min_len: usize,
@@ -280,6 +337,32 @@ mod tests {
         assert!(b.capacity() >= 4096);
         let s = pool.stats();
         assert_eq!((s.hits, s.misses), (1, 1));
+    }
+
+    #[test]
+    fn acquire_many_takes_all_or_waits_holding_none() {
+        let pool = BufferPool::new(MIN_BUDGET).unwrap();
+        let large = SizeClass::Large.capacity();
+        assert!(pool.acquire_many(5, large).is_err(), "more than the budget");
+        let one = pool.acquire(large).unwrap();
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.acquire_many(4, large).map(|v| v.len()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        // Three would fit, but the waiter takes none of them while it cannot have all four.
+        let s = pool.stats();
+        assert_eq!(s.in_use_bytes, large as u64);
+        assert!(!waiter.is_finished());
+        drop(one);
+        assert_eq!(waiter.join().unwrap().unwrap(), 4);
+        let s = pool.stats();
+        assert_eq!(s.in_use_bytes, 0);
+        assert!(s.allocated_bytes <= s.budget_bytes);
+        // The four are idle now: taking them again reuses them.
+        let again = pool.acquire_many(4, large).unwrap();
+        assert_eq!(again.len(), 4);
+        assert!(pool.stats().hits >= 4);
     }
 
     #[test]

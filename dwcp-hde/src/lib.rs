@@ -92,12 +92,15 @@ impl Encoder {
     ) -> Result<Vec<PooledBuf>, Error> {
         let counters = &*self.counters;
         let codec = self.codec;
+        // All the batch's buffers at once: see `BufferPool::acquire_many`.
+        let longest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let bound = chunk::max_encoded_len(longest, longest);
+        let outs = buffers.acquire_many(chunks.len(), bound)?;
         self.pool.install(|| {
             chunks
                 .par_iter()
-                .map_init(Vec::new, |scratch, pages| {
-                    let bound = chunk::max_encoded_len(pages.len(), pages.len());
-                    let mut out = buffers.acquire(bound)?;
+                .zip(outs)
+                .map_init(Vec::new, |scratch, (pages, mut out)| {
                     encode_chunk(
                         codec, iteration, pages, source, &mut out, scratch, counters, hashes,
                     )?;

@@ -316,12 +316,14 @@ impl SessionEncoder {
                 self.total_pages
             )));
         }
+        // All the batch's buffers at once: see `BufferPool::acquire_many`.
+        let longest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let outs = buffers.acquire_many(chunks.len(), max_extended_len(longest, longest))?;
         self.pool()?.install(|| {
             chunks
                 .par_iter()
-                .map(|pages| {
-                    let bound = max_extended_len(pages.len(), pages.len());
-                    let mut out = buffers.acquire(bound)?;
+                .zip(outs)
+                .map(|(pages, mut out)| {
                     SCRATCH.with_borrow_mut(|scratch| {
                         self.encode_chunk(iteration, pages, source, &mut out, scratch, hashes)
                     })?;

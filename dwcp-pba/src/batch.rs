@@ -1,10 +1,11 @@
 //! Forecasts for many links at once: one structure of arrays, one pass per call, no allocation.
 //!
-//! Every link runs four predictors side by side and forecasts with the one whose recent one-step
-//! error is smallest (see [`crate::predict`] for what each contributes). A batch update scores and
+//! Every link runs five predictors side by side and forecasts with the one whose recent error over
+//! one-second windows is smallest (see [`crate::predict`] for what each contributes). A batch update scores and
 //! updates the links it names; a batch forecast writes one value per link into the caller's slice.
 
 use crate::PbaError;
+use crate::learned::LearnedWeights;
 use crate::predict::{Forecast, Predictor};
 use crate::sample::Observation;
 
@@ -19,22 +20,33 @@ pub struct Params {
     pub holt_alpha: f64,
     /// Holt's trend weight.
     pub holt_beta: f64,
-    /// Weight of a new one-step error in each predictor's score.
+    /// Weight of a new error in each predictor's score.
     pub error_alpha: f64,
+    /// Predictors are scored on what they forecast for windows this long (seconds): the horizon
+    /// the engine asks about, so that a predictor good at the next 250 ms but poor at the next
+    /// second is not chosen.
+    pub score_window: f64,
     /// Holt extrapolates its trend at most this far (seconds): a trend seen over a few samples says
     /// nothing about ten seconds ahead.
     pub trend_horizon: f64,
+    /// The learned predictor's weights (by default the ones shipped in the crate, trained by
+    /// `cargo xtask pba train`).
+    pub learned: LearnedWeights,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Self {
-            ewma_alpha: 0.15,
-            harmonic_alpha: 0.15,
+            // At the engine's 250 ms samples, a memory of about one second: the horizon the
+            // engine asks about (1 - e^(-0.25/1) = 0.22).
+            ewma_alpha: 0.25,
+            harmonic_alpha: 0.25,
             holt_alpha: 0.5,
             holt_beta: 0.3,
             error_alpha: 0.1,
+            score_window: 1.0,
             trend_horizon: 2.0,
+            learned: LearnedWeights::shipped(),
         }
     }
 }
@@ -56,6 +68,14 @@ impl Params {
                 });
             }
         }
+        if !(self.score_window.is_finite() && self.score_window > 0.0 && self.score_window <= 60.0)
+        {
+            return Err(PbaError::InvalidParameter {
+                what: "score_window",
+                value: self.score_window,
+                expected: "0 < seconds <= 60",
+            });
+        }
         if !(self.trend_horizon.is_finite() && self.trend_horizon >= 0.0) {
             return Err(PbaError::InvalidParameter {
                 what: "trend_horizon",
@@ -63,9 +83,15 @@ impl Params {
                 expected: "a finite number of seconds >= 0",
             });
         }
-        Ok(())
+        self.learned.check()
     }
 }
+
+/// A predictor replaces the chosen one when its error is below this fraction of the chosen one's.
+const SWITCH_MARGIN: f64 = 0.9;
+
+/// How many predictors every link runs.
+const PREDICTORS: usize = Predictor::ALL.len();
 
 /// The state of many links, one array per field.
 #[derive(Debug, Clone)]
@@ -76,8 +102,14 @@ pub struct LinkTable {
     harmonic: Vec<f64>,
     level: Vec<f64>,
     trend: Vec<f64>,
-    /// Score (smoothed absolute one-step error) of each predictor, in [`Predictor::ALL`] order.
-    error: [Vec<f64>; 4],
+    /// Score (smoothed absolute error over a scoring window) of each predictor, in
+    /// [`Predictor::ALL`] order.
+    error: [Vec<f64>; PREDICTORS],
+    /// What each predictor forecast for the current scoring window when it began.
+    window_forecast: [Vec<f64>; PREDICTORS],
+    /// Bytes and seconds observed in the current scoring window.
+    window_bytes: Vec<f64>,
+    window_time: Vec<f64>,
     rtt: Vec<f64>,
     observations: Vec<u32>,
     chosen: Vec<u8>,
@@ -100,7 +132,10 @@ impl LinkTable {
             harmonic: zeros(),
             level: zeros(),
             trend: zeros(),
-            error: [zeros(), zeros(), zeros(), zeros()],
+            error: std::array::from_fn(|_| zeros()),
+            window_forecast: std::array::from_fn(|_| zeros()),
+            window_bytes: zeros(),
+            window_time: zeros(),
             rtt: zeros(),
             observations: vec![0; links],
             chosen: vec![Predictor::Ewma as u8; links],
@@ -134,8 +169,13 @@ impl LinkTable {
         if obs.lower_bound {
             // A starved sender measured itself, not the link: a higher figure shows the link
             // carries at least that, a lower one shows nothing.
-            if x > self.predict_one(link, 0.0) {
+            if x > self.predict_one(link, 0.0) || self.observations[link] == 0 {
                 self.update(link, x, dt, false);
+            } else {
+                // It still confirms the forecast, as far as it goes; the window it falls in
+                // cannot be scored.
+                self.observations[link] = self.observations[link].saturating_add(1);
+                self.start_window(link);
             }
             return;
         }
@@ -151,27 +191,12 @@ impl LinkTable {
             self.level[i] = x;
             self.trend[i] = 0.0;
             self.observations[i] = 1;
+            self.start_window(i);
             return;
         }
         if score {
-            // Each predictor's forecast of this interval, before it sees the observation.
-            let predictions = [
-                self.last[i],
-                self.ewma[i],
-                self.harmonic[i],
-                (self.level[i] + self.trend[i] * dt.min(p.trend_horizon)).max(0.0),
-            ];
-            for (k, pred) in predictions.into_iter().enumerate() {
-                let e = &mut self.error[k][i];
-                *e = (1.0 - p.error_alpha) * *e + p.error_alpha * (pred - x).abs();
-            }
-            let mut best = Predictor::Ewma as usize;
-            for k in 0..4 {
-                if self.error[k][i] < self.error[best][i] {
-                    best = k;
-                }
-            }
-            self.chosen[i] = best as u8;
+            self.window_bytes[i] += x * dt;
+            self.window_time[i] += dt;
         }
         self.last[i] = x;
         self.ewma[i] = (1.0 - p.ewma_alpha) * self.ewma[i] + p.ewma_alpha * x;
@@ -188,6 +213,39 @@ impl LinkTable {
             p.holt_beta * (level - self.level[i]) / dt + (1.0 - p.holt_beta) * self.trend[i];
         self.level[i] = level.max(0.0);
         self.observations[i] = self.observations[i].saturating_add(1);
+        if !score {
+            self.start_window(i);
+        } else if self.window_time[i] >= p.score_window {
+            // Each predictor against what the window delivered, as forecast when it began.
+            let truth = self.window_bytes[i] / self.window_time[i];
+            for k in 0..PREDICTORS {
+                let e = &mut self.error[k][i];
+                *e = (1.0 - p.error_alpha) * *e
+                    + p.error_alpha * (self.window_forecast[k][i] - truth).abs();
+            }
+            let current = usize::from(self.chosen[i]);
+            let mut best = current;
+            for k in 0..PREDICTORS {
+                if self.error[k][i] < self.error[best][i] {
+                    best = k;
+                }
+            }
+            // Hysteresis: a predictor takes over only when clearly better, so that two about as
+            // good do not alternate window by window (each switch costs a jump in the forecast).
+            if self.error[best][i] < SWITCH_MARGIN * self.error[current][i] {
+                self.chosen[i] = best as u8;
+            }
+            self.start_window(i);
+        }
+    }
+
+    fn start_window(&mut self, i: usize) {
+        self.window_bytes[i] = 0.0;
+        self.window_time[i] = 0.0;
+        let h = self.params.score_window / 2.0;
+        for k in 0..PREDICTORS {
+            self.window_forecast[k][i] = self.predict_by(i, k as u8, h);
+        }
     }
 
     /// `link`'s goodput `horizon` seconds ahead (bytes/s).
@@ -201,12 +259,34 @@ impl LinkTable {
     }
 
     fn predict_one(&self, i: usize, horizon: f64) -> f64 {
-        match self.chosen[i] {
+        self.predict_by(i, self.chosen[i], horizon)
+    }
+
+    #[inline]
+    fn predict_by(&self, i: usize, predictor: u8, horizon: f64) -> f64 {
+        match predictor {
             0 => self.last[i],
             1 => self.ewma[i],
             2 => self.harmonic[i],
-            _ => (self.level[i] + self.trend[i] * horizon.min(self.params.trend_horizon)).max(0.0),
+            3 => (self.level[i] + self.trend[i] * horizon.min(self.params.trend_horizon)).max(0.0),
+            _ => self.params.learned.predict(
+                self.last[i],
+                self.ewma[i],
+                self.harmonic[i],
+                self.level[i] + self.trend[i] * 0.5f64.min(self.params.trend_horizon),
+            ),
         }
+    }
+
+    /// What `predictor` alone forecasts for `link`, `horizon` seconds ahead (bytes/s): for
+    /// comparing predictors (`cargo xtask bench pba`).
+    pub fn predict_with(&self, link: usize, predictor: Predictor, horizon: f64) -> f64 {
+        let h = if horizon.is_finite() {
+            horizon.max(0.0)
+        } else {
+            0.0
+        };
+        self.predict_by(link, predictor as u8, h)
     }
 
     /// Feeds observations of several links: `links[k]` saw `goodput[k]` bytes/s over `interval[k]`
@@ -264,12 +344,7 @@ impl LinkTable {
         }
         .min(self.params.trend_horizon);
         for (i, o) in out.iter_mut().enumerate() {
-            *o = match self.chosen[i] {
-                0 => self.last[i],
-                1 => self.ewma[i],
-                2 => self.harmonic[i],
-                _ => (self.level[i] + self.trend[i] * h).max(0.0),
-            };
+            *o = self.predict_by(i, self.chosen[i], h);
         }
         Ok(())
     }

@@ -3,27 +3,34 @@
 //! Sans-IO like the engine's machines: nothing here reads a clock or a socket; every input carries
 //! its own time (seconds on any monotonic scale).
 //!
-//! Data flows in three steps. [`sample::SampleFilter`] turns raw per-link samples (delivered bytes,
-//! round trip, the kernel's app-limited flag) into clean goodput observations: zero or backwards
+//! Data flows in three steps. [`sample::LinkAggregator`] sums a link's streams (cumulative
+//! acknowledged bytes, the round trip, the kernel's app-limited flag) into one raw sample, and
+//! [`sample::SampleFilter`] turns raw samples into clean goodput observations: zero or backwards
 //! intervals, NaN and negative values are dropped, and an app-limited sample only ever raises the
 //! estimate (a starved sender measures itself, not the link). [`predict::LinkPredictor`] keeps
-//! several predictors per link (last value, EWMA, harmonic mean, Holt's trend) and forecasts with
-//! the one whose recent one-step error is smallest, over two horizons; [`batch::LinkTable`] does the
-//! same for thousands of links at once in a structure of arrays, without allocating per call.
-//! [`bucket::TokenBucket`] caps one migration or one host; [`alloc::allocate`] splits a capacity
-//! among concurrent migrations, max-min fair with weights and deadlines.
+//! five predictors per link (last value, EWMA, harmonic mean, Holt's trend, and a small linear
+//! model trained offline on the recorded traces in `traces/`, its weights shipped in
+//! `src/learned.txt`) and forecasts, over two horizons, with the one whose recent error over
+//! one-second windows is smallest; [`batch::LinkTable`] does the same for thousands of links at
+//! once in a structure of arrays, without allocating per call. [`bucket::TokenBucket`] caps one
+//! migration or one host; [`alloc::allocate`] splits a capacity among concurrent migrations,
+//! max-min fair with weights and deadlines. [`trace`] reads recorded traces and [`eval`] scores
+//! every predictor on them and fits the learned model (`cargo xtask pba eval|train`).
 //!
-//! Status (issue 14): the core above is built and tested; the learned model, recorded traces,
-//! `cargo xtask bench pba` and the engine's consumers (stream count, codec hint, downtime
-//! prediction, `--max-bandwidth`) are not wired yet.
+//! The engine (`dwcp-proto`'s source machine) feeds every telemetry sample in and prices its passes
+//! and its predicted downtime with the forecast; `dwcp::HostUplink` splits a host's cap among its
+//! migrations with the allocator. docs/pba.md says what is measured and what is not built yet.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod alloc;
 pub mod batch;
 pub mod bucket;
+pub mod eval;
+pub mod learned;
 pub mod predict;
 pub mod sample;
+pub mod trace;
 
 /// What PBA refuses.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -48,6 +55,14 @@ pub enum PbaError {
     /// Arrays of one batch call differ in length.
     #[error("batch arrays differ in length: {0}")]
     LengthMismatch(String),
+    /// A trace or weights file that does not parse.
+    #[error("line {line}: {reason}")]
+    Trace {
+        /// The line (1 is the first; 0 when unknown).
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// The fastest rate PBA accepts as a cap: 10 Tbit/s, in bytes per second.

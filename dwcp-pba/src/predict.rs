@@ -6,8 +6,10 @@
 //! | EWMA | smooths noise; follows a level shift within a few samples |
 //! | harmonic mean (EWMA of reciprocals) | robust to spikes, quick to believe a drop: the safe choice on an oscillating link |
 //! | Holt (level + trend) | follows ramps (a link filling up or a competing flow leaving); its trend is extrapolated at most 2 s |
+//! | learned | a linear blend of the four, relative to the EWMA, fitted offline on recorded traces ([`crate::learned`]) |
 //!
-//! Each link scores every predictor by its smoothed one-step error and forecasts with the best.
+//! Each link scores every predictor by its smoothed error over one-second windows (the horizon the
+//! engine asks about) and forecasts with the best; a challenger must beat the incumbent by 10 %.
 
 use crate::batch::LinkTable;
 use crate::sample::{Observation, RawSample, SampleFilter};
@@ -23,16 +25,30 @@ pub enum Predictor {
     Harmonic = 2,
     /// Holt's linear trend.
     Holt = 3,
+    /// The blend learned offline ([`crate::learned`]).
+    Learned = 4,
 }
 
 impl Predictor {
     /// Every predictor, in score order.
-    pub const ALL: [Predictor; 4] = [
+    pub const ALL: [Predictor; 5] = [
         Predictor::LastValue,
         Predictor::Ewma,
         Predictor::Harmonic,
         Predictor::Holt,
+        Predictor::Learned,
     ];
+
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Predictor::LastValue => "last value",
+            Predictor::Ewma => "EWMA",
+            Predictor::Harmonic => "harmonic",
+            Predictor::Holt => "Holt",
+            Predictor::Learned => "learned",
+        }
+    }
 }
 
 /// A link's forecast.
@@ -97,6 +113,30 @@ impl LinkPredictor {
     /// Samples the filter dropped.
     pub fn dropped(&self) -> u64 {
         self.filter.dropped()
+    }
+
+    /// A link with other smoothing or learned weights.
+    pub fn with_params(params: crate::batch::Params) -> Result<Self, crate::PbaError> {
+        Ok(Self {
+            filter: SampleFilter::new(),
+            table: LinkTable::with_params(1, params)?,
+        })
+    }
+
+    /// What `predictor` alone forecasts `horizon` seconds ahead (bytes/s).
+    pub fn predict_with(&self, predictor: Predictor, horizon: f64) -> f64 {
+        self.table.predict_with(0, predictor, horizon)
+    }
+
+    /// The state the learned predictor reads: last value, EWMA, harmonic mean and Holt's forecast
+    /// half a second ahead (bytes/s), for fitting its weights.
+    pub fn features(&self) -> [f64; 4] {
+        [
+            self.table.predict_with(0, Predictor::LastValue, 0.0),
+            self.table.predict_with(0, Predictor::Ewma, 0.0),
+            self.table.predict_with(0, Predictor::Harmonic, 0.0),
+            self.table.predict_with(0, Predictor::Holt, 0.5),
+        ]
     }
 }
 

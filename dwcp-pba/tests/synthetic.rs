@@ -1,5 +1,6 @@
-//! The chosen predictor against last value on synthetic traces (steady with noise, a step, a ramp,
-//! an oscillation). Recorded WAN-bed traces are issue 14's real target and are not here yet.
+//! The chosen predictor against last value, one step (250 ms) ahead, on synthetic traces (steady
+//! with noise, a step, a ramp, an oscillation). The one-second-ahead figures on recorded traces are
+//! `cargo xtask bench pba` (src/eval.rs).
 
 use dwcp_pba::predict::LinkPredictor;
 use dwcp_pba::sample::Observation;

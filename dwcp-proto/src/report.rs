@@ -21,6 +21,9 @@ pub struct IterationReport {
     /// How long this pass was predicted to take when it began, from the previous pass's cost per
     /// page (0 for the first pass, which has no previous one).
     pub predicted_duration_ms: f64,
+    /// PBA's forecast of the link's goodput over the next second when the pass ended, bytes per
+    /// second (0 before PBA had enough samples); the predicted downtime uses it.
+    pub link_forecast_bps: f64,
 }
 
 /// Stream failures survived during a migration and what they cost.

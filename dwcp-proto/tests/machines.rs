@@ -421,6 +421,37 @@ fn a_bandwidth_cap_holds_over_every_second_and_a_new_one_within_one() {
     );
 }
 
+#[test]
+fn pba_forecasts_the_link_the_passes_see_and_the_downtime_prediction_uses_it() {
+    // A writing guest behind a 64 KiB/s cap: PBA, fed the streams' acknowledged bytes, must
+    // forecast the cap, and the reports carry its forecast.
+    let cap = 65536.0;
+    let r = run(Setup {
+        pages: 4096,
+        max_bandwidth: Some(cap),
+        workload: busy(),
+        ..Setup::default()
+    });
+    let done = completed(&r);
+    let forecasts: Vec<f64> = done
+        .passes
+        .iter()
+        .map(|p| p.link_forecast_bps)
+        .filter(|&f| f > 0.0)
+        .collect();
+    assert!(
+        !forecasts.is_empty(),
+        "no pass had a forecast: {:?}",
+        done.passes
+    );
+    for f in &forecasts {
+        assert!(
+            (f - cap).abs() <= 0.15 * cap,
+            "forecast {f} for a cap of {cap}"
+        );
+    }
+}
+
 fn dest_machine() -> (DestMachine, std::time::Instant) {
     let t0 = std::time::Instant::now();
     let mut m = DestMachine::new(

@@ -19,6 +19,7 @@ mod pool;
 pub mod report;
 mod session;
 mod source;
+mod uplink;
 
 pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
 pub use dest::{Incoming, Listener};
@@ -26,4 +27,5 @@ pub use dwcp_core::{Error, Result};
 pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;
 pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
-pub use source::{BandwidthHandle, Migration, TelemetryFeed};
+pub use source::{BandwidthHandle, Migration, TelemetryFeed, TelemetrySnapshot};
+pub use uplink::{HostUplink, UplinkShare};

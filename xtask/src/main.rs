@@ -14,6 +14,8 @@
 //! - `bench qemu`: QEMU's own migration direct and through dwcp, loopback and WAN (`qemu.rs`);
 //!   `--baseline PATH` runs every dwcp configuration again with another `dwcp` build, interleaved,
 //!   for an A/B comparison on the same noisy machine.
+//! - `pba record|train` and `bench pba`: PBA's link traces, its learned predictor's weights, and every
+//!   predictor's error on every trace (`pba.rs`, `docs/pba.md`).
 //! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
 //!   (`rdma.rs`, `docs/rdma.md`).
 //!
@@ -23,6 +25,7 @@
 mod amst;
 mod hde;
 mod headline;
+mod pba;
 mod process;
 mod qemu;
 mod rdma;
@@ -91,6 +94,11 @@ enum Cmd {
     },
     /// Builds the RDMA tests and benchmarks and runs them inside a Soft-RoCE QEMU guest.
     RdmaGuest(rdma::RdmaGuestOpts),
+    /// PBA's link traces and learned predictor: `record` (needs root) and `train`.
+    Pba {
+        #[command(subcommand)]
+        cmd: pba::PbaCmd,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,6 +117,8 @@ enum Which {
     Qemu,
     /// dwcp over RDMA next to `ib_write_bw`, inside a Soft-RoCE guest.
     Rdma,
+    /// PBA: every predictor's error on every trace, and predictions per second.
+    Pba,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -229,10 +239,12 @@ fn main() -> ExitCode {
             Which::Qemu => qemu::bench(&ws, &wan, quick, rounds, only.as_deref(), baseline),
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),
+            Which::Pba => pba::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),
         Cmd::RdmaGuest(opts) => rdma::guest(&ws, &opts),
+        Cmd::Pba { cmd } => pba::pba(&ws, cmd),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

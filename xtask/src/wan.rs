@@ -32,12 +32,12 @@ use crate::process::{Io, Proc, alive, describe, run, tail};
 
 const SRC_NS: &str = "dwcp-src";
 const DST_NS: &str = "dwcp-dst";
-const DST_ADDR: &str = "10.77.0.2";
+pub(crate) const DST_ADDR: &str = "10.77.0.2";
 const PROBE_PORT: &str = "9100";
 const IPERF_PORT: &str = "5201";
-const DWCP_PORT: &str = "7700";
+pub(crate) const DWCP_PORT: &str = "7700";
 /// Limit of any single measurement process.
-const STEP_TIMEOUT: Duration = Duration::from_secs(240);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `cargo xtask wan …`.
 #[derive(Debug, Subcommand)]
@@ -107,7 +107,7 @@ impl LinkOpts {
         a
     }
 
-    fn with_profile(&self, profile: &str) -> Self {
+    pub(crate) fn with_profile(&self, profile: &str) -> Self {
         Self {
             profile: profile.into(),
             ..self.clone()
@@ -138,7 +138,7 @@ pub struct BenchWanOpts {
     pub streams: Option<u32>,
 }
 
-fn require_root() -> Result<()> {
+pub(crate) fn require_root() -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status
         .lines()
@@ -153,7 +153,7 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-fn build(ws: &Workspace, packages: &[&str]) -> Result<()> {
+pub(crate) fn build(ws: &Workspace, packages: &[&str]) -> Result<()> {
     let mut cmd = ws.cargo();
     cmd.args(["build", "--release"]);
     for p in packages {
@@ -378,18 +378,18 @@ fn down(ws: &Workspace) -> Result<()> {
 // Private links for check and bench
 
 /// A link brought up for one measurement, torn down on drop.
-struct PrivateLink {
+pub(crate) struct PrivateLink {
     child: Option<Child>,
     stdin: Option<ChildStdin>,
-    src: String,
-    dst: String,
+    pub(crate) src: String,
+    pub(crate) dst: String,
     stats: PathBuf,
     log: PathBuf,
-    info: Value,
+    pub(crate) info: Value,
 }
 
 impl PrivateLink {
-    fn up(ws: &Workspace, tag: &str, link: &LinkOpts) -> Result<Self> {
+    pub(crate) fn up(ws: &Workspace, tag: &str, link: &LinkOpts) -> Result<Self> {
         let src = format!("dwcp-{tag}{}-s", std::process::id());
         let dst = format!("dwcp-{tag}{}-d", std::process::id());
         let dir = state_dir(ws);
@@ -524,7 +524,7 @@ fn ports(table: &str) -> Vec<(u16, String)> {
 }
 
 /// Whether some socket in `ns` listens on TCP `port`.
-fn listening_in(ns: &str, port: &str) -> bool {
+pub(crate) fn listening_in(ns: &str, port: &str) -> bool {
     let port: u16 = port.parse().unwrap_or(0);
     ports(&proc_net(ns, "tcp"))
         .iter()
@@ -537,7 +537,11 @@ fn bound_udp_in(ns: &str, port: &str) -> bool {
     ports(&proc_net(ns, "udp")).iter().any(|(p, _)| *p == port)
 }
 
-fn wait_until(server: &mut Proc, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_until(
+    server: &mut Proc,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !ready() {
         if server.has_exited()? {
@@ -557,7 +561,7 @@ fn wait_until(server: &mut Proc, what: &str, mut ready: impl FnMut() -> bool) ->
     Ok(())
 }
 
-fn json_of(what: &str, stdout: &str) -> Result<Value> {
+pub(crate) fn json_of(what: &str, stdout: &str) -> Result<Value> {
     stdout
         .lines()
         .rev()

@@ -58,6 +58,10 @@ pub struct PassMeasurement {
     pub elapsed: Duration,
     /// Pages the guest dirtied meanwhile.
     pub dirtied: u64,
+    /// Chunk bytes the pass put on the wire.
+    pub wire_bytes: u64,
+    /// PBA's forecast of the link's goodput over the next second, bytes per second, if it has one.
+    pub link_forecast: Option<f64>,
 }
 
 /// The convergence decision, pass by pass.
@@ -122,12 +126,24 @@ impl Convergence {
 
 /// A pass's cost per page, seconds. Pages the guest wrote are almost never zero, so the whole pass
 /// is charged to its content pages: a conservative cost that zero pages cannot make look cheap.
+///
+/// The pass's own figure averages over its whole length; when the link has become slower since
+/// (a competing flow arrived: PBA's forecast is below the pass's rate), the pages cost what the
+/// forecast link takes to carry them. A forecast above the pass's rate changes nothing: the pass
+/// may have been limited by the encoder, which the link cannot speed up.
 fn per_page(pass: &PassMeasurement) -> f64 {
     let elapsed = pass.elapsed.as_secs_f64();
-    if pass.content_pages > 0 {
-        elapsed / pass.content_pages as f64
+    let pages = if pass.content_pages > 0 {
+        pass.content_pages
     } else {
-        elapsed / pass.pages.max(1) as f64
+        pass.pages.max(1)
+    } as f64;
+    let measured = elapsed / pages;
+    match pass.link_forecast {
+        Some(rate) if rate.is_finite() && rate > 0.0 => {
+            measured.max(pass.wire_bytes as f64 / pages / rate)
+        }
+        _ => measured,
     }
 }
 
@@ -140,6 +156,12 @@ pub struct LinkSample {
     pub delivery_rate_bps: f64,
     /// The sample was taken while the stream was starved of data.
     pub app_limited: bool,
+    /// Bytes the peer acknowledged over the stream's life.
+    pub bytes_acked: u64,
+    /// Smoothed round trip, seconds.
+    pub rtt_s: f64,
+    /// Bytes written to the stream and not yet sent.
+    pub unsent_bytes: u64,
 }
 
 /// The link rate the encoder's codec choice is based on, from the streams' `TCP_INFO` samples.
@@ -203,6 +225,7 @@ mod tests {
                 stream: i as u16,
                 delivery_rate_bps: rate,
                 app_limited,
+                ..Default::default()
             })
             .collect()
     }
@@ -262,6 +285,8 @@ mod tests {
             content_pages: 1000,
             elapsed: Duration::from_millis(100),
             dirtied,
+            wire_bytes: 4_096_000,
+            link_forecast: None,
         }
     }
 
@@ -318,5 +343,35 @@ mod tests {
         };
         // 100 × 0.1 ms + 5 + 3.
         assert!((c.predicted_downtime(&p).as_secs_f64() - 0.018).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_link_forecast_below_the_pass_rate_raises_the_predicted_downtime() {
+        let c = Convergence::new(policy());
+        // The pass carried 4096 B a page at 0.1 ms a page: 40.96 MB/s.
+        let faster = PassMeasurement {
+            link_forecast: Some(100e6),
+            ..pass(0, 400)
+        };
+        assert_eq!(
+            c.predicted_downtime(&faster),
+            c.predicted_downtime(&pass(0, 400))
+        );
+        // The link now carries 20.48 MB/s: 0.2 ms a page, 400 pages 80 ms, + 8.
+        let slower = PassMeasurement {
+            link_forecast: Some(20.48e6),
+            ..pass(0, 400)
+        };
+        assert!((c.predicted_downtime(&slower).as_secs_f64() - 0.088).abs() < 1e-9);
+        for junk in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let p = PassMeasurement {
+                link_forecast: Some(junk),
+                ..pass(0, 400)
+            };
+            assert_eq!(
+                c.predicted_downtime(&p),
+                c.predicted_downtime(&pass(0, 400))
+            );
+        }
     }
 }

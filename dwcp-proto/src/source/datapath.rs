@@ -10,6 +10,11 @@ use super::convergence::{LinkSample, PassMeasurement, StopReason};
 use super::events::{Flow, PassPages, SourceAction};
 use super::machine::{PassState, Phase, Recovery, SourceMachine, Stall};
 use crate::report::{IterationReport, Progress};
+use dwcp_pba::sample::StreamSample;
+
+/// Link observations PBA needs before the convergence decision trusts its forecast (about a
+/// second of telemetry: one sample says little about a link).
+const MIN_FORECAST_OBSERVATIONS: u32 = 4;
 
 impl SourceMachine {
     pub(super) fn on_flow(&mut self, now: Instant, f: Flow) {
@@ -57,6 +62,12 @@ impl SourceMachine {
         }));
     }
 
+    /// PBA's forecast of the next second's goodput, once it has seen a few samples.
+    pub(super) fn link_forecast(&self) -> Option<f64> {
+        let f = self.pba.forecast();
+        (f.observations >= MIN_FORECAST_OBSERVATIONS && f.goodput_1s > 0.0).then_some(f.goodput_1s)
+    }
+
     pub(super) fn on_telemetry(&mut self, now: Instant, samples: &[LinkSample]) {
         self.telemetry_out = false;
         let rate: f64 = samples
@@ -65,6 +76,19 @@ impl SourceMachine {
             .filter(|r| r.is_finite() && *r > 0.0)
             .sum();
         self.last_link = Some((now, rate));
+        let streams: Vec<StreamSample> = samples
+            .iter()
+            .map(|s| StreamSample {
+                stream: s.stream,
+                acked_bytes: s.bytes_acked,
+                rtt: s.rtt_s,
+                app_limited: s.app_limited,
+                unsent_bytes: s.unsent_bytes,
+            })
+            .collect();
+        let at = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let raw = self.pba_streams.push(at, &streams);
+        self.pba.push(raw);
         // The kernel's delivery-rate estimates, summed over the streams, tell the encoder how fast
         // the link drains: it picks the codec that keeps up with it at the least CPU.
         if let Some(link) = self.link.update(samples) {
@@ -93,6 +117,8 @@ impl SourceMachine {
                     content_pages: self.pass.content_pages,
                     elapsed: now.saturating_duration_since(self.pass.started),
                     dirtied: pages.len() as u64,
+                    wire_bytes: self.pass.wire_bytes,
+                    link_forecast: self.link_forecast(),
                 };
                 let (reason, predicted) = self.convergence.observe(&m);
                 let report = IterationReport {
@@ -103,6 +129,7 @@ impl SourceMachine {
                     dirtied_pages: m.dirtied,
                     predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
                     predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
+                    link_forecast_bps: m.link_forecast.unwrap_or(0.0),
                 };
                 self.pass_prediction = self.convergence.predicted_next_pass(&m);
                 self.predicted_downtime = predicted;
@@ -255,6 +282,7 @@ impl SourceMachine {
             dirtied_pages: 0,
             predicted_downtime_ms: 0.0,
             predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
+            link_forecast_bps: self.link_forecast().unwrap_or(0.0),
         });
         // The handover's frames all travel on one stream: if that stream fails now, the migration
         // fails (the guest resumes) rather than guessing which of them arrived.

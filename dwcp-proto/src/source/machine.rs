@@ -12,6 +12,8 @@ use super::convergence::{Convergence, LinkEstimate, StopReason};
 use super::events::{Completed, Failure, Flow, PassPages, SourceAction, SourceEvent, SourceParams};
 use super::streams::{Backoff, StreamCount};
 use crate::report::{IterationReport, ResilienceReport};
+use dwcp_pba::predict::LinkPredictor;
+use dwcp_pba::sample::LinkAggregator;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -90,6 +92,11 @@ pub struct SourceMachine {
     pub(super) recovery: Recovery,
     pub(super) resilience: ResilienceReport,
     pub(super) link: LinkEstimate,
+    /// PBA: the streams' telemetry summed into link samples, and the link's forecast.
+    pub(super) pba_streams: LinkAggregator,
+    pub(super) pba: LinkPredictor,
+    /// Time zero of the samples fed to PBA.
+    pub(super) epoch: Instant,
     /// The last telemetry: when, and the summed delivery rate.
     pub(super) last_link: Option<(Instant, f64)>,
     pub(super) telemetry_out: bool,
@@ -148,6 +155,9 @@ impl SourceMachine {
             recovery: Recovery::None,
             resilience: ResilienceReport::default(),
             link: LinkEstimate::default(),
+            pba_streams: LinkAggregator::new(),
+            pba: LinkPredictor::new(),
+            epoch: now,
             last_link: None,
             telemetry_out: false,
             next_telemetry: now + params.telemetry_interval,

@@ -191,6 +191,8 @@ struct Stream {
     /// Chunks written and not acknowledged, by stream sequence.
     unacked: BTreeMap<u64, Chunk>,
     next_seq: u64,
+    /// Simulated wire bytes acknowledged on this stream (its `TCP_INFO` bytes_acked).
+    acked_bytes: u64,
     retiring: bool,
     failed: bool,
     /// The destination machine accepted it (frames are read only then).
@@ -668,10 +670,16 @@ impl Sim {
                 let samples = self
                     .live_lanes()
                     .iter()
-                    .map(|&stream| LinkSample {
-                        stream,
-                        delivery_rate_bps: 1e8,
-                        app_limited: false,
+                    .map(|&stream| {
+                        let st = &self.streams[&stream];
+                        LinkSample {
+                            stream,
+                            delivery_rate_bps: 1e8,
+                            app_limited: false,
+                            bytes_acked: st.acked_bytes,
+                            rtt_s: 0.001,
+                            unsent_bytes: st.unacked.len() as u64 * CHUNK_BUFFER,
+                        }
                     })
                     .collect();
                 self.src_event(SourceEvent::Telemetry(samples));
@@ -1059,6 +1067,7 @@ impl Sim {
                 for s in acked {
                     let c = st.unacked.remove(&s).expect("acked chunk");
                     self.acked_bytes += c.pages.len() as u64 * PAGE_WIRE;
+                    st.acked_bytes += c.pages.len() as u64 * PAGE_WIRE;
                     self.in_flight -= CHUNK_BUFFER;
                 }
                 // A retired stream closes once everything on it is acknowledged.

@@ -13,6 +13,7 @@
 //! than it may take to reconnect.
 
 mod apply;
+mod router;
 mod session;
 
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use parking_lot::Mutex;
 
 use dwcp_core::apply::PageVersions;
 use dwcp_core::digest::PageHashes;
-use dwcp_core::error::{Error, HandshakeError};
+use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
 use dwcp_core::handshake::{Negotiated, Offer, Psk, new_session_id, server_handshake};
 use dwcp_core::ledger::ChunkLedger;
@@ -56,6 +57,9 @@ pub struct Listener {
     joins_tx: Sender<ParkedJoin>,
     joins_rx: Receiver<ParkedJoin>,
     parked_count: Arc<AtomicU64>,
+    /// The sessions running now, so that a stream joins the one it names whichever thread accepted
+    /// it (several migrations may arrive at once).
+    sessions: router::Sessions,
 }
 
 impl std::fmt::Debug for Listener {
@@ -104,6 +108,7 @@ impl Listener {
             joins_tx,
             joins_rx,
             parked_count: Arc::default(),
+            sessions: router::Sessions::default(),
         }
     }
 
@@ -146,18 +151,31 @@ impl Listener {
     /// Waits for a source, authenticates it and reads what it wants to send. A peer that fails the
     /// handshake yields an error (nothing has been written anywhere); call again to keep waiting.
     pub fn accept(&self) -> Result<Incoming<'_>, Error> {
-        let conn = loop {
-            if let Some(opener) = self.next_opener() {
-                return self.open(opener);
+        loop {
+            let conn = loop {
+                if let Some(opener) = self.next_opener() {
+                    return self.open(opener);
+                }
+                if let Some(c) = self.acceptor.accept_timeout(ACCEPT_POLL)? {
+                    break c;
+                }
+            };
+            let started = Instant::now();
+            let (neg, reader, writer, peer) =
+                authenticate_opener(conn, &self.psk, self.config.connect_timeout, &self.sessions)?;
+            // A stream of a session already running here goes to it; keep waiting for a new one.
+            if let router::Routed::Opener(neg, reader, writer) =
+                self.sessions
+                    .route(neg, reader, writer, self.config.io_timeout)
+            {
+                return self.opened(neg, reader, writer, peer, started);
             }
-            if let Some(c) = self.acceptor.accept_timeout(ACCEPT_POLL)? {
-                break c;
-            }
-        };
-        let started = Instant::now();
-        let (neg, reader, writer, peer) =
-            authenticate_opener(conn, &self.psk, self.config.connect_timeout)?;
-        self.opened(neg, reader, writer, peer, started)
+        }
+    }
+
+    /// Sessions receiving on this listener right now.
+    pub fn running_sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Waits until an authenticated source opens a session, as [`accept`](Self::accept) does, but
@@ -186,20 +204,26 @@ impl Listener {
                 continue;
             };
             in_flight.fetch_add(1, Ordering::AcqRel);
-            let (psk, timeout, openers, handshakes) = (
+            let (psk, timeout, openers, handshakes, sessions, io_timeout) = (
                 self.psk.clone(),
                 self.config.connect_timeout,
                 self.openers_tx.clone(),
                 Arc::clone(&in_flight),
+                self.sessions.clone(),
+                self.config.io_timeout,
             );
             // Not scoped: a stranger's handshake may take until its time-out; an opener that
             // authenticates after we returned waits for the next call.
             let spawned = std::thread::Builder::new()
                 .name("dwcp-handshake".into())
                 .spawn(move || {
-                    match authenticate_opener(conn, &psk, timeout) {
+                    match authenticate_opener(conn, &psk, timeout, &sessions) {
                         Ok((neg, r, w, peer)) => {
-                            let _ = openers.send(Opener::Fresh(neg, r, w, peer));
+                            if let router::Routed::Opener(neg, r, w) =
+                                sessions.route(neg, r, w, io_timeout)
+                            {
+                                let _ = openers.send(Opener::Fresh(neg, r, w, peer));
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "refused a connection that did not authenticate; still waiting")
@@ -214,12 +238,11 @@ impl Listener {
         }
     }
 
-    /// A stream waiting to open a session (a parked one, or one authenticated meanwhile); turns away
-    /// parked streams that ask to join a session that has ended.
+    /// A stream waiting to open a session (a parked one, or one authenticated meanwhile); passes
+    /// parked streams that ask to join a session on to it, and turns them away if it has ended.
     fn next_opener(&self) -> Option<Opener> {
-        while let Ok((join, _, writer)) = self.joins_rx.try_recv() {
-            let e = Error::Handshake(HandshakeError::UnknownSession(join.session_id));
-            report_error(&mut writer.lock(), &e);
+        while let Ok(join) = self.joins_rx.try_recv() {
+            self.sessions.route_parked(join, self.config.io_timeout);
         }
         self.openers_rx.try_recv().ok()
     }
@@ -466,6 +489,10 @@ impl<'l> Incoming<'l> {
             let _ = c.set_read_timeout(Some(cfg.io_timeout));
             let _ = c.set_write_timeout(Some(cfg.io_timeout));
         }
+        // Registered before SessionReady: the source opens its other streams as soon as it reads it,
+        // and whichever thread accepts them must find the session.
+        let (tx, events) = unbounded();
+        let registration = listener.sessions.register(self.session_id, tx.clone());
         self.writer
             .write_frame(FrameType::SessionReady, &self.ready_payload)?;
         self.writer.bind_session(self.session_id);
@@ -495,17 +522,17 @@ impl<'l> Incoming<'l> {
             &cfg,
             listener,
         );
-        let (tx, events) = unbounded();
         let (outcome, streams_opened) = std::thread::scope(|scope| {
             let acceptor = {
-                let (session, tx) = (&session, tx.clone());
+                let session = &session;
                 std::thread::Builder::new()
                     .name("amst-accept".into())
-                    .spawn_scoped(scope, move || session.accept_joins(&tx))
+                    .spawn_scoped(scope, move || session.accept_joins())
                     .expect("spawning the session's acceptor")
             };
             let (result, opened) =
                 session.drive(scope, (self.reader, self.writer), &shared, &events, &tx);
+            drop(registration);
             session.stop_accepting.store(true, Ordering::Release);
             let _ = acceptor.join();
             if let Err(e) = &result {
@@ -541,6 +568,7 @@ fn authenticate_opener(
     conn: Box<dyn dwcp_core::transport::Conn>,
     psk: &Psk,
     timeout: Duration,
+    sessions: &router::Sessions,
 ) -> Result<(Negotiated, StreamReader, StreamWriter, SocketAddr), Error> {
     let peer = conn
         .peer_addr()
@@ -551,13 +579,7 @@ fn authenticate_opener(
         &mut writer,
         psk,
         Offer::default(),
-        |requested| {
-            if requested == 0 {
-                Ok(new_session_id())
-            } else {
-                Err(HandshakeError::UnknownSession(requested).into())
-            }
-        },
+        |requested| sessions.choose(requested),
     )
     .map_err(|e| classify(e, &format!("the handshake of {peer}")))?;
     Ok((neg, reader, writer, peer))

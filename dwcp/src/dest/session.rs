@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use dwcp_core::error::{Error, HandshakeError};
-use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
-use dwcp_core::handshake::{Negotiated, Offer, Psk, new_session_id, server_handshake};
+use dwcp_core::error::Error;
+use dwcp_core::frame::FrameType;
+use dwcp_core::handshake::{Negotiated, Offer, Psk, server_handshake};
 use dwcp_core::messages::DigestMessage;
 use dwcp_core::transport::Conn;
 use dwcp_proto::dest::{DestAction, DestEvent, DestMachine, DestParams, StreamEnd as End};
 
 use super::apply::{Event, Shared, SharedWriter, StreamEnd, apply_stream, panic_message};
-use super::{Listener, Opener, ParkedJoin};
+use super::router::{Routed, Sessions};
+use super::{Listener, Opener};
 use crate::config::{ReceiverConfig, threads_or_cores};
 use crate::session::{StreamReader, StreamWriter, classify, report_error, split};
 
@@ -121,14 +122,17 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Accepts connections for this session until told to stop; each is authenticated on its own
-    /// short-lived thread, so a silent or hostile stranger cannot hold up the real streams, and
-    /// strangers are turned away without ending the session.
-    pub(super) fn accept_joins(&self, tx: &Sender<Event>) {
+    /// Accepts connections while this session runs; each is authenticated on its own short-lived
+    /// thread, so a silent or hostile stranger cannot hold up the real streams, and strangers are
+    /// turned away without ending the session. A stream goes to the running session it names (this
+    /// one or another) through the listener's [`Sessions`].
+    pub(super) fn accept_joins(&self) {
         let in_flight = Arc::new(AtomicU64::new(0));
         while !self.stop_accepting.load(Ordering::Acquire) {
             while let Ok(join) = self.listener.joins_rx.try_recv() {
-                self.parked_join(join, tx);
+                self.listener
+                    .sessions
+                    .route_parked(join, self.cfg.io_timeout);
             }
             if in_flight.load(Ordering::Acquire) as usize >= MAX_CONCURRENT_HANDSHAKES {
                 std::thread::sleep(ACCEPT_POLL);
@@ -144,30 +148,27 @@ impl<'a> Session<'a> {
                 }
             };
             in_flight.fetch_add(1, Ordering::AcqRel);
-            let (psk, tx, joining) = (
-                self.listener.psk.clone(),
-                tx.clone(),
-                Arc::clone(&in_flight),
-            );
-            let (session_id, timeout) = (self.id, self.cfg.connect_timeout);
+            let (psk, joining) = (self.listener.psk.clone(), Arc::clone(&in_flight));
+            let timeout = self.cfg.connect_timeout;
             let io_timeout = self.cfg.io_timeout;
             let openers = self.listener.openers_tx.clone();
+            let sessions = self.listener.sessions.clone();
             // Not scoped: a stranger's handshake may take until its time-out, and the session must not
             // wait for it to end.
             let spawned = std::thread::Builder::new()
                 .name("amst-join".into())
                 .spawn(move || {
-                    match join_stream(conn, &psk, timeout, io_timeout, session_id) {
-                        Ok((neg, r, w)) if neg.session_id == session_id => {
-                            let _ = tx.send(Event::Joined(neg.stream_index, r, w, false));
-                        }
+                    match join_stream(conn, &psk, timeout, &sessions) {
+                        // This session's stream, another running session's, or the opener of a
+                        // new session, which the listener's accept takes.
                         Ok((neg, r, w)) => {
-                            // The opener of the next session: the listener takes it once this one ends.
-                            let peer = w
-                                .get_ref()
-                                .peer_addr()
-                                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                            let _ = openers.send(Opener::Fresh(neg, r, w, peer));
+                            if let Routed::Opener(neg, r, w) = sessions.route(neg, r, w, io_timeout) {
+                                let peer = w
+                                    .get_ref()
+                                    .peer_addr()
+                                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                                let _ = openers.send(Opener::Fresh(neg, r, w, peer));
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "refused a stream that does not belong to the session")
@@ -179,24 +180,6 @@ impl<'a> Session<'a> {
                 in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
-    }
-
-    /// A parked stream that wants to join this session (or, wrongly, open another one).
-    fn parked_join(&self, (join, mut reader, writer): ParkedJoin, tx: &Sender<Event>) {
-        if join.session_id != self.id {
-            let e = Error::Handshake(HandshakeError::UnknownSession(join.session_id));
-            report_error(&mut writer.lock(), &e);
-            return;
-        }
-        let Ok(writer) = Arc::try_unwrap(writer).map(Mutex::into_inner) else {
-            return;
-        };
-        reader.bind_session(self.id, MAX_PAYLOAD);
-        for c in [reader.get_ref().get_ref(), writer.get_ref()] {
-            let _ = c.set_read_timeout(Some(self.cfg.io_timeout));
-            let _ = c.set_write_timeout(Some(self.cfg.io_timeout));
-        }
-        let _ = tx.send(Event::Joined(join.stream_index, reader, writer, true));
     }
 
     /// Runs the session's machine to its end: streams join and end; Finish → digest → Verdict →
@@ -399,24 +382,12 @@ fn join_stream(
     conn: Box<dyn Conn>,
     psk: &Psk,
     timeout: Duration,
-    io_timeout: Duration,
-    session_id: u64,
+    sessions: &Sessions,
 ) -> Result<(Negotiated, StreamReader, StreamWriter), Error> {
     let (mut r, mut w) = split(conn, timeout.max(Duration::from_millis(1)))?;
     let neg = server_handshake(&mut r, &mut w, psk, Offer::default(), |requested| {
-        if requested == session_id {
-            Ok(session_id)
-        } else if requested == 0 {
-            // A new session: it waits until this one has ended.
-            Ok(new_session_id())
-        } else {
-            Err(HandshakeError::UnknownSession(requested).into())
-        }
+        sessions.choose(requested)
     })
     .map_err(|e| classify(e, "a joining stream's handshake"))?;
-    let conn = w.get_ref();
-    let ctx = |e| Error::io("configuring a stream", e);
-    conn.set_read_timeout(Some(io_timeout)).map_err(ctx)?;
-    conn.set_write_timeout(Some(io_timeout)).map_err(ctx)?;
     Ok((neg, r, w))
 }

@@ -269,6 +269,9 @@ impl<'m, 'a> Driver<'m, 'a> {
                         stream: t.stream,
                         delivery_rate_bps: t.tcp.delivery_rate_bps,
                         app_limited: t.tcp.app_limited,
+                        bytes_acked: t.tcp.bytes_acked,
+                        rtt_s: t.tcp.rtt_s,
+                        unsent_bytes: t.tcp.unsent_bytes,
                     })
                     .collect();
                 self.m.telemetry.publish(samples);

@@ -60,16 +60,36 @@ pub struct Migration<'a> {
 /// 250 ms. Cheap to clone; read it from any thread (the prediction component, a UI) while
 /// [`Migration::run`] runs.
 #[derive(Debug, Clone, Default)]
-pub struct TelemetryFeed(Arc<parking_lot::RwLock<Vec<StreamTelemetry>>>);
+pub struct TelemetryFeed(Arc<parking_lot::RwLock<TelemetrySnapshot>>);
+
+/// One sampling of every open stream, with when it was taken.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetrySnapshot {
+    /// Counts samplings: a reader polling faster than the engine samples sees each one once.
+    pub sequence: u64,
+    /// When the streams were sampled (None before the first sampling).
+    pub taken: Option<std::time::Instant>,
+    /// One sample per open stream.
+    pub streams: Vec<StreamTelemetry>,
+}
 
 impl TelemetryFeed {
     /// The latest samples, one per open stream.
     pub fn latest(&self) -> Vec<StreamTelemetry> {
+        self.0.read().streams.clone()
+    }
+
+    /// The latest sampling with its time and sequence number: what a recorder of link traces needs
+    /// (`dwcp send --trace`).
+    pub fn snapshot(&self) -> TelemetrySnapshot {
         self.0.read().clone()
     }
 
     fn publish(&self, samples: Vec<StreamTelemetry>) {
-        *self.0.write() = samples;
+        let mut s = self.0.write();
+        s.sequence += 1;
+        s.taken = Some(std::time::Instant::now());
+        s.streams = samples;
     }
 }
 

@@ -1,0 +1,209 @@
+//! A host's uplink cap shared by the migrations leaving it: PBA's weighted max-min allocator
+//! ([`dwcp_pba::alloc`]) splits the cap, and each migration's own token bucket enforces its share.
+//! The split is re-run whenever a migration joins or leaves, or the cap changes, so what one
+//! migration no longer uses goes to the others.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dwcp_core::error::Error;
+use dwcp_pba::alloc::{Demand, allocate};
+
+use crate::source::{BandwidthHandle, Migration};
+
+/// One host's uplink cap, shared by the migrations that [join](HostUplink::join) it. Cheap to
+/// clone; every clone is the same uplink.
+#[derive(Debug, Clone)]
+pub struct HostUplink(Arc<parking_lot::Mutex<Uplink>>);
+
+#[derive(Debug)]
+struct Uplink {
+    cap: f64,
+    next_id: u64,
+    members: BTreeMap<u64, Member>,
+}
+
+#[derive(Debug)]
+struct Member {
+    handle: BandwidthHandle,
+    demand: Demand,
+}
+
+/// A migration's membership of a [`HostUplink`]; dropping it (when the migration ends) gives its
+/// share back to the others.
+#[derive(Debug)]
+#[must_use = "the migration leaves the uplink when its share is dropped"]
+pub struct UplinkShare {
+    uplink: HostUplink,
+    id: u64,
+}
+
+impl HostUplink {
+    /// An uplink of `bytes_per_sec`; 0, or a rate beyond any link, is refused.
+    pub fn new(bytes_per_sec: u64) -> Result<Self, Error> {
+        let cap = check(bytes_per_sec)?;
+        Ok(Self(Arc::new(parking_lot::Mutex::new(Uplink {
+            cap,
+            next_id: 0,
+            members: BTreeMap::new(),
+        }))))
+    }
+
+    /// Changes the cap; every member's share follows at its next batch.
+    pub fn set_cap(&self, bytes_per_sec: u64) -> Result<(), Error> {
+        let cap = check(bytes_per_sec)?;
+        let mut u = self.0.lock();
+        u.cap = cap;
+        u.reallocate()
+    }
+
+    /// Makes `migration` (before or while it runs) a member with `weight` (> 0; twice the weight,
+    /// twice the share) and at most `max_bytes_per_sec` of its own (None: no cap of its own), and
+    /// re-splits the cap among all members.
+    pub fn join(
+        &self,
+        migration: &Migration<'_>,
+        weight: f64,
+        max_bytes_per_sec: Option<u64>,
+    ) -> Result<UplinkShare, Error> {
+        if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
+            return Err(Error::Config(format!(
+                "uplink weight {weight}: it must be a number above 0 and at most 1e6"
+            )));
+        }
+        let max_rate = match max_bytes_per_sec {
+            Some(r) => check(r)?,
+            None => f64::INFINITY,
+        };
+        let mut u = self.0.lock();
+        let id = u.next_id;
+        u.next_id += 1;
+        u.members.insert(
+            id,
+            Member {
+                handle: migration.bandwidth_handle(),
+                demand: Demand {
+                    weight,
+                    max_rate,
+                    min_rate: 0.0,
+                },
+            },
+        );
+        if let Err(e) = u.reallocate() {
+            u.members.remove(&id);
+            return Err(e);
+        }
+        Ok(UplinkShare {
+            uplink: self.clone(),
+            id,
+        })
+    }
+
+    /// Each member's share now, bytes per second, in the order they joined.
+    pub fn shares(&self) -> Vec<u64> {
+        self.0
+            .lock()
+            .members
+            .values()
+            .map(|m| m.handle.get().unwrap_or(0))
+            .collect()
+    }
+
+    /// The cap, bytes per second.
+    pub fn cap(&self) -> u64 {
+        self.0.lock().cap as u64
+    }
+}
+
+impl UplinkShare {
+    /// This migration's share now, bytes per second.
+    pub fn rate(&self) -> Option<u64> {
+        self.uplink
+            .0
+            .lock()
+            .members
+            .get(&self.id)
+            .and_then(|m| m.handle.get())
+    }
+}
+
+impl Drop for UplinkShare {
+    fn drop(&mut self) {
+        let mut u = self.uplink.0.lock();
+        if let Some(m) = u.members.remove(&self.id) {
+            // A migration that outlives its share is no longer capped by the uplink.
+            let _ = m.handle.set(None);
+        }
+        if let Err(e) = u.reallocate() {
+            tracing::warn!(error = %e, "re-splitting the uplink after a migration left");
+        }
+    }
+}
+
+impl Uplink {
+    fn reallocate(&mut self) -> Result<(), Error> {
+        let demands: Vec<Demand> = self.members.values().map(|m| m.demand).collect();
+        let mut rates = Vec::with_capacity(demands.len());
+        allocate(self.cap, &demands, &mut rates)
+            .map_err(|e| Error::Config(format!("splitting the uplink: {e}")))?;
+        for (m, rate) in self.members.values().zip(rates) {
+            // A share rounds down to whole bytes (past the allocator's float noise, so an exact
+            // share stays exact), and never to 0 (a bucket needs a rate).
+            m.handle.set(Some(((rate + 1e-3).floor() as u64).max(1)))?;
+        }
+        Ok(())
+    }
+}
+
+fn check(bytes_per_sec: u64) -> Result<f64, Error> {
+    dwcp_pba::check_rate(bytes_per_sec as f64)
+        .map_err(|e| Error::Config(format!("uplink cap: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dwcp_core::handshake::Psk;
+
+    fn migration() -> Migration<'static> {
+        Migration::new("127.0.0.1:9".parse().unwrap(), Psk::generate())
+    }
+
+    #[test]
+    fn members_share_alike_by_weight_and_a_leaver_gives_its_share_back() {
+        let up = HostUplink::new(90_000_000).unwrap();
+        let (a, b, c) = (migration(), migration(), migration());
+        let sa = up.join(&a, 1.0, None).unwrap();
+        assert_eq!(a.bandwidth_handle().get(), Some(90_000_000));
+        let sb = up.join(&b, 2.0, None).unwrap();
+        assert_eq!(up.shares(), vec![30_000_000, 60_000_000]);
+        // A member capped below its share leaves the rest to the others.
+        let sc = up.join(&c, 1.0, Some(10_000_000)).unwrap();
+        assert_eq!(up.shares(), vec![26_666_666, 53_333_333, 10_000_000]);
+        assert!(up.shares().iter().sum::<u64>() <= up.cap());
+        drop(sb);
+        assert_eq!(up.shares(), vec![80_000_000, 10_000_000]);
+        assert_eq!(
+            b.bandwidth_handle().get(),
+            None,
+            "a leaver is no longer capped"
+        );
+        up.set_cap(20_000_000).unwrap();
+        assert_eq!(sa.rate(), Some(10_000_000));
+        assert_eq!(sc.rate(), Some(10_000_000));
+    }
+
+    #[test]
+    fn bad_caps_and_weights_are_refused() {
+        assert!(HostUplink::new(0).is_err());
+        assert!(HostUplink::new(u64::MAX).is_err());
+        let up = HostUplink::new(1_000_000).unwrap();
+        let m = migration();
+        for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(up.join(&m, w, None).is_err(), "weight {w}");
+        }
+        assert!(up.join(&m, 1.0, Some(0)).is_err());
+        assert!(up.set_cap(0).is_err());
+        assert_eq!(up.cap(), 1_000_000);
+    }
+}
