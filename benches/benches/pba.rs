@@ -1,8 +1,10 @@
 //! PBA: forecasts per second for many links at once (issue 14 target: >= 10 M link-predictions/s
-//! batched on 2 cores), and one batch update.
+//! batched on 2 cores), one batch update, and the single-link forms for comparison.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dwcp_pba::batch::LinkTable;
+use dwcp_pba::predict::LinkPredictor;
+use dwcp_pba::sample::RawSample;
 
 fn table(links: usize) -> LinkTable {
     let mut t = LinkTable::new(links);
@@ -37,6 +39,35 @@ fn predict(c: &mut Criterion) {
             b.iter(|| t2.observe_batch(&ids, &goodput, &interval, &flags).unwrap())
         });
     }
+    let mut one = LinkPredictor::new();
+    let mut at = 0.0;
+    let mut acked = 0.0;
+    for k in 0..16 {
+        at += 0.25;
+        acked += 2.5e7 + 1e5 * f64::from(k % 7);
+        one.push(RawSample {
+            at,
+            acked_bytes: acked,
+            rtt: 0.05,
+            app_limited: false,
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("predict_single", |b| {
+        b.iter(|| std::hint::black_box(&one).predict_at(std::hint::black_box(1.0)))
+    });
+    g.bench_function("push_single", |b| {
+        b.iter(|| {
+            at += 0.25;
+            acked += 2.5e7;
+            one.push(std::hint::black_box(RawSample {
+                at,
+                acked_bytes: acked,
+                rtt: 0.05,
+                app_limited: false,
+            }))
+        })
+    });
     g.finish();
 }
 

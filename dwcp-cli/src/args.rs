@@ -38,6 +38,9 @@ pub enum Command {
     Mkimage(MkimageArgs),
     /// Carry QEMU's own live migration through DWCP (proxy mode).
     Qemu(crate::qemu::QemuArgs),
+    /// The destination process of `dwcp demo --vms N --destination-process`.
+    #[command(hide = true)]
+    FleetReceive(FleetReceiveArgs),
 }
 
 /// Content of a simulated guest's memory.
@@ -175,6 +178,21 @@ pub struct DemoArgs {
     /// one ends; K/M/G: powers of 1024).
     #[arg(long, value_name = "RATE", value_parser = parse_rate, requires = "vms")]
     pub uplink: Option<u64>,
+    /// With --vms: receive in a second process (this program, started again), so that each side's
+    /// memory is measured on its own; the destinations are then checked by digest only.
+    #[arg(long, requires = "vms")]
+    pub destination_process: bool,
+}
+
+/// The destination process of `dwcp demo --vms N --destination-process` (internal).
+#[derive(Debug, Args)]
+pub struct FleetReceiveArgs {
+    /// Migrations to receive, all at once.
+    #[arg(long)]
+    pub sessions: u32,
+    /// File holding the pre-shared key (hex).
+    #[arg(long)]
+    pub psk_file: std::path::PathBuf,
 }
 
 /// `dwcp send`.

@@ -2,7 +2,12 @@
 //! through one connection pool and one buffer pool, optionally under one shared uplink cap.
 
 use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -13,8 +18,9 @@ use dwcp_core::pool::BufferPool;
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 use dwcp_pba::alloc::jain_index;
 use serde_json::json;
+use std::sync::Mutex;
 
-use crate::args::DemoArgs;
+use crate::args::{DemoArgs, FleetReceiveArgs};
 use crate::output;
 use crate::rss::RssSampler;
 
@@ -36,6 +42,25 @@ struct Outcome {
     result: dwcp::Result<dwcp::MigrationReport>,
 }
 
+/// The destination side of the fleet, in this process or in a child one.
+enum Destination {
+    /// One listener here, one preallocated memory per migration.
+    InProcess {
+        listener: Listener,
+        dests: Vec<GuestRam>,
+    },
+    /// `dwcp fleet-receive` in a child process.
+    Child(ChildReceiver),
+}
+
+/// What a destination received: per migration, its session id and digest (and, in this process,
+/// the memory slot it landed in).
+struct Arrival {
+    slot: Option<usize>,
+    session_id: String,
+    digest: String,
+}
+
 /// Runs the fleet demo and prints its report.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
@@ -44,30 +69,50 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .dirty_rate
         .checked_mul(1 << 20)
         .ok_or_else(|| anyhow!("--dirty-rate {} MiB/s is too large", args.dirty_rate))?;
-    let mut guests = Vec::with_capacity(n);
-    let mut dests = Vec::with_capacity(n);
-    for i in 0..n {
-        let g = SimulatedGuest::new(SimulatedGuestConfig {
-            size_bytes: args.size,
-            mix: args.mix.content(),
-            seed: args.seed + i as u64,
-        })
-        .with_context(|| format!("creating simulated guest {i}"))?;
-        dests.push(
-            GuestRam::anonymous_preallocated(g.layout().clone())
-                .with_context(|| format!("allocating destination memory {i}"))?,
-        );
-        guests.push(g);
-    }
-    let guest_bytes = 2 * n as u64 * args.size;
     let psk = Psk::generate();
-    let listener = Listener::bind(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        psk.clone(),
-        ReceiverConfig::default(),
-    )
-    .context("binding the destination listener")?;
-    let addr = listener.local_addr()?;
+    let mut guests = Vec::with_capacity(n);
+    for i in 0..n {
+        guests.push(
+            SimulatedGuest::new(SimulatedGuestConfig {
+                size_bytes: args.size,
+                mix: args.mix.content(),
+                seed: args.seed + i as u64,
+            })
+            .with_context(|| format!("creating simulated guest {i}"))?,
+        );
+    }
+    let destination = if args.destination_process {
+        Destination::Child(ChildReceiver::start(args.vms, &psk)?)
+    } else {
+        let mut dests = Vec::with_capacity(n);
+        for g in &guests {
+            dests.push(
+                GuestRam::anonymous_preallocated(g.layout().clone())
+                    .context("allocating destination memory")?,
+            );
+        }
+        let listener = Listener::bind(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            psk.clone(),
+            ReceiverConfig::default(),
+        )
+        .context("binding the destination listener")?;
+        Destination::InProcess { listener, dests }
+    };
+    // A key file holds the key's text: both sides use what the file holds.
+    let psk = match &destination {
+        Destination::Child(c) => crate::transfer::load_psk(&c.key_file)?,
+        Destination::InProcess { .. } => psk,
+    };
+    let addr = match &destination {
+        Destination::InProcess { listener, .. } => listener.local_addr()?,
+        Destination::Child(c) => c.addr,
+    };
+    // The guest memory this process holds: the sources', and the destinations' when they are here.
+    let guest_bytes = match &destination {
+        Destination::InProcess { .. } => 2 * n as u64 * args.size,
+        Destination::Child(_) => n as u64 * args.size,
+    };
     let connections = ConnectionPool::new(Duration::from_secs(30));
     let buffers = BufferPool::new(shared_budget(args.vms)).context("creating the buffer pool")?;
     let uplink = args.uplink.map(HostUplink::new).transpose()?;
@@ -78,31 +123,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let (outcomes, received) = std::thread::scope(|s| -> anyhow::Result<_> {
-        // The destination host: one listener, one receiving thread per incoming migration, each
-        // into the next free destination memory.
-        let dests = &dests;
-        let listener = &listener;
-        let receiver = s.spawn(move || {
-            let mut done: Vec<(usize, dwcp::Result<ReceiveReport>)> = Vec::new();
-            std::thread::scope(|r| {
-                let mut handles = Vec::new();
-                for (slot, dest) in dests.iter().enumerate() {
-                    match listener.accept_source() {
-                        Ok(incoming) => {
-                            handles.push((slot, r.spawn(move || incoming.receive_into(dest))));
-                        }
-                        Err(e) => {
-                            done.push((slot, Err(e)));
-                            break;
-                        }
-                    }
-                }
-                for (slot, h) in handles {
-                    let res = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-                    done.push((slot, res));
-                }
-            });
-            done
+        // The destination host: one listener, one receiving thread per incoming migration.
+        let destination = &destination;
+        let receiver = s.spawn(move || match destination {
+            Destination::InProcess { listener, dests } => {
+                receive_all(listener, n, |slot, incoming| {
+                    let dest = dests
+                        .get(slot)
+                        .ok_or_else(|| anyhow!("more migrations than guests"))?;
+                    Ok(incoming.receive_into(dest)?)
+                })
+            }
+            Destination::Child(c) => c.wait(),
         });
         for g in &guests {
             g.start_workload(dirty, args.seed);
@@ -132,13 +164,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect();
         if outcomes.iter().any(|o| o.result.is_err()) && !receiver.is_finished() {
-            for _ in 0..n {
-                crate::demo::wake_listener(addr);
+            // The destination waits for migrations that will not come.
+            match destination {
+                Destination::InProcess { .. } => {
+                    for _ in 0..n {
+                        crate::demo::wake_listener(addr);
+                    }
+                }
+                Destination::Child(c) => c.kill(),
             }
         }
         let received = receiver
             .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            .unwrap_or_else(|e| (Vec::new(), vec![format!("destination: {e:#}")]));
         Ok((outcomes, received))
     })?;
     let wall = started.elapsed();
@@ -147,17 +186,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let peak_rss = rss.finish();
 
-    // Pair each source with the destination memory its session landed in.
-    let mut by_session: HashMap<String, (usize, ReceiveReport)> = HashMap::new();
-    let mut failures = Vec::new();
-    for (slot, r) in received {
-        match r {
-            Ok(r) => {
-                by_session.insert(r.session_id.clone(), (slot, r));
-            }
-            Err(e) => failures.push(format!("destination {slot}: {e}")),
-        }
-    }
+    let destination_rss = match &destination {
+        Destination::Child(c) => Some(c.peak_rss()),
+        Destination::InProcess { .. } => None,
+    };
+    // Pair each source with what its session delivered.
+    let (received, mut failures) = received;
+    let by_session: HashMap<&str, &Arrival> = received
+        .iter()
+        .map(|a| (a.session_id.as_str(), a))
+        .collect();
     let mut rows = Vec::with_capacity(n);
     for o in &outcomes {
         let report = match &o.result {
@@ -167,14 +205,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let Some((slot, recv)) = by_session.get(&report.session_id) else {
+        let Some(arrival) = by_session.get(report.session_id.as_str()) else {
             failures.push(format!(
                 "migration {}: no destination saw its session",
                 o.index
             ));
             continue;
         };
-        if recv.digest != report.digest || !identical(&guests[o.index], &dests[*slot]) {
+        let identical = match (&destination, arrival.slot) {
+            (Destination::InProcess { dests, .. }, Some(slot)) => {
+                same_memory(&guests[o.index], &dests[slot])
+            }
+            _ => true,
+        };
+        if arrival.digest != report.digest || !identical {
             failures.push(format!(
                 "migration {}: the destination memory differs from the source",
                 o.index
@@ -213,6 +257,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "peak_rss_anon_bytes": peak_rss,
             "guest_memory_bytes": guest_bytes,
             "engine_rss_bytes": engine_rss,
+            "destination_process": destination_rss.map(|(rss, guest)| json!({
+                "peak_rss_anon_bytes": rss, "guest_memory_bytes": guest,
+                "engine_rss_bytes": rss.saturating_sub(guest),
+            })),
             "buffer_pool_bytes": buffers.stats().budget_bytes,
             "migrations": rows.iter().map(|(i, t, r)| json!({
                 "index": i, "time_s": t.as_secs_f64(), "downtime_ms": r.downtime_ms,
@@ -222,34 +270,54 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
         Ok(())
     } else {
+        let memory = match destination_rss {
+            None => format!(
+                "peak anonymous RSS {} (guest memory, both sides: {}; engine, both sides: {})",
+                output::bytes(peak_rss),
+                output::bytes(guest_bytes),
+                output::bytes(engine_rss)
+            ),
+            Some((rss, guest)) => format!(
+                "source process: peak anonymous RSS {} (guest memory {}; engine {}); \
+                 destination process: {} (guest memory {}; engine {})",
+                output::bytes(peak_rss),
+                output::bytes(guest_bytes),
+                output::bytes(engine_rss),
+                output::bytes(rss),
+                output::bytes(guest),
+                output::bytes(rss.saturating_sub(guest))
+            ),
+        };
         let text = format!(
             "fleet demo: {n} guests of {} ({} memory, dirtying {} MiB/s each) migrated at once{}\n\
-             all digests match and every destination is byte-identical\n\
+             all digests match{}\n\
              wall {:.2} s; per migration: min {:.2} s, p50 {:.2} s, p99 {:.2} s, max {:.2} s; \
              max downtime {max_downtime:.1} ms\n\
              Jain's fairness index of their throughputs: {jain:.3}\n\
-             peak anonymous RSS {} (guest memory, both sides: {}; engine: {}); shared buffer pool {}\n",
+             {memory}; shared buffer pool {}\n",
             output::bytes(args.size),
             args.mix.name(),
             args.dirty_rate,
             args.uplink
                 .map(|u| format!(", sharing an uplink of {}/s", output::bytes(u)))
                 .unwrap_or_default(),
+            if destination_rss.is_none() {
+                " and every destination is byte-identical"
+            } else {
+                " (the destination process checked by digest)"
+            },
             wall.as_secs_f64(),
             pct(0.0),
             pct(0.5),
             pct(0.99),
             pct(1.0),
-            output::bytes(peak_rss),
-            output::bytes(guest_bytes),
-            output::bytes(engine_rss),
             output::bytes(buffers.stats().budget_bytes),
         );
         output::emit(&text)
     }
 }
 
-fn identical(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
+fn same_memory(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
     let mut a = vec![0u8; PAGE_SIZE];
     let mut b = vec![0u8; PAGE_SIZE];
     (0..guest.layout().total_pages()).all(|p| {
@@ -257,4 +325,194 @@ fn identical(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
         dest.copy_out(p, &mut b);
         a == b
     })
+}
+
+/// Receives `n` migrations on `listener` at once, each on its own thread through `receive`, and
+/// returns what arrived and what failed.
+fn receive_all<F>(
+    listener: &Listener,
+    n: usize,
+    receive: F,
+) -> anyhow::Result<(Vec<Arrival>, Vec<String>)>
+where
+    F: Fn(usize, dwcp::Incoming<'_>) -> anyhow::Result<ReceiveReport> + Sync,
+{
+    let mut arrivals = Vec::with_capacity(n);
+    let mut failures = Vec::new();
+    std::thread::scope(|r| {
+        let receive = &receive;
+        let mut handles = Vec::with_capacity(n);
+        for slot in 0..n {
+            match listener.accept_source() {
+                Ok(incoming) => handles.push((slot, r.spawn(move || receive(slot, incoming)))),
+                Err(e) => {
+                    failures.push(format!("destination {slot}: {e}"));
+                    break;
+                }
+            }
+        }
+        for (slot, h) in handles {
+            match h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                Ok(r) => arrivals.push(Arrival {
+                    slot: Some(slot),
+                    session_id: r.session_id,
+                    digest: r.digest,
+                }),
+                Err(e) => failures.push(format!("destination {slot}: {e:#}")),
+            }
+        }
+    });
+    Ok((arrivals, failures))
+}
+
+/// `dwcp fleet-receive`: the destination process of `dwcp demo --vms N --destination-process`.
+/// Prints `listening ADDR`, receives the migrations into fresh memory, then prints one JSON line.
+pub fn receive_process(args: FleetReceiveArgs) -> anyhow::Result<()> {
+    let rss = RssSampler::start();
+    let psk = crate::transfer::load_psk(&args.psk_file)?;
+    let listener = Listener::bind(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        psk,
+        ReceiverConfig::default(),
+    )
+    .context("binding the destination listener")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {}", listener.local_addr()?)?;
+        out.flush()?;
+    }
+    let guest_bytes = AtomicU64::new(0);
+    // Every destination memory is kept to the end, as the VMs would keep it.
+    let received = Mutex::new(Vec::new());
+    let (arrivals, failures) = receive_all(&listener, args.sessions as usize, |_, incoming| {
+        let ram = GuestRam::anonymous_preallocated(incoming.layout().clone())
+            .context("allocating destination memory")?;
+        guest_bytes.fetch_add(incoming.layout().total_bytes(), Ordering::Relaxed);
+        let report = incoming.receive_into(&ram)?;
+        lock(&received).push(ram);
+        Ok(report)
+    })?;
+    let j = json!({
+        "peak_rss_anon_bytes": rss.finish(),
+        "guest_memory_bytes": guest_bytes.load(Ordering::Relaxed),
+        "arrivals": arrivals.iter().map(|a| json!({"session_id": a.session_id, "digest": a.digest})).collect::<Vec<_>>(),
+        "failures": failures,
+    });
+    println!("{j}");
+    Ok(())
+}
+
+/// The child process running `dwcp fleet-receive`.
+struct ChildReceiver {
+    addr: SocketAddr,
+    child: Mutex<Child>,
+    stdout: Mutex<BufReader<ChildStdout>>,
+    key_file: PathBuf,
+    /// The child's peak RSS and guest memory, once it has reported.
+    memory: Mutex<Option<(u64, u64)>>,
+}
+
+impl ChildReceiver {
+    fn start(sessions: u32, psk: &Psk) -> anyhow::Result<Self> {
+        let key_file = std::env::temp_dir().join(format!("dwcp-fleet-{}.key", std::process::id()));
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&key_file)
+            .and_then(|mut f| writeln!(f, "{}", psk.to_hex()))
+            .with_context(|| {
+                format!(
+                    "writing the key for the destination to {}",
+                    key_file.display()
+                )
+            })?;
+        let exe =
+            std::env::current_exe().context("finding this program to start the destination")?;
+        let mut child = std::process::Command::new(exe)
+            .arg("fleet-receive")
+            .arg("--sessions")
+            .arg(sessions.to_string())
+            .arg("--psk-file")
+            .arg(&key_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the destination process")?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = std::fs::remove_file(&key_file);
+            bail!("the destination process did not start listening (it said {line:?})");
+        };
+        Ok(Self {
+            addr,
+            child: Mutex::new(child),
+            stdout: Mutex::new(stdout),
+            key_file,
+            memory: Mutex::new(None),
+        })
+    }
+
+    /// Waits for the child's report.
+    fn wait(&self) -> anyhow::Result<(Vec<Arrival>, Vec<String>)> {
+        let mut text = String::new();
+        lock(&self.stdout).read_to_string(&mut text)?;
+        let status = lock(&self.child).wait()?;
+        let line = text.lines().last().unwrap_or_default();
+        let j: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("the destination process ({status}) did not report"))?;
+        let number = |k: &str| j[k].as_u64().unwrap_or(0);
+        *lock(&self.memory) = Some((number("peak_rss_anon_bytes"), number("guest_memory_bytes")));
+        let text_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let arrivals = j["arrivals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| Arrival {
+                slot: None,
+                session_id: text_of(&a["session_id"]),
+                digest: text_of(&a["digest"]),
+            })
+            .collect();
+        let failures = j["failures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text_of)
+            .collect();
+        Ok((arrivals, failures))
+    }
+
+    /// Stops the child (its report is then missing).
+    fn kill(&self) {
+        let _ = lock(&self.child).kill();
+    }
+
+    /// The child's peak anonymous RSS and the guest memory it allocated.
+    fn peak_rss(&self) -> (u64, u64) {
+        lock(&self.memory).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildReceiver {
+    fn drop(&mut self) {
+        let mut child = lock(&self.child);
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.key_file);
+    }
+}
+
+/// A poisoned lock still holds usable data here: a panicking thread only ever read the child.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

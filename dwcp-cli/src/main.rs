@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Command::Keygen(a) => tools::keygen(a),
         Command::Mkimage(a) => tools::mkimage(a),
         Command::Qemu(a) => qemu::run(a),
+        Command::FleetReceive(a) => fleet::receive_process(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -323,6 +323,58 @@ fn demo_json_report() {
     );
 }
 
+/// The fleet demo, with its destination in this process and in a second one: every migration
+/// completes, under the shared uplink cap, with each side's memory reported.
+#[test]
+fn fleet_demo_in_one_and_in_two_processes() {
+    for separate in [false, true] {
+        let mut args = vec![
+            "demo",
+            "--vms",
+            "4",
+            "--size",
+            "4M",
+            "--mix",
+            "random",
+            "--dirty-rate",
+            "1",
+            "--uplink",
+            "64M",
+            "--json",
+            "--no-progress",
+        ];
+        if separate {
+            args.push("--destination-process");
+        }
+        let f = run("fleet demo", &args, MIGRATION_TIMEOUT);
+        f.assert_success("fleet demo");
+        let v = f.json();
+        let migrations = v["migrations"].as_array().unwrap();
+        assert_eq!(migrations.len(), 4, "{v}");
+        let digests: std::collections::HashSet<_> = migrations
+            .iter()
+            .map(|m| m["digest"].as_str().unwrap())
+            .collect();
+        assert_eq!(digests.len(), 4, "four different guests: {v}");
+        let jain = v["jain_index"].as_f64().unwrap();
+        assert!(jain > 0.0 && jain <= 1.0, "{v}");
+        // 16 MiB under 64 MiB/s cannot take less than a quarter of a second.
+        assert!(v["wall_ms"].as_f64().unwrap() >= 250.0, "{v}");
+        let destination = &v["destination_process"];
+        if separate {
+            assert_eq!(destination["guest_memory_bytes"], 16 << 20, "{v}");
+            assert!(
+                destination["peak_rss_anon_bytes"].as_u64().unwrap() >= 16 << 20,
+                "{v}"
+            );
+            assert_eq!(v["guest_memory_bytes"], 16 << 20, "{v}");
+        } else {
+            assert!(destination.is_null(), "{v}");
+            assert_eq!(v["guest_memory_bytes"], 32 << 20, "{v}");
+        }
+    }
+}
+
 #[test]
 fn demo_human_report() {
     let f = run(

@@ -83,11 +83,13 @@ impl Convergence {
     }
 
     /// The downtime a pause after `pass` is predicted to cost: its dirty pages at its cost per page,
-    /// the digest and the handover's round trips.
+    /// the digest and the handover's round trips: the final pass's acknowledgements (when it has
+    /// pages to send), the digest's verdict and the commit.
     pub fn predicted_downtime(&self, pass: &PassMeasurement) -> Duration {
+        let round_trips = if pass.dirtied > 0 { 3.0 } else { 2.0 };
         let secs = pass.dirtied as f64 * per_page(pass)
             + self.policy.digest_estimate.as_secs_f64()
-            + 3.0 * self.policy.rtt.as_secs_f64();
+            + round_trips * self.policy.rtt.as_secs_f64();
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
     }
 
@@ -288,6 +290,24 @@ mod tests {
             wire_bytes: 4_096_000,
             link_forecast: None,
         }
+    }
+
+    #[test]
+    fn the_handover_costs_three_round_trips_with_a_final_pass_and_two_without() {
+        let c = Convergence::new(ConvergencePolicy {
+            rtt: Duration::from_millis(50),
+            ..policy()
+        });
+        // Nothing dirty: digest 5 ms, the verdict's and the commit's round trips.
+        assert_eq!(
+            c.predicted_downtime(&pass(0, 0)),
+            Duration::from_millis(105)
+        );
+        // 10 pages at 0.1 ms, and the final pass's acknowledgements.
+        assert_eq!(
+            c.predicted_downtime(&pass(0, 10)),
+            Duration::from_millis(156)
+        );
     }
 
     #[test]
