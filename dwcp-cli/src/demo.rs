@@ -16,7 +16,7 @@ use crate::rss::RssSampler;
 
 /// Runs the demo and prints its report.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.vms > 1 || args.uplink.is_some() {
+    if args.vms > 1 || args.uplink.is_some() || args.destination_process {
         return crate::fleet::run(args);
     }
     let rss = RssSampler::start();

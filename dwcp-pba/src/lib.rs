@@ -16,6 +16,8 @@
 //! migration or one host; [`alloc::allocate`] splits a capacity among concurrent migrations,
 //! max-min fair with weights and deadlines. [`trace`] reads recorded traces and [`eval`] scores
 //! every predictor on them and fits the learned model (`cargo xtask pba eval|train`).
+//! [`fleet::simulate`] plays a host evacuating many guests at once through the allocator, in a
+//! fluid model, for capacity planning beyond what a real test can run.
 //!
 //! The engine (`dwcp-proto`'s source machine) feeds every telemetry sample in and prices its passes
 //! and its predicted downtime with the forecast; `dwcp::HostUplink` splits a host's cap among its
@@ -27,6 +29,7 @@ pub mod alloc;
 pub mod batch;
 pub mod bucket;
 pub mod eval;
+pub mod fleet;
 pub mod learned;
 pub mod predict;
 pub mod sample;

@@ -14,8 +14,9 @@
 //! - `bench qemu`: QEMU's own migration direct and through dwcp, loopback and WAN (`qemu.rs`);
 //!   `--baseline PATH` runs every dwcp configuration again with another `dwcp` build, interleaved,
 //!   for an A/B comparison on the same noisy machine.
-//! - `pba record|train` and `bench pba`: PBA's link traces, its learned predictor's weights, and every
-//!   predictor's error on every trace (`pba.rs`, `docs/pba.md`).
+//! - `pba record|train|eval|simulate`, `bench pba` and `bench fleet`: PBA's link traces, its learned
+//!   predictor's weights, every predictor's error on every trace, the fleet simulation, and many
+//!   real migrations at once (`pba.rs`, `docs/pba.md`).
 //! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
 //!   (`rdma.rs`, `docs/rdma.md`).
 //!
@@ -119,6 +120,8 @@ enum Which {
     Rdma,
     /// PBA: every predictor's error on every trace, and predictions per second.
     Pba,
+    /// Many real migrations at once on loopback (1, 10, 100), then the simulation of 1 to 1000.
+    Fleet,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
             Which::Rdma => rdma::bench(&ws, quick),
             Which::Hde => hde::bench(&ws, quick),
             Which::Pba => pba::bench(&ws, quick),
+            Which::Fleet => pba::bench_fleet(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),

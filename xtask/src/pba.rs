@@ -5,7 +5,8 @@
 //! profile (metro, internet, poor, shifting) and writes the traces to `dwcp-pba/traces/`. `train`
 //! fits the learned predictor on them and writes `dwcp-pba/src/learned.txt`. `bench pba` replays
 //! every trace (recorded and synthetic) through every predictor and prints MAE and p95 of the
-//! one-second-ahead goodput forecast, then runs the Criterion benchmark for predictions per second.
+//! one-second-ahead goodput forecast, then the fleet simulation of `simulate` (1 to 1000 guests
+//! leaving one host at once), then runs the Criterion benchmark for predictions per second.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use dwcp_pba::eval::{self, Scores};
+use dwcp_pba::fleet::{FleetMigration, FleetSpec, time_quantile};
 use dwcp_pba::trace::Trace;
 
 use crate::Workspace;
@@ -33,6 +35,15 @@ pub enum PbaCmd {
     Train,
     /// Every predictor's error on every trace (the table of `bench pba`, without Criterion).
     Eval,
+    /// Simulates a host evacuating 1, 10, 100 and 1000 guests at once (`dwcp_pba::fleet`).
+    Simulate {
+        /// The host's uplink, Gbit/s.
+        #[arg(long, default_value_t = 10.0)]
+        uplink_gbit: f64,
+        /// Round trip to the destinations, milliseconds.
+        #[arg(long, default_value_t = 0.5)]
+        rtt_ms: f64,
+    },
 }
 
 /// What each recorded trace is: a link, and an image that keeps it busy for 20 to 40 s.
@@ -54,7 +65,108 @@ pub fn pba(ws: &Workspace, cmd: PbaCmd) -> Result<()> {
         PbaCmd::Record { only } => record(ws, only.as_deref()),
         PbaCmd::Train => train(ws),
         PbaCmd::Eval => table(ws).map(|_| ()),
+        PbaCmd::Simulate {
+            uplink_gbit,
+            rtt_ms,
+        } => simulate(uplink_gbit, rtt_ms),
     }
+}
+
+/// A fleet of `n` guests like a busy host's: memory 1-16 GiB and dirty rates 1-64 MiB/s, both
+/// log-uniform (half the guests under 4 GiB, half writing under 8 MiB/s). Deterministic.
+fn fleet(n: usize) -> Vec<FleetMigration> {
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    let unit = |k: u64| {
+        let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 29;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n as u64)
+        .map(|i| FleetMigration {
+            memory_bytes: GIB * 16f64.powf(unit(2 * i)),
+            dirty_bytes_per_sec: 1024.0 * 1024.0 * 64f64.powf(unit(2 * i + 1)),
+            weight: 1.0,
+            max_rate: f64::INFINITY,
+            start_at: 0.0,
+        })
+        .collect()
+}
+
+/// `cargo xtask pba simulate`: 1, 10, 100 and 1000 guests leaving one host at once.
+fn simulate(uplink_gbit: f64, rtt_ms: f64) -> Result<()> {
+    let spec = FleetSpec {
+        uplink: uplink_gbit * 1.25e8,
+        rtt: rtt_ms * 1e-3,
+        ..FleetSpec::default()
+    };
+    println!(
+        "\nPBA fleet simulation: guests of 1-16 GiB dirtying 1-64 MiB/s, all due at once (run all, or at most 8, at a time), on a {uplink_gbit} Gbit/s uplink, RTT {rtt_ms} ms, downtime limit {} ms",
+        spec.downtime_limit * 1e3
+    );
+    println!(
+        "{:>6} {:>8} {:>10} {:>34} {:>7} {:>12} {:>22} {:>13} {:>9}",
+        "guests",
+        "at once",
+        "makespan",
+        "per migration min / p50 / p99 / max",
+        "Jain",
+        "converged",
+        "downtime p50 / max",
+        "buffers",
+        "sim time"
+    );
+    for (n, max_running) in [
+        (1usize, 0usize),
+        (10, 0),
+        (100, 0),
+        (1000, 0),
+        (100, 8),
+        (1000, 8),
+    ] {
+        let guests = fleet(n);
+        let spec = FleetSpec {
+            max_running,
+            ..spec
+        };
+        let t = std::time::Instant::now();
+        let o = dwcp_pba::fleet::simulate(&spec, &guests)?;
+        let took = t.elapsed();
+        let mut downtimes: Vec<f64> = o.migrations.iter().map(|m| m.downtime).collect();
+        downtimes.sort_by(f64::total_cmp);
+        let q = |q: f64| time_quantile(&o, q);
+        println!(
+            "{:>6} {:>8} {:>9.1}s {:>34} {:>7.3} {:>12} {:>22} {:>9.0} MiB {:>7.1}ms",
+            n,
+            if max_running == 0 {
+                "all".to_string()
+            } else {
+                max_running.to_string()
+            },
+            o.makespan,
+            format!(
+                "{:.1} / {:.1} / {:.1} / {:.1} s",
+                q(0.0),
+                q(0.5),
+                q(0.99),
+                q(1.0)
+            ),
+            o.jain_index,
+            format!(
+                "{} of {n}",
+                o.migrations.iter().filter(|m| m.converged).count()
+            ),
+            format!(
+                "{:.0} / {:.0} ms",
+                downtimes[downtimes.len() / 2] * 1e3,
+                downtimes[downtimes.len() - 1] * 1e3
+            ),
+            o.peak_buffer_bytes / (1024.0 * 1024.0),
+            took.as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
 }
 
 fn link_opts(profile: &str) -> LinkOpts {
@@ -234,6 +346,7 @@ fn train(ws: &Workspace) -> Result<()> {
 /// `cargo xtask bench pba`.
 pub fn bench(ws: &Workspace, quick: bool) -> Result<()> {
     table(ws)?;
+    simulate(10.0, 0.5)?;
     crate::criterion(ws, "pba", quick)
 }
 
@@ -295,4 +408,76 @@ fn table(ws: &Workspace) -> Result<f64> {
         ratios.len()
     );
     Ok(median)
+}
+
+/// `cargo xtask bench fleet`: 1, 10 and 100 real migrations at once on loopback (`dwcp demo --vms N
+/// --destination-process`: each side's memory on its own), 10 under a shared uplink cap, then the
+/// fleet simulation of 1 to 1000.
+pub fn bench_fleet(ws: &Workspace, quick: bool) -> Result<()> {
+    wan::build(ws, &["dwcp-cli"])?;
+    let dwcp = ws.target.join("release").join("dwcp");
+    let runs: &[(u32, Option<&str>)] = if quick {
+        &[(1, None), (10, None), (10, Some("200M"))]
+    } else {
+        &[(1, None), (10, None), (100, None), (10, Some("200M"))]
+    };
+    println!(
+        "\nfleet: 16 MiB random guests dirtying 1 MiB/s, all at once over loopback, destination in a second process"
+    );
+    println!(
+        "{:>4} {:>10} {:>9} {:>30} {:>7} {:>13} {:>14} {:>14}",
+        "vms",
+        "uplink",
+        "wall",
+        "per migration min / p50 / max",
+        "Jain",
+        "max downtime",
+        "sender engine",
+        "dest engine"
+    );
+    for &(vms, uplink) in runs {
+        let mut cmd = Command::new(&dwcp);
+        cmd.args([
+            "demo",
+            "--vms",
+            &vms.to_string(),
+            "--size",
+            "16M",
+            "--mix",
+            "random",
+        ]);
+        cmd.args([
+            "--dirty-rate",
+            "1",
+            "--destination-process",
+            "--json",
+            "--no-progress",
+        ]);
+        if let Some(u) = uplink {
+            cmd.args(["--uplink", u]);
+        }
+        eprintln!("  $ {}", describe(&cmd));
+        let out = run(&mut cmd, Io::Capture, Duration::from_secs(600))?;
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+            .with_context(|| format!("the report of {}", describe(&cmd)))?;
+        let f = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+        let mib = |p: &str| f(p) / (1024.0 * 1024.0);
+        println!(
+            "{:>4} {:>10} {:>8.2}s {:>30} {:>7.3} {:>10.1} ms {:>10.0} MiB {:>10.0} MiB",
+            vms,
+            uplink.unwrap_or("none"),
+            f("/wall_ms") / 1e3,
+            format!(
+                "{:.2} / {:.2} / {:.2} s",
+                f("/time_s/min"),
+                f("/time_s/p50"),
+                f("/time_s/max")
+            ),
+            f("/jain_index"),
+            f("/max_downtime_ms"),
+            mib("/engine_rss_bytes"),
+            mib("/destination_process/engine_rss_bytes"),
+        );
+    }
+    simulate(10.0, 0.5)
 }
