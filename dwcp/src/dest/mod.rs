@@ -161,12 +161,12 @@ impl Listener {
                 }
             };
             let started = Instant::now();
-            let (neg, reader, writer, peer) =
+            let (neg, reader, writer, peer, opens) =
                 authenticate_opener(conn, &self.psk, self.config.connect_timeout, &self.sessions)?;
             // A stream of a session already running here goes to it; keep waiting for a new one.
             if let router::Routed::Opener(neg, reader, writer) =
                 self.sessions
-                    .route(neg, reader, writer, self.config.io_timeout)
+                    .route(neg, reader, writer, self.config.io_timeout, opens)
             {
                 return self.opened(neg, reader, writer, peer, started);
             }
@@ -218,9 +218,9 @@ impl Listener {
                 .name("dwcp-handshake".into())
                 .spawn(move || {
                     match authenticate_opener(conn, &psk, timeout, &sessions) {
-                        Ok((neg, r, w, peer)) => {
+                        Ok((neg, r, w, peer, opens)) => {
                             if let router::Routed::Opener(neg, r, w) =
-                                sessions.route(neg, r, w, io_timeout)
+                                sessions.route(neg, r, w, io_timeout, opens)
                             {
                                 let _ = openers.send(Opener::Fresh(neg, r, w, peer));
                             }
@@ -569,18 +569,22 @@ fn authenticate_opener(
     psk: &Psk,
     timeout: Duration,
     sessions: &router::Sessions,
-) -> Result<(Negotiated, StreamReader, StreamWriter, SocketAddr), Error> {
+) -> Result<(Negotiated, StreamReader, StreamWriter, SocketAddr, bool), Error> {
     let peer = conn
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (mut reader, mut writer) = split(conn, timeout)?;
+    let mut opens = false;
     let neg = server_handshake(
         &mut reader,
         &mut writer,
         psk,
         Offer::default(),
-        |requested| sessions.choose(requested),
+        |requested| {
+            opens = requested == 0;
+            sessions.choose(requested)
+        },
     )
     .map_err(|e| classify(e, &format!("the handshake of {peer}")))?;
-    Ok((neg, reader, writer, peer))
+    Ok((neg, reader, writer, peer, opens))
 }

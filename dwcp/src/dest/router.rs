@@ -26,7 +26,7 @@ pub(super) struct Sessions(Arc<Mutex<HashMap<u64, Sender<Event>>>>);
 
 /// Where an authenticated stream went.
 pub(super) enum Routed {
-    /// To the running session it joins.
+    /// To the running session it joins (or dropped, the session having ended).
     Joined,
     /// It opens a new session: the caller takes it.
     Opener(Negotiated, StreamReader, StreamWriter),
@@ -71,22 +71,30 @@ impl Sessions {
         }
     }
 
-    /// Hands an authenticated stream to the session it joined, or back as a new session's opener.
+    /// Hands an authenticated stream to the session it joined, or back as a new session's opener
+    /// (`opens`: its handshake asked for a new session). A stream that asked to join a session
+    /// which ended since its handshake is told so and dropped.
     pub(super) fn route(
         &self,
         neg: Negotiated,
         reader: StreamReader,
-        writer: StreamWriter,
+        mut writer: StreamWriter,
         io_timeout: Duration,
+        opens: bool,
     ) -> Routed {
+        if opens {
+            return Routed::Opener(neg, reader, writer);
+        }
         let target = self.0.lock().get(&neg.session_id).cloned();
         let Some(tx) = target else {
-            return Routed::Opener(neg, reader, writer);
+            let e = Error::Handshake(HandshakeError::UnknownSession(neg.session_id));
+            report_error(&mut writer, &e);
+            return Routed::Joined;
         };
         let conn = writer.get_ref();
         let _ = conn.set_read_timeout(Some(io_timeout));
         let _ = conn.set_write_timeout(Some(io_timeout));
-        // A session that ended since the handshake drops the stream with its channel.
+        // A session that ended since the lookup drops the stream with its channel.
         let _ = tx.send(Event::Joined(neg.stream_index, reader, writer, false));
         Routed::Joined
     }

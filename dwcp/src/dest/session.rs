@@ -161,8 +161,10 @@ impl<'a> Session<'a> {
                     match join_stream(conn, &psk, timeout, &sessions) {
                         // This session's stream, another running session's, or the opener of a
                         // new session, which the listener's accept takes.
-                        Ok((neg, r, w)) => {
-                            if let Routed::Opener(neg, r, w) = sessions.route(neg, r, w, io_timeout) {
+                        Ok((neg, r, w, opens)) => {
+                            if let Routed::Opener(neg, r, w) =
+                                sessions.route(neg, r, w, io_timeout, opens)
+                            {
                                 let peer = w
                                     .get_ref()
                                     .peer_addr()
@@ -383,11 +385,13 @@ fn join_stream(
     psk: &Psk,
     timeout: Duration,
     sessions: &Sessions,
-) -> Result<(Negotiated, StreamReader, StreamWriter), Error> {
+) -> Result<(Negotiated, StreamReader, StreamWriter, bool), Error> {
     let (mut r, mut w) = split(conn, timeout.max(Duration::from_millis(1)))?;
+    let mut opens = false;
     let neg = server_handshake(&mut r, &mut w, psk, Offer::default(), |requested| {
+        opens = requested == 0;
         sessions.choose(requested)
     })
     .map_err(|e| classify(e, "a joining stream's handshake"))?;
-    Ok((neg, r, w))
+    Ok((neg, r, w, opens))
 }
