@@ -135,7 +135,7 @@ pub(crate) fn wake_listener(addr: SocketAddr) {
 
 /// Whether the destination holds exactly the guest's memory (compared byte by byte, independently of
 /// the engine's digest). Only meaningful once the guest no longer writes.
-fn identical(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
+pub(crate) fn identical(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
     let mut a = vec![0u8; PAGE_SIZE];
     let mut b = vec![0u8; PAGE_SIZE];
     (0..guest.layout().total_pages()).all(|p| {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use dwcp::{ConnectionPool, HostUplink, Listener, Migration, ReceiveReport, ReceiverConfig};
 use dwcp_core::handshake::Psk;
-use dwcp_core::memory::{GuestRam, MemorySource, PAGE_SIZE};
+use dwcp_core::memory::{GuestRam, MemorySource};
 use dwcp_core::pool::BufferPool;
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 use dwcp_pba::alloc::jain_index;
@@ -214,7 +214,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         let identical = match (&destination, arrival.slot) {
             (Destination::InProcess { dests, .. }, Some(slot)) => {
-                same_memory(&guests[o.index], &dests[slot])
+                crate::demo::identical(&guests[o.index], &dests[slot])
             }
             _ => true,
         };
@@ -315,16 +315,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
         output::emit(&text)
     }
-}
-
-fn same_memory(guest: &SimulatedGuest, dest: &GuestRam) -> bool {
-    let mut a = vec![0u8; PAGE_SIZE];
-    let mut b = vec![0u8; PAGE_SIZE];
-    (0..guest.layout().total_pages()).all(|p| {
-        guest.read_page(p, &mut a);
-        dest.copy_out(p, &mut b);
-        a == b
-    })
 }
 
 /// Receives `n` migrations on `listener` at once, each on its own thread through `receive`, and

@@ -144,11 +144,7 @@ impl BufferPool {
     /// hold some while it waits for the rest: when many such callers share one pool, each can end
     /// up holding part of what it needs while the budget is spent, and none goes on.
     pub fn acquire_many(&self, count: usize, min_len: usize) -> Result<Vec<PooledBuf>, Error> {
-        let class = SizeClass::for_len(min_len).ok_or_else(|| {
-            Error::Config(format!(
-                "buffer of {min_len} bytes exceeds the largest pool class"
-            ))
-        })?;
+        let class = class_for(min_len)?;
         let size = class.capacity();
         let inner = &*self.inner;
         if count.saturating_mul(size) > inner.budget {
@@ -201,11 +197,7 @@ impl BufferPool {
         min_len: usize,
         deadline: Option<Instant>,
     ) -> Result<Option<PooledBuf>, Error> {
-        let class = SizeClass::for_len(min_len).ok_or_else(|| {
-            Error::Config(format!(
-                "buffer of {min_len} bytes exceeds the largest pool class"
-            ))
-        })?;
+        let class = class_for(min_len)?;
         let size = class.capacity();
         let inner = &*self.inner;
         let mut st = inner.state.lock();
@@ -287,6 +279,15 @@ impl BufferPool {
             budget_bytes: self.inner.budget as u64,
         }
     }
+}
+
+/// The class that holds `min_len` bytes, or why none does.
+fn class_for(min_len: usize) -> Result<SizeClass, Error> {
+    SizeClass::for_len(min_len).ok_or_else(|| {
+        Error::Config(format!(
+            "buffer of {min_len} bytes exceeds the largest pool class"
+        ))
+    })
 }
 
 /// A buffer borrowed from a [`BufferPool`]; returns itself on drop.

@@ -233,8 +233,9 @@ fn weighted_least_squares<const N: usize>(
     Ok(std::array::from_fn(|i| a[i][N] / a[i][i]))
 }
 
-/// A deterministic noise source in -1..1.
-fn noise(k: u64) -> f64 {
+/// A deterministic noise source in -1..1 (a SplitMix64 finaliser of `k`): the synthetic traces'
+/// noise, also used by the tests and the fleet simulation's example fleet.
+pub fn noise(k: u64) -> f64 {
     let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     x ^= x >> 31;
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);

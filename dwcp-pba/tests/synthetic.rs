@@ -2,17 +2,9 @@
 //! with noise, a step, a ramp, an oscillation). The one-second-ahead figures on recorded traces are
 //! `cargo xtask bench pba` (src/eval.rs).
 
+use dwcp_pba::eval::noise;
 use dwcp_pba::predict::LinkPredictor;
 use dwcp_pba::sample::Observation;
-
-/// A deterministic noise source in -1..1.
-fn noise(k: u64) -> f64 {
-    let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 29;
-    (x % 2_000_001) as f64 / 1e6 - 1.0
-}
 
 /// Mean absolute error of the one-step forecast, for PBA's choice and for last value.
 fn errors(trace: &[f64]) -> (f64, f64) {

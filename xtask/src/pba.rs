@@ -76,13 +76,7 @@ pub fn pba(ws: &Workspace, cmd: PbaCmd) -> Result<()> {
 /// log-uniform (half the guests under 4 GiB, half writing under 8 MiB/s). Deterministic.
 fn fleet(n: usize) -> Vec<FleetMigration> {
     const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-    let unit = |k: u64| {
-        let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        x ^= x >> 31;
-        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x ^= x >> 29;
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let unit = |k: u64| (eval::noise(k) + 1.0) / 2.0;
     (0..n as u64)
         .map(|i| FleetMigration {
             memory_bytes: GIB * 16f64.powf(unit(2 * i)),
