@@ -1,5 +1,7 @@
-//! `dwcp demo --vms N [--uplink RATE]`: N simulated guests migrated at once, in one process,
-//! through one connection pool and one buffer pool, optionally under one shared uplink cap.
+//! `dwcp demo --vms N [--uplink RATE] [--destination-process]`: N simulated guests migrated at
+//! once from this process, through one connection pool and one buffer pool, optionally under one
+//! shared uplink cap, to one destination listener (here, or in a second process started with the
+//! hidden `fleet-receive` command so that each side's memory is measured on its own).
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -7,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +21,6 @@ use dwcp_core::pool::BufferPool;
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 use dwcp_pba::alloc::jain_index;
 use serde_json::json;
-use std::sync::Mutex;
 
 use crate::args::{DemoArgs, FleetReceiveArgs};
 use crate::output;
