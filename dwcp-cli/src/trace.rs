@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dwcp::TelemetryFeed;
-
-/// The CSV header; `dwcp_pba::trace` parses exactly these columns.
-pub const HEADER: &str = "t_s,stream,bytes_acked,rtt_s,delivery_rate_bps,app_limited,unsent_bytes";
+use dwcp_pba::trace::HEADER;
 
 /// How often the recorder looks for a new sampling (the engine samples every 250 ms).
 const POLL: Duration = Duration::from_millis(20);

@@ -153,6 +153,35 @@ impl BufferPool {
                 inner.budget
             )));
         }
+        let mut out = Vec::with_capacity(count);
+        self.take(class, count, None, |b| out.push(b));
+        Ok(out)
+    }
+
+    fn acquire_inner(
+        &self,
+        min_len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Option<PooledBuf>, Error> {
+        let class = class_for(min_len)?;
+        let mut got = None;
+        self.take(class, 1, deadline, |b| got = Some(b));
+        Ok(got)
+    }
+
+    /// Hands `count` buffers of `class` to `put`, all at once: reusing idle ones first, then
+    /// releasing idle buffers of other classes to make room in the budget for fresh ones, else
+    /// waiting for buffers to come back. Returns false (having handed out none) if `deadline`
+    /// passed first. `count` whole buffers must fit in the budget.
+    fn take(
+        &self,
+        class: SizeClass,
+        count: usize,
+        deadline: Option<Instant>,
+        mut put: impl FnMut(PooledBuf),
+    ) -> bool {
+        let size = class.capacity();
+        let inner = &*self.inner;
         let mut st = inner.state.lock();
         let mut waited = false;
         loop {
@@ -169,10 +198,9 @@ impl BufferPool {
                 }
             }
             if st.allocated + fresh <= inner.budget {
-                let mut out = Vec::with_capacity(count);
                 for _ in 0..reused {
                     let buf = st.idle[class.index()].pop().expect("counted above");
-                    out.push(self.hand_out(&mut st, buf, class));
+                    put(self.hand_out(&mut st, buf, class));
                 }
                 inner.hits.fetch_add(reused as u64, Ordering::Relaxed);
                 inner
@@ -180,52 +208,9 @@ impl BufferPool {
                     .fetch_add((count - reused) as u64, Ordering::Relaxed);
                 st.allocated += fresh;
                 for _ in reused..count {
-                    out.push(self.hand_out(&mut st, Vec::with_capacity(size), class));
+                    put(self.hand_out(&mut st, Vec::with_capacity(size), class));
                 }
-                return Ok(out);
-            }
-            if !waited {
-                inner.waits.fetch_add(1, Ordering::Relaxed);
-                waited = true;
-            }
-            inner.returned.wait(&mut st);
-        }
-    }
-
-    fn acquire_inner(
-        &self,
-        min_len: usize,
-        deadline: Option<Instant>,
-    ) -> Result<Option<PooledBuf>, Error> {
-        let class = class_for(min_len)?;
-        let size = class.capacity();
-        let inner = &*self.inner;
-        let mut st = inner.state.lock();
-        let mut waited = false;
-        loop {
-            if let Some(buf) = st.idle[class.index()].pop() {
-                inner.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(self.hand_out(&mut st, buf, class)));
-            }
-            if st.allocated + size > inner.budget {
-                // Release idle buffers of other classes to make room.
-                for other in SizeClass::ALL {
-                    while st.allocated + size > inner.budget {
-                        match st.idle[other.index()].pop() {
-                            Some(_) => st.allocated -= other.capacity(),
-                            None => break,
-                        }
-                    }
-                }
-            }
-            if st.allocated + size <= inner.budget {
-                st.allocated += size;
-                inner.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(self.hand_out(
-                    &mut st,
-                    Vec::with_capacity(size),
-                    class,
-                )));
+                return true;
             }
             if !waited {
                 inner.waits.fetch_add(1, Ordering::Relaxed);
@@ -235,7 +220,7 @@ impl BufferPool {
                 None => inner.returned.wait(&mut st),
                 Some(d) => {
                     if inner.returned.wait_until(&mut st, d).timed_out() {
-                        return Ok(None);
+                        return false;
                     }
                 }
             }

@@ -269,13 +269,22 @@ impl LinkTable {
             1 => self.ewma[i],
             2 => self.harmonic[i],
             3 => (self.level[i] + self.trend[i] * horizon.min(self.params.trend_horizon)).max(0.0),
-            _ => self.params.learned.predict(
-                self.last[i],
-                self.ewma[i],
-                self.harmonic[i],
-                self.level[i] + self.trend[i] * 0.5f64.min(self.params.trend_horizon),
-            ),
+            _ => {
+                let [last, ewma, harmonic, holt] = self.features(i);
+                self.params.learned.predict(last, ewma, harmonic, holt)
+            }
         }
+    }
+
+    /// What the learned predictor reads, as it was trained on (`eval::fit`): last value, EWMA,
+    /// harmonic mean and Holt's forecast half a second ahead (bytes/s).
+    pub(crate) fn features(&self, i: usize) -> [f64; 4] {
+        [
+            self.last[i],
+            self.ewma[i],
+            self.harmonic[i],
+            self.predict_by(i, Predictor::Holt as u8, 0.5),
+        ]
     }
 
     /// What `predictor` alone forecasts for `link`, `horizon` seconds ahead (bytes/s): for

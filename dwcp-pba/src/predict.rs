@@ -131,12 +131,7 @@ impl LinkPredictor {
     /// The state the learned predictor reads: last value, EWMA, harmonic mean and Holt's forecast
     /// half a second ahead (bytes/s), for fitting its weights.
     pub fn features(&self) -> [f64; 4] {
-        [
-            self.table.predict_with(0, Predictor::LastValue, 0.0),
-            self.table.predict_with(0, Predictor::Ewma, 0.0),
-            self.table.predict_with(0, Predictor::Harmonic, 0.0),
-            self.table.predict_with(0, Predictor::Holt, 0.5),
-        ]
+        self.table.features(0)
     }
 }
 

@@ -203,38 +203,56 @@ impl Listener {
             let Some(conn) = self.acceptor.accept_timeout(ACCEPT_POLL)? else {
                 continue;
             };
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            let (psk, timeout, openers, handshakes, sessions, io_timeout) = (
-                self.psk.clone(),
-                self.config.connect_timeout,
-                self.openers_tx.clone(),
-                Arc::clone(&in_flight),
-                self.sessions.clone(),
-                self.config.io_timeout,
+            // An opener that authenticates after we returned waits for the next call.
+            self.spawn_handshake(
+                conn,
+                &in_flight,
+                "dwcp-handshake",
+                "refused a connection that did not authenticate; still waiting",
             );
-            // Not scoped: a stranger's handshake may take until its time-out; an opener that
-            // authenticates after we returned waits for the next call.
-            let spawned = std::thread::Builder::new()
-                .name("dwcp-handshake".into())
-                .spawn(move || {
-                    match authenticate_opener(conn, &psk, timeout, &sessions) {
-                        Ok((neg, r, w, peer, opens)) => {
-                            if let router::Routed::Opener(neg, r, w) =
-                                sessions.route(neg, r, w, io_timeout, opens)
-                            {
-                                let _ = openers.send(Opener::Fresh(neg, r, w, peer));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "refused a connection that did not authenticate; still waiting")
+        }
+    }
+
+    /// Authenticates `conn` on a thread of its own (a stranger's handshake may take until its
+    /// time-out, and nobody waits for it) and routes it: to the running session it joins, or to the
+    /// openers' queue as the opener of a new session. `in_flight` counts the handshakes running;
+    /// `refused` is logged for a connection that does not authenticate.
+    pub(super) fn spawn_handshake(
+        &self,
+        conn: Box<dyn dwcp_core::transport::Conn>,
+        in_flight: &Arc<AtomicU64>,
+        thread_name: &str,
+        refused: &'static str,
+    ) {
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let (psk, timeout, io_timeout) = (
+            self.psk.clone(),
+            self.config.connect_timeout,
+            self.config.io_timeout,
+        );
+        let (openers, sessions, handshakes) = (
+            self.openers_tx.clone(),
+            self.sessions.clone(),
+            Arc::clone(in_flight),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(thread_name.into())
+            .spawn(move || {
+                match authenticate_opener(conn, &psk, timeout, &sessions) {
+                    Ok((neg, r, w, peer, opens)) => {
+                        if let router::Routed::Opener(neg, r, w) =
+                            sessions.route(neg, r, w, io_timeout, opens)
+                        {
+                            let _ = openers.send(Opener::Fresh(neg, r, w, peer));
                         }
                     }
-                    handshakes.fetch_sub(1, Ordering::AcqRel);
-                });
-            if let Err(e) = spawned {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(error = %e, "could not start a handshake thread");
-            }
+                    Err(e) => tracing::warn!(error = %e, "{refused}"),
+                }
+                handshakes.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(error = %e, "could not start a handshake thread");
         }
     }
 
@@ -573,7 +591,7 @@ fn authenticate_opener(
     let peer = conn
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (mut reader, mut writer) = split(conn, timeout)?;
+    let (mut reader, mut writer) = split(conn, timeout.max(Duration::from_millis(1)))?;
     let mut opens = false;
     let neg = server_handshake(
         &mut reader,

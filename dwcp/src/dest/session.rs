@@ -1,7 +1,6 @@
 //! One running destination session: its streams' threads, the acceptor for joining streams, and the
 //! loop that carries out what `dwcp_proto::dest::DestMachine` decides.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,16 +10,14 @@ use parking_lot::Mutex;
 
 use dwcp_core::error::Error;
 use dwcp_core::frame::FrameType;
-use dwcp_core::handshake::{Negotiated, Offer, Psk, server_handshake};
 use dwcp_core::messages::DigestMessage;
 use dwcp_core::transport::Conn;
 use dwcp_proto::dest::{DestAction, DestEvent, DestMachine, DestParams, StreamEnd as End};
 
+use super::Listener;
 use super::apply::{Event, Shared, SharedWriter, StreamEnd, apply_stream, panic_message};
-use super::router::{Routed, Sessions};
-use super::{Listener, Opener};
 use crate::config::{ReceiverConfig, threads_or_cores};
-use crate::session::{StreamReader, StreamWriter, classify, report_error, split};
+use crate::session::{StreamReader, StreamWriter, report_error};
 
 /// Handshakes of joining streams run at once, at most (a flood of connections waits in the backlog).
 pub(super) const MAX_CONCURRENT_HANDSHAKES: usize = 16;
@@ -125,7 +122,7 @@ impl<'a> Session<'a> {
     /// Accepts connections while this session runs; each is authenticated on its own short-lived
     /// thread, so a silent or hostile stranger cannot hold up the real streams, and strangers are
     /// turned away without ending the session. A stream goes to the running session it names (this
-    /// one or another) through the listener's [`Sessions`].
+    /// one or another) through the listener's session registry (`router::Sessions`).
     pub(super) fn accept_joins(&self) {
         let in_flight = Arc::new(AtomicU64::new(0));
         while !self.stop_accepting.load(Ordering::Acquire) {
@@ -147,40 +144,13 @@ impl<'a> Session<'a> {
                     continue;
                 }
             };
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            let (psk, joining) = (self.listener.psk.clone(), Arc::clone(&in_flight));
-            let timeout = self.cfg.connect_timeout;
-            let io_timeout = self.cfg.io_timeout;
-            let openers = self.listener.openers_tx.clone();
-            let sessions = self.listener.sessions.clone();
-            // Not scoped: a stranger's handshake may take until its time-out, and the session must not
-            // wait for it to end.
-            let spawned = std::thread::Builder::new()
-                .name("amst-join".into())
-                .spawn(move || {
-                    match join_stream(conn, &psk, timeout, &sessions) {
-                        // This session's stream, another running session's, or the opener of a
-                        // new session, which the listener's accept takes.
-                        Ok((neg, r, w, opens)) => {
-                            if let Routed::Opener(neg, r, w) =
-                                sessions.route(neg, r, w, io_timeout, opens)
-                            {
-                                let peer = w
-                                    .get_ref()
-                                    .peer_addr()
-                                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                                let _ = openers.send(Opener::Fresh(neg, r, w, peer));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "refused a stream that does not belong to the session")
-                        }
-                    }
-                    joining.fetch_sub(1, Ordering::AcqRel);
-                });
-            if spawned.is_err() {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
+            // The session does not wait for a stranger's handshake to end.
+            self.listener.spawn_handshake(
+                conn,
+                &in_flight,
+                "amst-join",
+                "refused a stream that does not belong to the session",
+            );
         }
     }
 
@@ -377,21 +347,4 @@ impl Shell<'_, '_, '_, '_> {
             _ => None,
         }
     }
-}
-
-/// Authenticates one connection that claims to join `session_id`, within `timeout`.
-fn join_stream(
-    conn: Box<dyn Conn>,
-    psk: &Psk,
-    timeout: Duration,
-    sessions: &Sessions,
-) -> Result<(Negotiated, StreamReader, StreamWriter, bool), Error> {
-    let (mut r, mut w) = split(conn, timeout.max(Duration::from_millis(1)))?;
-    let mut opens = false;
-    let neg = server_handshake(&mut r, &mut w, psk, Offer::default(), |requested| {
-        opens = requested == 0;
-        sessions.choose(requested)
-    })
-    .map_err(|e| classify(e, "a joining stream's handshake"))?;
-    Ok((neg, r, w, opens))
 }
