@@ -178,6 +178,10 @@ pub struct DemoArgs {
     /// one ends; K/M/G: powers of 1024).
     #[arg(long, value_name = "RATE", value_parser = parse_rate, requires = "vms")]
     pub uplink: Option<u64>,
+    /// With --vms: at most this many migrations run at once; the others wait their turn
+    /// (`dwcp::Admission`). Times are then counted from each migration's admission.
+    #[arg(long, value_name = "N", requires = "vms", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_running: Option<u32>,
     /// With --vms: receive in a second process (this program, started again), so that each side's
     /// memory is measured on its own; the destinations are then checked by digest only.
     #[arg(long, requires = "vms")]

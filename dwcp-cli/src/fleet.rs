@@ -1,7 +1,8 @@
-//! `dwcp demo --vms N [--uplink RATE] [--destination-process]`: N simulated guests migrated at
-//! once from this process, through one connection pool and one buffer pool, optionally under one
-//! shared uplink cap, to one destination listener (here, or in a second process started with the
-//! hidden `fleet-receive` command so that each side's memory is measured on its own).
+//! `dwcp demo --vms N [--uplink RATE] [--max-running K] [--destination-process]`: N simulated
+//! guests migrated from this process, all at once or K at a time, through one connection pool and
+//! one buffer pool, optionally under one shared uplink cap, to one destination listener (here, or in
+//! a second process started with the hidden `fleet-receive` command so that each side's memory is
+//! measured on its own).
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -14,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use dwcp::{ConnectionPool, HostUplink, Listener, Migration, ReceiveReport, ReceiverConfig};
+use dwcp::{
+    Admission, ConnectionPool, HostUplink, Listener, Migration, ReceiveReport, ReceiverConfig,
+};
 use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{GuestRam, MemorySource};
 use dwcp_core::pool::BufferPool;
@@ -40,9 +43,15 @@ fn delta_cache_share(vms: u32) -> usize {
 
 struct Outcome {
     index: usize,
+    /// From admission to the end of the migration.
     elapsed: Duration,
+    /// Waiting for admission.
+    waited: Duration,
     result: dwcp::Result<dwcp::MigrationReport>,
 }
+
+/// The longest a migration of the demo waits for its turn.
+const ADMISSION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The destination side of the fleet, in this process or in a child one.
 enum Destination {
@@ -118,6 +127,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let connections = ConnectionPool::new(Duration::from_secs(30));
     let buffers = BufferPool::new(shared_budget(args.vms)).context("creating the buffer pool")?;
     let uplink = args.uplink.map(HostUplink::new).transpose()?;
+    let admission = args
+        .max_running
+        .map(|k| Admission::new(k as usize))
+        .transpose()?;
     let mut config = args.migrate.config();
     config.buffer_pool = Some(buffers.clone());
     config.delta_cache_bytes = config.delta_cache_bytes.min(delta_cache_share(args.vms));
@@ -146,17 +159,33 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let migration = Migration::new(addr, psk.clone())
                 .config(config.clone())
                 .connection_pool(connections.clone());
-            let share = uplink
-                .as_ref()
-                .map(|u| u.join(&migration, 1.0, None))
-                .transpose()?;
+            let (uplink, admission) = (uplink.clone(), admission.clone());
             senders.push(s.spawn(move || {
+                let queued = Instant::now();
+                // A waiting migration holds no share of the uplink: it joins once admitted.
+                let admitted = admission
+                    .as_ref()
+                    .map(|a| a.wait(0, ADMISSION_TIMEOUT))
+                    .transpose()
+                    .and_then(|ticket| {
+                        let share = uplink
+                            .as_ref()
+                            .map(|u| u.join(&migration, 1.0, None))
+                            .transpose()?;
+                        // Dropped in this order: the share first, then the slot.
+                        Ok((share, ticket))
+                    });
                 let t = Instant::now();
-                let result = migration.run(&**guest, &mut guest.dirty_log(), &mut guest.control());
-                drop(share);
+                let result = admitted.and_then(|held| {
+                    let result =
+                        migration.run(&**guest, &mut guest.dirty_log(), &mut guest.control());
+                    drop(held);
+                    result
+                });
                 Outcome {
                     index,
                     elapsed: t.elapsed(),
+                    waited: t - queued,
                     result,
                 }
             }));
@@ -243,6 +272,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut times: Vec<f64> = rows.iter().map(|(_, t, _)| t.as_secs_f64()).collect();
     times.sort_by(f64::total_cmp);
     let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let max_wait = outcomes
+        .iter()
+        .map(|o| o.waited.as_secs_f64())
+        .fold(0.0, f64::max);
     let downtimes: Vec<f64> = rows.iter().map(|(_, _, r)| r.downtime_ms).collect();
     let max_downtime = downtimes.iter().copied().fold(0.0, f64::max);
     let engine_rss = peak_rss.saturating_sub(guest_bytes);
@@ -252,6 +285,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "vms": n,
             "guest_bytes": args.size,
             "uplink_bytes_per_sec": args.uplink,
+            "max_running": args.max_running,
+            "max_wait_s": max_wait,
             "wall_ms": wall.as_secs_f64() * 1e3,
             "time_s": {"min": pct(0.0), "p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
             "jain_index": jain,
@@ -291,7 +326,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             ),
         };
         let text = format!(
-            "fleet demo: {n} guests of {} ({} memory, dirtying {} MiB/s each) migrated at once{}\n\
+            "fleet demo: {n} guests of {} ({} memory, dirtying {} MiB/s each) migrated {}{}\n\
              all digests match{}\n\
              wall {:.2} s; per migration: min {:.2} s, p50 {:.2} s, p99 {:.2} s, max {:.2} s; \
              max downtime {max_downtime:.1} ms\n\
@@ -300,6 +335,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             output::bytes(args.size),
             args.mix.name(),
             args.dirty_rate,
+            match args.max_running {
+                Some(k) => format!("{k} at a time (the longest wait {max_wait:.2} s)"),
+                None => "at once".to_string(),
+            },
             args.uplink
                 .map(|u| format!(", sharing an uplink of {}/s", output::bytes(u)))
                 .unwrap_or_default(),

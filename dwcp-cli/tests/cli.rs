@@ -327,7 +327,7 @@ fn demo_json_report() {
 /// completes, under the shared uplink cap, with each side's memory reported.
 #[test]
 fn fleet_demo_in_one_and_in_two_processes() {
-    for separate in [false, true] {
+    for (separate, one_at_a_time) in [(false, false), (true, false), (false, true)] {
         let mut args = vec![
             "demo",
             "--vms",
@@ -346,6 +346,9 @@ fn fleet_demo_in_one_and_in_two_processes() {
         if separate {
             args.push("--destination-process");
         }
+        if one_at_a_time {
+            args.extend(["--max-running", "1"]);
+        }
         let f = run("fleet demo", &args, MIGRATION_TIMEOUT);
         f.assert_success("fleet demo");
         let v = f.json();
@@ -360,6 +363,15 @@ fn fleet_demo_in_one_and_in_two_processes() {
         assert!(jain > 0.0 && jain <= 1.0, "{v}");
         // 16 MiB under 64 MiB/s cannot take less than a quarter of a second.
         assert!(v["wall_ms"].as_f64().unwrap() >= 250.0, "{v}");
+        let max_wait = v["max_wait_s"].as_f64().unwrap();
+        if one_at_a_time {
+            // One at a time, the last waits for three others, each at least 4 MiB at 64 MiB/s.
+            assert_eq!(v["max_running"], 1, "{v}");
+            assert!(max_wait >= 0.18, "{v}");
+        } else {
+            assert!(v["max_running"].is_null(), "{v}");
+            assert!(max_wait < 0.05, "nobody waits without a limit: {v}");
+        }
         let destination = &v["destination_process"];
         if separate {
             assert_eq!(destination["guest_memory_bytes"], 16 << 20, "{v}");

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -221,6 +221,10 @@ pub struct Lanes {
     outstanding: Arc<Outstanding>,
     /// Chunks of failed lanes waiting to be re-sent.
     orphans: Vec<DataChunk>,
+    /// Where the search for the least-loaded lane starts, moved on by every chunk, so that ties
+    /// rotate: a slow (capped) migration whose queues are always empty would otherwise put every
+    /// chunk on the first lane, and the destination drops the others as silent.
+    rotation: AtomicUsize,
 }
 
 /// Frames a lane may hold queued before its sender blocks.
@@ -306,9 +310,11 @@ impl Lanes {
     }
 
     fn schedule(&self, chunk: DataChunk) -> Result<u16, DataChunk> {
-        let Some(lane) = self
-            .lanes
-            .iter()
+        let n = self.lanes.len();
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        // `min_by_key` keeps the first of equal minima: the first in rotated order.
+        let Some(lane) = (0..n)
+            .map(|i| &self.lanes[start.wrapping_add(i) % n])
             .filter(|l| schedulable(&l.state))
             .min_by_key(|l| l.state.queued_bytes.load(Ordering::Relaxed))
         else {

@@ -155,3 +155,126 @@ fn dropping_the_testbed_removes_everything() {
     let links = netns::ip(&["-o", "link"]).unwrap();
     assert!(!links.contains(&format!("dw{forwarder}x")), "{links}");
 }
+
+/// One reading of the forwarder's counters file: when this test saw it change, and the bytes the
+/// link had carried from source to destination by then.
+fn forwarded_bytes(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["counters"]["forward"]["bytes_out"].as_u64()
+}
+
+#[test]
+fn a_cap_changed_mid_migration_holds_within_a_second() {
+    let stats = std::env::temp_dir().join(format!("dwcp-cap-test-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&stats);
+    let stats_arg = stats.to_string_lossy().to_string();
+    let bed = start("c", &["--profile", "internet", "--stats-file", &stats_arg]);
+    let ready = bed.ready().clone();
+
+    // Three phases of about 3 s: 40 MB/s, then 15 MB/s, then 60 MB/s, of incompressible pages
+    // (the cap counts what goes on the wire, so compressible pages would only blur the figures).
+    let caps: [u64; 3] = [40_000_000, 15_000_000, 60_000_000];
+    let phase = Duration::from_secs(3);
+    let guest = SimulatedGuest::new(SimulatedGuestConfig {
+        size_bytes: 420 << 20,
+        mix: ContentMix::RANDOM,
+        seed: 9,
+    })
+    .expect("guest");
+    let psk = Psk::generate();
+    let addr = SocketAddr::new(ready.dst_addr.into(), 7701);
+    let layout = guest.ram().layout().clone();
+    let (tx, rx) = mpsc::channel();
+    let dest_psk = psk.clone();
+    let destination = spawn_in(&ready.dst_ns, move || {
+        let memory = GuestRam::anonymous(layout)?;
+        let listener = Listener::bind(addr, dest_psk, ReceiverConfig::default())?;
+        tx.send(()).unwrap();
+        listener.accept()?.receive_into(&memory)
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let migration = Migration::new(addr, psk).config(MigrationConfig {
+        max_bandwidth: Some(caps[0]),
+        ..MigrationConfig::default()
+    });
+    let handle = migration.bandwidth_handle();
+    let started = std::time::Instant::now();
+    let source = spawn_in(&ready.src_ns, move || {
+        migration.run(&*guest, &mut guest.dirty_log(), &mut guest.control())
+    });
+
+    // Change the caps on schedule while reading the counters as the forwarder rewrites them
+    // (about once a second).
+    let mut changes = vec![(started, caps[0])];
+    let mut readings: Vec<(std::time::Instant, u64)> = Vec::new();
+    let limit = started + Duration::from_secs(60);
+    while !source.is_finished() {
+        assert!(
+            std::time::Instant::now() < limit,
+            "the migration took over 60 s"
+        );
+        let next = changes.len();
+        if next < caps.len() && started.elapsed() >= phase * next as u32 {
+            handle.set(Some(caps[next])).unwrap();
+            changes.push((std::time::Instant::now(), caps[next]));
+        }
+        if let Some(bytes) = forwarded_bytes(&stats) {
+            if readings.last().is_none_or(|&(_, b)| b != bytes) {
+                readings.push((std::time::Instant::now(), bytes));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = source.join().unwrap().expect("source side");
+    let received = destination.join().unwrap().expect("destination side");
+    assert!(sent.digest_match && received.digest_match);
+    assert_eq!(
+        changes.len(),
+        3,
+        "the migration ended before every cap was set"
+    );
+
+    // Judge every window that starts at least 1 s after a change and ends before the next one,
+    // leaving out the last window with traffic (the end of sending falls in it).
+    let mut judged = vec![0; caps.len()];
+    let mut report = Vec::new();
+    let windows: Vec<_> = readings.windows(2).map(|w| (w[0], w[1])).collect();
+    for &((t0, b0), (t1, b1)) in windows.iter().rev().skip(1).rev() {
+        let Some(i) = changes.iter().rposition(|&(at, _)| at <= t0) else {
+            continue;
+        };
+        let settled = t0 >= changes[i].0 + Duration::from_secs(1);
+        let before_next = changes.get(i + 1).is_none_or(|&(at, _)| t1 <= at);
+        let rate = (b1 - b0) as f64 / t1.duration_since(t0).as_secs_f64();
+        let cap = changes[i].1 as f64;
+        report.push(format!(
+            "{:.2}-{:.2} s: {:.1} MB/s (cap {:.0}){}",
+            t0.duration_since(started).as_secs_f64(),
+            t1.duration_since(started).as_secs_f64(),
+            rate / 1e6,
+            cap / 1e6,
+            if settled && before_next {
+                ""
+            } else {
+                ", not judged"
+            }
+        ));
+        if settled && before_next {
+            judged[i] += 1;
+            assert!(
+                (rate - cap).abs() <= 0.05 * cap,
+                "a 1-s window off its cap by more than 5 %:\n{}",
+                report.join("\n")
+            );
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(
+        judged.iter().all(|&n| n >= 1),
+        "every cap must be judged in at least one window: {judged:?}\n{}",
+        report.join("\n")
+    );
+    drop(bed);
+    let _ = std::fs::remove_file(&stats);
+}

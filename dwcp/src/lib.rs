@@ -10,8 +10,12 @@
 //!
 //! On the destination, one thread per stream decodes chunks and applies pages; a page copy from an
 //! older pass never overwrites a newer one (see `dwcp_core::apply`).
+//!
+//! A host that migrates many guests shares its uplink among them with [`HostUplink`] (a paused
+//! guest's final pass first) and limits how many run at once with [`Admission`].
 #![deny(missing_docs)]
 
+mod admission;
 pub mod config;
 mod dest;
 pub mod metrics;
@@ -21,6 +25,7 @@ mod session;
 mod source;
 mod uplink;
 
+pub use admission::{Admission, AdmissionTicket};
 pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
 pub use dest::{Incoming, Listener};
 pub use dwcp_core::{Error, Result};

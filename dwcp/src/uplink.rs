@@ -1,7 +1,10 @@
 //! A host's uplink cap shared by the migrations leaving it: PBA's weighted max-min allocator
 //! ([`dwcp_pba::alloc`]) splits the cap, and each migration's own token bucket enforces its share.
-//! The split is re-run whenever a migration joins or leaves, or the cap changes, so what one
-//! migration no longer uses goes to the others.
+//! The split is re-run whenever a migration joins or leaves, the cap changes, a member's guest is
+//! paused or resumed, or PBA's forecast says a member's path carries well under its share (see
+//! [`BandwidthHandle::path_limit`]), so what one migration cannot use goes to the others. A migration whose
+//! guest is paused for its final pass is served first (its weight counts [`PAUSED_WEIGHT_FACTOR`]
+//! times): every millisecond of that pass is downtime, while the others are still in pre-copy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +12,11 @@ use std::sync::Arc;
 use dwcp_core::error::Error;
 use dwcp_pba::alloc::{Demand, allocate};
 
-use crate::source::{BandwidthHandle, Migration};
+use crate::source::{BandwidthHandle, Migration, Watcher};
+
+/// How many times its weight a migration whose guest is paused counts in the split: in effect it
+/// takes what it can use (up to its own cap) and the others share the rest.
+pub const PAUSED_WEIGHT_FACTOR: f64 = 1000.0;
 
 /// One host's uplink cap, shared by the migrations that [join](HostUplink::join) it. Cheap to
 /// clone; every clone is the same uplink.
@@ -75,13 +82,14 @@ impl HostUplink {
             Some(r) => check(r)?,
             None => f64::INFINITY,
         };
+        let handle = migration.bandwidth_handle();
         let mut u = self.0.lock();
         let id = u.next_id;
         u.next_id += 1;
         u.members.insert(
             id,
             Member {
-                handle: migration.bandwidth_handle(),
+                handle: handle.clone(),
                 demand: Demand {
                     weight,
                     max_rate,
@@ -93,6 +101,15 @@ impl HostUplink {
             u.members.remove(&id);
             return Err(e);
         }
+        // Weak: the uplink holds the handle, so a strong reference back would leak both.
+        let weak = Arc::downgrade(&self.0);
+        handle.watch(Some(Watcher(Arc::new(move || {
+            if let Some(uplink) = weak.upgrade() {
+                if let Err(e) = uplink.lock().reallocate() {
+                    tracing::warn!(error = %e, "re-splitting the uplink after a pause");
+                }
+            }
+        }))));
         Ok(UplinkShare {
             uplink: self.clone(),
             id,
@@ -132,6 +149,7 @@ impl Drop for UplinkShare {
         let mut u = self.uplink.0.lock();
         if let Some(m) = u.members.remove(&self.id) {
             // A migration that outlives its share is no longer capped by the uplink.
+            m.handle.watch(None);
             let _ = m.handle.set(None);
         }
         if let Err(e) = u.reallocate() {
@@ -142,7 +160,23 @@ impl Drop for UplinkShare {
 
 impl Uplink {
     fn reallocate(&mut self) -> Result<(), Error> {
-        let demands: Vec<Demand> = self.members.values().map(|m| m.demand).collect();
+        let demands: Vec<Demand> = self
+            .members
+            .values()
+            .map(|m| Demand {
+                weight: if m.handle.guest_paused() {
+                    m.demand.weight * PAUSED_WEIGHT_FACTOR
+                } else {
+                    m.demand.weight
+                },
+                // What its path cannot carry goes to the others.
+                max_rate: m
+                    .handle
+                    .path_limit()
+                    .map_or(m.demand.max_rate, |p| m.demand.max_rate.min(p as f64)),
+                ..m.demand
+            })
+            .collect();
         let mut rates = Vec::with_capacity(demands.len());
         allocate(self.cap, &demands, &mut rates)
             .map_err(|e| Error::Config(format!("splitting the uplink: {e}")))?;
@@ -191,6 +225,60 @@ mod tests {
         up.set_cap(20_000_000).unwrap();
         assert_eq!(sa.rate(), Some(10_000_000));
         assert_eq!(sc.rate(), Some(10_000_000));
+    }
+
+    #[test]
+    fn a_paused_guest_is_served_first_and_gives_back_when_resumed() {
+        let up = HostUplink::new(100_000_000).unwrap();
+        let (a, b) = (migration(), migration());
+        let _sa = up.join(&a, 1.0, None).unwrap();
+        let sb = up.join(&b, 1.0, None).unwrap();
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        a.bandwidth_handle().set_guest_paused(true);
+        let shares = up.shares();
+        assert!(shares[0] >= 99_800_000, "{shares:?}");
+        assert!(shares[1] > 0 && shares.iter().sum::<u64>() <= up.cap());
+        a.bandwidth_handle().set_guest_paused(false);
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        // A leaver's pause no longer moves the others.
+        drop(sb);
+        b.bandwidth_handle().set_guest_paused(true);
+        assert_eq!(up.shares(), vec![100_000_000]);
+        // Nor does one after the uplink itself is gone.
+        let _leak_check = a.bandwidth_handle();
+        drop(up);
+        a.bandwidth_handle().set_guest_paused(true);
+    }
+
+    #[test]
+    fn a_member_held_back_by_its_path_gives_the_rest_to_the_others() {
+        let up = HostUplink::new(100_000_000).unwrap();
+        let (a, b) = (migration(), migration());
+        let _sa = up.join(&a, 1.0, None).unwrap();
+        let _sb = up.join(&b, 1.0, None).unwrap();
+        let (ha, hb) = (a.bandwidth_handle(), b.bandwidth_handle());
+        // a's path carries 10 MB/s of its 50: it keeps 15 (room to show more), b gets the rest.
+        ha.report_forecast(10e6);
+        assert_eq!(ha.path_limit(), Some(15_000_000));
+        assert_eq!(up.shares(), vec![15_000_000, 85_000_000]);
+        // Small moves of the forecast do not re-split; a large one does.
+        ha.report_forecast(11e6);
+        assert_eq!(up.shares(), vec![15_000_000, 85_000_000]);
+        ha.report_forecast(5e6);
+        assert_eq!(up.shares(), vec![7_500_000, 92_500_000]);
+        // The path got faster: a fills its 7.5 and is released to its fair share.
+        ha.report_forecast(7.2e6);
+        assert_eq!(ha.path_limit(), None);
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        // A forecast at the share, garbage, or no uplink at all change nothing.
+        hb.report_forecast(49e6);
+        ha.report_forecast(f64::NAN);
+        ha.report_forecast(-1.0);
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        let alone = migration();
+        alone.bandwidth_handle().set(Some(1_000_000)).unwrap();
+        alone.bandwidth_handle().report_forecast(1.0);
+        assert_eq!(alone.bandwidth_handle().path_limit(), None);
     }
 
     #[test]

@@ -405,22 +405,30 @@ fn table(ws: &Workspace) -> Result<f64> {
 }
 
 /// `cargo xtask bench fleet`: 1, 10 and 100 real migrations at once on loopback (`dwcp demo --vms N
-/// --destination-process`: each side's memory on its own), 10 under a shared uplink cap, then the
-/// fleet simulation of 1 to 1000.
+/// --destination-process`: each side's memory on its own), 100 eight at a time (`--max-running 8`),
+/// 10 under a shared uplink cap, then the fleet simulation of 1 to 1000.
 pub fn bench_fleet(ws: &Workspace, quick: bool) -> Result<()> {
     wan::build(ws, &["dwcp-cli"])?;
     let dwcp = ws.target.join("release").join("dwcp");
-    let runs: &[(u32, Option<&str>)] = if quick {
-        &[(1, None), (10, None), (10, Some("200M"))]
+    // (guests, uplink cap, at most this many at once)
+    let runs: &[(u32, Option<&str>, Option<u32>)] = if quick {
+        &[(1, None, None), (10, None, None), (10, Some("200M"), None)]
     } else {
-        &[(1, None), (10, None), (100, None), (10, Some("200M"))]
+        &[
+            (1, None, None),
+            (10, None, None),
+            (100, None, None),
+            (100, None, Some(8)),
+            (10, Some("200M"), None),
+        ]
     };
     println!(
-        "\nfleet: 16 MiB random guests dirtying 1 MiB/s, all at once over loopback, destination in a second process"
+        "\nfleet: 16 MiB random guests dirtying 1 MiB/s over loopback, destination in a second process"
     );
     println!(
-        "{:>4} {:>10} {:>9} {:>30} {:>7} {:>13} {:>14} {:>14}",
+        "{:>4} {:>7} {:>10} {:>9} {:>30} {:>7} {:>13} {:>14} {:>14}",
         "vms",
+        "at once",
         "uplink",
         "wall",
         "per migration min / p50 / max",
@@ -429,7 +437,7 @@ pub fn bench_fleet(ws: &Workspace, quick: bool) -> Result<()> {
         "sender engine",
         "dest engine"
     );
-    for &(vms, uplink) in runs {
+    for &(vms, uplink, max_running) in runs {
         let mut cmd = Command::new(&dwcp);
         cmd.args([
             "demo",
@@ -450,6 +458,9 @@ pub fn bench_fleet(ws: &Workspace, quick: bool) -> Result<()> {
         if let Some(u) = uplink {
             cmd.args(["--uplink", u]);
         }
+        if let Some(k) = max_running {
+            cmd.args(["--max-running", &k.to_string()]);
+        }
         eprintln!("  $ {}", describe(&cmd));
         let out = run(&mut cmd, Io::Capture, Duration::from_secs(600))?;
         let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
@@ -457,8 +468,9 @@ pub fn bench_fleet(ws: &Workspace, quick: bool) -> Result<()> {
         let f = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
         let mib = |p: &str| f(p) / (1024.0 * 1024.0);
         println!(
-            "{:>4} {:>10} {:>8.2}s {:>30} {:>7.3} {:>10.1} ms {:>10.0} MiB {:>10.0} MiB",
+            "{:>4} {:>7} {:>10} {:>8.2}s {:>30} {:>7.3} {:>10.1} ms {:>10.0} MiB {:>10.0} MiB",
             vms,
+            max_running.map_or("all".to_string(), |k| k.to_string()),
             uplink.unwrap_or("none"),
             f("/wall_ms") / 1e3,
             format!(

@@ -88,12 +88,21 @@ impl SourceMachine {
             .collect();
         let at = now.saturating_duration_since(self.epoch).as_secs_f64();
         let raw = self.pba_streams.push(at, &streams);
-        self.pba.push(raw);
-        // The kernel's delivery-rate estimates, summed over the streams, tell the encoder how fast
-        // the link drains: it picks the codec that keeps up with it at the least CPU.
+        if let Some(observation) = self.pba.push(raw) {
+            self.streams.observe_link(&observation);
+        }
+        // The encoder picks the codec that keeps up with the link at the least CPU. How fast the
+        // link drains is PBA's forecast once it has one, the kernel's summed delivery rate before;
+        // either only after the streams' start-up (see LinkEstimate).
         if let Some(link) = self.link.update(samples) {
+            let bytes_per_sec = self.link_forecast().unwrap_or(link);
+            tracing::debug!(
+                hint_mbit = bytes_per_sec * 8e-6,
+                delivery_rate_mbit = link * 8e-6,
+                "codec hint"
+            );
             self.actions.push_back(SourceAction::SetCodecHint {
-                bytes_per_sec: link as u64,
+                bytes_per_sec: bytes_per_sec as u64,
             });
         }
     }

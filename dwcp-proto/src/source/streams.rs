@@ -3,11 +3,19 @@
 //! [`StreamCount`] wraps the goodput controller of `dwcp-tcp` with its measurement window: it measures
 //! only while every stream of the current target carries data, skips the window after a change (the
 //! congestion controllers settle), and uses the first window as the bandwidth probe of mode
-//! detection. [`Backoff`] spaces reconnection attempts when every stream is down.
+//! detection. PBA's observations of the link ([`StreamCount::observe_link`]) say whether a window
+//! was sender-limited: when the streams were starved of data for most of it, the encoder and not the
+//! link set the goodput, more streams cannot help, and the window is not judged.
+//! [`Backoff`] spaces reconnection attempts when every stream is down.
 
 use std::time::{Duration, Instant};
 
+use dwcp_pba::sample::Observation;
 use dwcp_tcp::{Mode, StreamCountController};
+
+/// Share of a window's observed time with the streams starved of data above which the window is
+/// taken as sender-limited and not judged.
+pub const SENDER_LIMITED_SHARE: f64 = 0.5;
 
 /// The streams a session starts with and may grow to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +60,25 @@ struct Window {
     /// The streams changed (or the session just started): this window lets congestion control settle
     /// and is not measured, or start-up growth would be credited to the new stream count.
     settling: bool,
+    /// Seconds of PBA observations that ended in this window, and of those, the sender-limited ones.
+    observed_secs: f64,
+    starved_secs: f64,
+}
+
+impl Window {
+    fn new(started: Instant, acked_bytes: u64, settling: bool) -> Self {
+        Self {
+            started,
+            acked_bytes,
+            settling,
+            observed_secs: 0.0,
+            starved_secs: 0.0,
+        }
+    }
+
+    fn sender_limited(&self) -> bool {
+        self.observed_secs > 0.0 && self.starved_secs > SENDER_LIMITED_SHARE * self.observed_secs
+    }
 }
 
 /// The stream-count controller with its measurement window and the mode probe.
@@ -63,6 +90,7 @@ pub struct StreamCount {
     mode: Mode,
     mode_probed: bool,
     range: StreamRange,
+    sender_limited_windows: u64,
 }
 
 impl StreamCount {
@@ -78,11 +106,8 @@ impl StreamCount {
         Self {
             controller: (range.max > range.initial)
                 .then(|| StreamCountController::new(range.initial, 1, range.max)),
-            window: Window {
-                started: now,
-                acked_bytes: 0,
-                settling: true,
-            },
+            window: Window::new(now, 0, true),
+            sender_limited_windows: 0,
             rtt,
             mode,
             mode_probed,
@@ -110,6 +135,22 @@ impl StreamCount {
     /// The range this session runs in.
     pub fn range(&self) -> StreamRange {
         self.range
+    }
+
+    /// Takes one of PBA's observations of the link (from the telemetry the shell samples).
+    pub fn observe_link(&mut self, observation: &Observation) {
+        let secs = observation.interval;
+        if secs.is_finite() && secs > 0.0 {
+            self.window.observed_secs += secs;
+            if observation.lower_bound {
+                self.window.starved_secs += secs;
+            }
+        }
+    }
+
+    /// Windows left unjudged so far because the sender, not the link, limited them.
+    pub fn sender_limited_windows(&self) -> u64 {
+        self.sender_limited_windows
     }
 
     /// When the current window ends, if a controller runs.
@@ -140,11 +181,7 @@ impl StreamCount {
         };
         if pending > 0 || live < controller.target() {
             // Measure only once the streams of the current target are all carrying data.
-            self.window = Window {
-                started: now,
-                acked_bytes,
-                settling: self.window.settling,
-            };
+            self.window = Window::new(now, acked_bytes, self.window.settling);
             return StreamChange::Keep;
         }
         let elapsed = now.saturating_duration_since(self.window.started);
@@ -154,11 +191,8 @@ impl StreamCount {
         let goodput =
             acked_bytes.saturating_sub(self.window.acked_bytes) as f64 / elapsed.as_secs_f64();
         let settled = !self.window.settling;
-        self.window = Window {
-            started: now,
-            acked_bytes,
-            settling: false,
-        };
+        let sender_limited = self.window.sender_limited();
+        self.window = Window::new(now, acked_bytes, false);
         if !self.mode_probed {
             // The first window doubles as the bandwidth probe of mode detection. The probe is the
             // kernel's delivery rate, not our goodput: compressed data or a busy encoder make goodput
@@ -172,6 +206,17 @@ impl StreamCount {
             }
         }
         if !settled {
+            return StreamChange::Keep;
+        }
+        if sender_limited {
+            // Starved streams measure the encoder: judging the count by them would retire streams
+            // the link needs, or open ones that cannot help.
+            self.sender_limited_windows += 1;
+            tracing::debug!(
+                goodput_mbit = goodput * 8e-6,
+                streams = controller.target(),
+                "stream-count window was sender-limited, not judged"
+            );
             return StreamChange::Keep;
         }
         let before = controller.target();
@@ -287,6 +332,41 @@ mod tests {
             StreamChange::Retire(1)
         );
         assert_eq!(s.target(), 1);
+    }
+
+    fn observation(interval: f64, lower_bound: bool) -> Observation {
+        Observation {
+            goodput: 1e8,
+            rtt: None,
+            lower_bound,
+            interval,
+        }
+    }
+
+    #[test]
+    fn sender_limited_windows_are_not_judged() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let range = StreamRange { initial: 2, max: 8 };
+        let mut s = StreamCount::new(range, Mode::Datacenter, true, Duration::from_millis(1), t0);
+        assert_eq!(s.step(ms(100), 10_000_000, 2, 0, 0.0), StreamChange::Keep);
+        // Starved for 80 ms of the 100: the encoder set the goodput, so no probe.
+        s.observe_link(&observation(0.02, false));
+        s.observe_link(&observation(0.08, true));
+        assert_eq!(s.step(ms(200), 20_000_000, 2, 0, 0.0), StreamChange::Keep);
+        assert_eq!(s.sender_limited_windows(), 1);
+        assert_eq!(s.target(), 2);
+        // Garbage intervals count for nothing.
+        s.observe_link(&observation(f64::NAN, true));
+        s.observe_link(&observation(-1.0, true));
+        // Mostly backlogged (or nothing observed): judged as before, and the warm-up doubles.
+        s.observe_link(&observation(0.06, false));
+        s.observe_link(&observation(0.04, true));
+        assert_eq!(
+            s.step(ms(300), 30_000_000, 2, 0, 0.0),
+            StreamChange::Open(2)
+        );
+        assert_eq!(s.sender_limited_windows(), 1);
     }
 
     #[test]

@@ -352,7 +352,10 @@ impl<'m, 'a> Driver<'m, 'a> {
                 })
             }
             SourceAction::PauseGuest => Some(match vm.pause() {
-                Ok(()) => SourceEvent::Paused,
+                Ok(()) => {
+                    self.m.bandwidth.set_guest_paused(true);
+                    SourceEvent::Paused
+                }
                 Err(e) => SourceEvent::LocalFailed(e),
             }),
             SourceAction::SendFinish {
@@ -406,6 +409,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             }
             SourceAction::ResumeGuest => {
                 vm.resume();
+                self.m.bandwidth.set_guest_paused(false);
                 None
             }
             // The loop returns on Finished before it gets here.
@@ -415,7 +419,14 @@ impl<'m, 'a> Driver<'m, 'a> {
             }
         };
         if let Some(ev) = event {
+            let telemetry = matches!(ev, SourceEvent::Telemetry(_));
             machine.handle(Instant::now(), ev);
+            if telemetry {
+                // A migration sharing an uplink gives back what its path cannot carry.
+                if let Some(goodput) = machine.link_forecast_bps() {
+                    self.m.bandwidth.report_forecast(goodput);
+                }
+            }
         }
     }
 

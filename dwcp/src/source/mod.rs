@@ -103,6 +103,37 @@ struct BandwidthState {
     rate: std::sync::atomic::AtomicU64,
     /// Bumped on every change, so the migration notices one.
     generation: std::sync::atomic::AtomicU64,
+    /// The guest is paused for the final pass.
+    guest_paused: AtomicBool,
+    /// Told when `guest_paused` or `path_limit` changes (the uplink the migration shares, which
+    /// re-splits).
+    watcher: parking_lot::Mutex<Option<Watcher>>,
+    /// Bytes per second this migration's path is forecast to carry, when that is below its share
+    /// (0: the path keeps up).
+    path_limit: std::sync::atomic::AtomicU64,
+}
+
+/// A forecast below this share of the cap marks the path as the limit.
+const PATH_LIMITED: f64 = 0.8;
+/// A path-limited migration keeps this much above its forecast, so it can show the path got faster.
+const PATH_HEADROOM: f64 = 1.5;
+/// A path-limited migration whose forecast reaches this share of its limited cap is released.
+const PATH_RELEASE: f64 = 0.95;
+/// A path limit is only moved when the forecast moved it by more than this (relative).
+const PATH_LIMIT_STEP: f64 = 0.2;
+
+fn watcher_gone(watcher: &parking_lot::Mutex<Option<Watcher>>) -> bool {
+    watcher.lock().is_none()
+}
+
+/// A callback run when a migration's guest is paused or resumed, or its path limit moves.
+#[derive(Clone)]
+pub(crate) struct Watcher(pub(crate) Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watcher")
+    }
 }
 
 impl BandwidthHandle {
@@ -130,6 +161,76 @@ impl BandwidthHandle {
 
     fn generation(&self) -> u64 {
         self.0.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the migration's guest is paused for its final pass (a [`crate::HostUplink`] serves
+    /// such a migration first: every millisecond of its pass is downtime).
+    pub fn guest_paused(&self) -> bool {
+        self.0
+            .guest_paused
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn set_guest_paused(&self, paused: bool) {
+        let was = self
+            .0
+            .guest_paused
+            .swap(paused, std::sync::atomic::Ordering::AcqRel);
+        if was != paused {
+            // Cloned out first: the watcher takes the uplink's lock, which holds this one in `watch`.
+            let watcher = self.0.watcher.lock().clone();
+            if let Some(w) = watcher {
+                (w.0)();
+            }
+        }
+    }
+
+    pub(crate) fn watch(&self, watcher: Option<Watcher>) {
+        *self.0.watcher.lock() = watcher;
+        if watcher_gone(&self.0.watcher) {
+            self.0
+                .path_limit
+                .store(0, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The rate this migration's path is forecast to carry, when below its share of an uplink
+    /// (bytes per second); a [`crate::HostUplink`] gives the rest of the share to the others.
+    pub fn path_limit(&self) -> Option<u64> {
+        Some(self.0.path_limit.load(std::sync::atomic::Ordering::Acquire)).filter(|&r| r > 0)
+    }
+
+    /// Takes PBA's goodput forecast (bytes per second). Only a migration that shares an uplink
+    /// cares: when the forecast falls well below its cap, its path (not the uplink) is the limit, and
+    /// the uplink re-splits with this migration held at 1.5 × its forecast; when the forecast comes
+    /// back up to that, the hold is released. The thresholds leave room between them so that a
+    /// steady path does not flip the split on every sample.
+    pub(crate) fn report_forecast(&self, goodput: f64) {
+        if !goodput.is_finite() || goodput <= 0.0 || watcher_gone(&self.0.watcher) {
+            return;
+        }
+        let Some(cap) = self.get() else { return };
+        let cap = cap as f64;
+        let next = match self.path_limit() {
+            None if goodput < PATH_LIMITED * cap => Some(goodput * PATH_HEADROOM),
+            None => return,
+            Some(_) if goodput >= PATH_RELEASE * cap => None,
+            Some(limit) => {
+                let wanted = goodput * PATH_HEADROOM;
+                if (wanted - limit as f64).abs() <= PATH_LIMIT_STEP * limit as f64 {
+                    return;
+                }
+                Some(wanted)
+            }
+        };
+        let next = next.map_or(0, |r| (r as u64).max(1));
+        self.0
+            .path_limit
+            .store(next, std::sync::atomic::Ordering::Release);
+        let watcher = self.0.watcher.lock().clone();
+        if let Some(w) = watcher {
+            (w.0)();
+        }
     }
 }
 
@@ -228,6 +329,8 @@ impl<'a> Migration<'a> {
         }
         let result = establish::Established::open(&self, source)
             .and_then(|session| driver::Driver::new(&self, source, session).run(dirty, vm));
+        // Handed over or resumed: no final pass is waiting for bandwidth any more.
+        self.bandwidth.set_guest_paused(false);
         if let Some(m) = &self.metrics {
             m.migrations
                 .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
