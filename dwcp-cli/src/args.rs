@@ -38,6 +38,9 @@ pub enum Command {
     Mkimage(MkimageArgs),
     /// Carry QEMU's own live migration through DWCP (proxy mode).
     Qemu(crate::qemu::QemuArgs),
+    /// Send a command to a running `dwcp send --control PATH`: `max-bandwidth RATE|none`, `cancel`,
+    /// `status`.
+    Control(ControlArgs),
     /// The destination process of `dwcp demo --vms N --destination-process`.
     #[command(hide = true)]
     FleetReceive(FleetReceiveArgs),
@@ -104,7 +107,7 @@ pub struct MigrateOpts {
 }
 
 /// A rate in bytes per second: a size, and not zero.
-fn parse_rate(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         0 => Err(format!(
             "invalid rate {s:?}: a cap must be above 0 (omit the option for no cap)"
@@ -224,6 +227,22 @@ pub struct SendArgs {
     /// flag; about every 250 ms) as CSV in FILE: a link trace for PBA (docs/pba.md).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Serve a control socket at PATH while the migration runs (owner only), for `dwcp control
+    /// --socket PATH max-bandwidth RATE|none`, `cancel` or `status`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// `dwcp control`.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The control socket of a running `dwcp send --control PATH`.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The command: `max-bandwidth RATE` (K/M/G: powers of 1024 bytes per second), `max-bandwidth
+    /// none`, `cancel` or `status`.
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 /// `dwcp recv`.

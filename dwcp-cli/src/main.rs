@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod args;
+mod control;
 mod demo;
 mod fleet;
 mod metrics;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Send(a) => transfer::send(a),
+        Command::Control(a) => control::run(a),
         Command::Recv(a) => transfer::recv(a),
         Command::Keygen(a) => tools::keygen(a),
         Command::Mkimage(a) => tools::mkimage(a),

@@ -52,6 +52,19 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
     if let Some(m) = metrics {
         migration = migration.metrics(m);
     }
+    let _control = args
+        .control
+        .as_deref()
+        .map(|path| {
+            crate::control::ControlServer::start(
+                path,
+                crate::control::Controls {
+                    bandwidth: migration.bandwidth_handle(),
+                    cancel: migration.cancel_handle(),
+                },
+            )
+        })
+        .transpose()?;
     // An image does not change while it is sent: nothing is ever dirty, and there is no guest to pause.
     let result = match &args.trace {
         None => migration.run(&image, &mut NoDirtyLog, &mut NoVmControl),

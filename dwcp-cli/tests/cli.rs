@@ -653,3 +653,112 @@ fn key_file_errors_are_clear() {
     )
     .assert_success("keygen --force");
 }
+
+/// `dwcp send --control SOCK` under a cap that would take a minute, then `dwcp control`.
+fn start_controlled_send(port: u16, image: &Path, key: &Path, sock: &Path) -> Proc {
+    let to = format!("127.0.0.1:{port}");
+    let mut send = Proc::spawn(
+        "send",
+        &[
+            "send",
+            "--to",
+            &to,
+            "--image",
+            s(image),
+            "--psk-file",
+            s(key),
+            "--json",
+            "--no-progress",
+            "--max-bandwidth",
+            "256K",
+            "--control",
+            s(sock),
+        ],
+    );
+    let deadline = Instant::now() + SHORT_TIMEOUT;
+    while !sock.exists() {
+        assert!(
+            send.running(),
+            "send ended before its control socket was up"
+        );
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send
+}
+
+#[test]
+fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    // 16 MiB of random pages at 256 KiB/s would take about a minute.
+    let image = mkimage(dir.path(), "image", "16M", "random");
+    let sock = dir.path().join("ctl.sock");
+
+    let [port] = free_ports::<1>();
+    let (mut recv, out) = start_recv(dir.path(), port, &key, "received", &[]);
+    let mut send = start_controlled_send(port, &image, &key, &sock);
+    let status = run(
+        "control",
+        &["control", "--socket", s(&sock), "status"],
+        SHORT_TIMEOUT,
+    );
+    status.assert_success("control status");
+    assert_eq!(status.json()["max_bandwidth"], 256 << 10);
+    let bad = run(
+        "control",
+        &["control", "--socket", s(&sock), "max-bandwidth", "0"],
+        SHORT_TIMEOUT,
+    );
+    assert!(!bad.status.success(), "a cap of 0 is refused");
+    assert!(bad.stderr.contains("invalid"), "{}", bad.stderr);
+    std::thread::sleep(Duration::from_millis(300));
+    let lifted = run(
+        "control",
+        &["control", "--socket", s(&sock), "max-bandwidth", "none"],
+        SHORT_TIMEOUT,
+    );
+    lifted.assert_success("control max-bandwidth none");
+    let started = Instant::now();
+    let sent = send.wait(MIGRATION_TIMEOUT);
+    sent.assert_success("send with its cap lifted");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the lifted cap still held: {:?}",
+        started.elapsed()
+    );
+    recv.wait(SHORT_TIMEOUT).assert_success("recv");
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap());
+    assert!(!sock.exists(), "the socket is removed when send ends");
+
+    // Cancel: send fails saying so, and a later send of the same image succeeds.
+    let [port] = free_ports::<1>();
+    let (mut recv, _) = start_recv(dir.path(), port, &key, "received-2", &[]);
+    let mut send = start_controlled_send(port, &image, &key, &sock);
+    std::thread::sleep(Duration::from_millis(300));
+    run(
+        "control",
+        &["control", "--socket", s(&sock), "cancel"],
+        SHORT_TIMEOUT,
+    )
+    .assert_success("control cancel");
+    let cancelled = send.wait(SHORT_TIMEOUT);
+    assert!(!cancelled.status.success());
+    assert!(
+        cancelled.stderr.to_lowercase().contains("cancel"),
+        "{}",
+        cancelled.stderr
+    );
+    let _ = recv.wait(SHORT_TIMEOUT);
+    let missing = run(
+        "control",
+        &["control", "--socket", s(&sock), "status"],
+        SHORT_TIMEOUT,
+    );
+    assert!(!missing.status.success());
+    assert!(
+        missing.stderr.contains("dwcp send --control"),
+        "{}",
+        missing.stderr
+    );
+}

@@ -266,6 +266,106 @@ fn a_live_migration_over_rdma_is_bit_exact() {
     }
 }
 
+/// One migration of a random guest over RDMA under `cap` bytes/s, changed to `later`'s rate (None:
+/// no cap) after its delay; returns the wire bytes, the time it took and the transports the
+/// destination saw.
+fn capped_rdma_migration(
+    size: u64,
+    cap: u64,
+    later: Option<(Duration, Option<u64>)>,
+) -> (u64, Duration, Vec<&'static str>) {
+    let transports = Arc::new(Mutex::new(Vec::new()));
+    let acceptor = Recording {
+        inner: DatacenterAcceptor::bind(localhost(), strict()).unwrap(),
+        transports: Arc::clone(&transports),
+    };
+    let connector = DatacenterConnector::new(acceptor.local_addr().unwrap(), strict()).unwrap();
+    let key = Psk::new(vec![7; 32]).unwrap();
+    let listener = Listener::over(
+        Box::new(acceptor),
+        key.clone(),
+        ReceiverConfig {
+            io_timeout: SLOW,
+            connect_timeout: SLOW,
+            ..Default::default()
+        },
+    );
+    let rx = std::thread::spawn(move || {
+        let incoming = listener.accept()?;
+        let ram = GuestRam::anonymous(incoming.layout().clone())?;
+        incoming.receive_into(&ram)
+    });
+    let g = SimulatedGuest::new(SimulatedGuestConfig {
+        size_bytes: size,
+        mix: ContentMix::RANDOM,
+        seed: 8,
+    })
+    .unwrap();
+    let migration = Migration::over(Arc::new(connector), key).config(MigrationConfig {
+        streams: 2,
+        max_bandwidth: Some(cap),
+        io_timeout: SLOW,
+        connect_timeout: SLOW,
+        ..Default::default()
+    });
+    let handle = migration.bandwidth_handle();
+    let changer = later.map(|(after, rate)| {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            handle.set(rate).unwrap();
+        })
+    });
+    let started = std::time::Instant::now();
+    let report = migration
+        .run(&*g, &mut g.dirty_log(), &mut g.control())
+        .unwrap();
+    let elapsed = started.elapsed();
+    if let Some(c) = changer {
+        c.join().unwrap();
+    }
+    let received = rx.join().unwrap().unwrap();
+    assert!(report.digest_match);
+    assert_eq!(report.digest, received.digest);
+    let transports = transports.lock().unwrap().clone();
+    (report.wire_bytes, elapsed, transports)
+}
+
+#[test]
+fn a_bandwidth_cap_holds_over_rdma_and_can_be_lifted_while_it_runs() {
+    if !device_or_skip("a_bandwidth_cap_holds_over_rdma_and_can_be_lifted_while_it_runs") {
+        return;
+    }
+    // Random pages cross Soft-RoCE in this TCG guest at 2-4 MiB/s (the encoder runs emulated), so a
+    // cap of 512 KiB/s is what limits: 4 MiB cannot take less than about 8 s, and should not take
+    // much more.
+    let cap = 512 << 10;
+    let (wire, elapsed, transports) = capped_rdma_migration(4 << 20, cap, None);
+    assert!(transports.iter().all(|t| *t == "rdma"), "{transports:?}");
+    let rate = wire as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "over RDMA under {} KiB/s: {wire} wire bytes in {elapsed:?} ({:.0} KiB/s)",
+        cap >> 10,
+        rate / 1024.0
+    );
+    assert!(
+        elapsed.as_secs_f64() >= wire as f64 / cap as f64 - 0.05,
+        "faster than the cap: {wire} bytes in {elapsed:?}"
+    );
+    assert!(
+        rate >= 0.8 * cap as f64,
+        "well under the cap, so something else limited it: {rate:.0} B/s"
+    );
+    // At 256 KiB/s the same guest would take 16 s; with the cap lifted after 300 ms, a few.
+    let (wire, elapsed, transports) =
+        capped_rdma_migration(4 << 20, 256 << 10, Some((Duration::from_millis(300), None)));
+    assert!(transports.iter().all(|t| *t == "rdma"), "{transports:?}");
+    eprintln!("over RDMA, 256 KiB/s lifted after 300 ms: {wire} wire bytes in {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "the lifted cap still held: {elapsed:?}"
+    );
+}
+
 #[test]
 fn an_rdma_capable_source_falls_back_to_tcp_when_the_destination_has_no_device() {
     if !device_or_skip("an_rdma_capable_source_falls_back_to_tcp") {

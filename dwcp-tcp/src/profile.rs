@@ -146,6 +146,14 @@ pub fn listen(addr: SocketAddr, profile: &SocketProfile) -> Result<TcpListener, 
         let _ = socket.set_send_buffer_size(b);
     }
     socket.bind(&addr.into()).map_err(|e| Error::io(ctx(), e))?;
-    socket.listen(128).map_err(|e| Error::io(ctx(), e))?;
+    socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| Error::io(ctx(), e))?;
     Ok(socket.into())
 }
+
+/// Connections the kernel queues before the listener accepts them (capped by `net.core.somaxconn`).
+/// A destination receiving many migrations at once sees every source open all its streams together
+/// (100 sessions of 4 streams: 400 at once); when the queue is full the kernel drops the handshake's
+/// last ACK, the source believes it is connected and waits for an answer until it times out.
+pub const LISTEN_BACKLOG: i32 = 1024;

@@ -33,4 +33,4 @@ pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;
 pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
 pub use source::{BandwidthHandle, Migration, TelemetryFeed, TelemetrySnapshot};
-pub use uplink::{HostUplink, UplinkShare};
+pub use uplink::{Deadline, HostUplink, UplinkShare};

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dwcp_core::error::Error;
 use dwcp_pba::alloc::{Demand, allocate};
@@ -34,6 +35,19 @@ struct Uplink {
 struct Member {
     handle: BandwidthHandle,
     demand: Demand,
+    deadline: Option<Deadline>,
+}
+
+/// A migration that must be done by a time: the uplink gives it at least what is left of its bytes
+/// over the time left, before the others share the rest (scaled down alike with other deadlines,
+/// and logged, when the cap cannot serve them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// When the migration must be done.
+    pub at: Instant,
+    /// The bytes it is expected to put on the wire in all (for example the guest's memory size:
+    /// compression makes that generous, dirtied pages make it short).
+    pub bytes: u64,
 }
 
 /// A migration's membership of a [`HostUplink`]; dropping it (when the migration ends) gives its
@@ -73,6 +87,19 @@ impl HostUplink {
         weight: f64,
         max_bytes_per_sec: Option<u64>,
     ) -> Result<UplinkShare, Error> {
+        self.join_with_deadline(migration, weight, max_bytes_per_sec, None)
+    }
+
+    /// [`join`](Self::join), with a deadline: until it is done the member gets at least its
+    /// remaining bytes (of `deadline.bytes`, less what it has sent) over the time left, re-computed
+    /// at every re-split. A deadline already past asks for all it can get.
+    pub fn join_with_deadline(
+        &self,
+        migration: &Migration<'_>,
+        weight: f64,
+        max_bytes_per_sec: Option<u64>,
+        deadline: Option<Deadline>,
+    ) -> Result<UplinkShare, Error> {
         if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
             return Err(Error::Config(format!(
                 "uplink weight {weight}: it must be a number above 0 and at most 1e6"
@@ -95,6 +122,7 @@ impl HostUplink {
                     max_rate,
                     min_rate: 0.0,
                 },
+                deadline,
             },
         );
         if let Err(e) = u.reallocate() {
@@ -158,28 +186,54 @@ impl Drop for UplinkShare {
     }
 }
 
+impl Member {
+    /// What the allocator is told now: the weight (boosted while the guest is paused), the cap (held
+    /// to what the path carries), and the deadline's minimum (what is left over the time left; a
+    /// past deadline asks for all it may have).
+    fn effective_demand(&self, now: Instant, uplink_cap: f64) -> Demand {
+        let weight = if self.handle.guest_paused() {
+            self.demand.weight * PAUSED_WEIGHT_FACTOR
+        } else {
+            self.demand.weight
+        };
+        let max_rate = self
+            .handle
+            .path_limit()
+            .map_or(self.demand.max_rate, |p| self.demand.max_rate.min(p as f64));
+        let min_rate = self.deadline.map_or(0.0, |d| {
+            let left = d.bytes.saturating_sub(self.handle.sent_bytes()) as f64;
+            let secs = d.at.saturating_duration_since(now).as_secs_f64();
+            match (left > 0.0, secs > 0.0) {
+                (false, _) => 0.0,
+                (true, true) => left / secs,
+                (true, false) => f64::INFINITY,
+            }
+        });
+        Demand {
+            weight,
+            max_rate,
+            min_rate: min_rate.min(max_rate).min(uplink_cap),
+        }
+    }
+}
+
 impl Uplink {
     fn reallocate(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
         let demands: Vec<Demand> = self
             .members
             .values()
-            .map(|m| Demand {
-                weight: if m.handle.guest_paused() {
-                    m.demand.weight * PAUSED_WEIGHT_FACTOR
-                } else {
-                    m.demand.weight
-                },
-                // What its path cannot carry goes to the others.
-                max_rate: m
-                    .handle
-                    .path_limit()
-                    .map_or(m.demand.max_rate, |p| m.demand.max_rate.min(p as f64)),
-                ..m.demand
-            })
+            .map(|m| m.effective_demand(now, self.cap))
             .collect();
         let mut rates = Vec::with_capacity(demands.len());
-        allocate(self.cap, &demands, &mut rates)
+        let allocation = allocate(self.cap, &demands, &mut rates)
             .map_err(|e| Error::Config(format!("splitting the uplink: {e}")))?;
+        if !allocation.minimums_met {
+            tracing::warn!(
+                cap = self.cap,
+                "the uplink cannot meet every migration's deadline: they are served alike, short"
+            );
+        }
         for (m, rate) in self.members.values().zip(rates) {
             // A share rounds down to whole bytes (past the allocator's float noise, so an exact
             // share stays exact), and never to 0 (a bucket needs a rate).
@@ -279,6 +333,39 @@ mod tests {
         alone.bandwidth_handle().set(Some(1_000_000)).unwrap();
         alone.bandwidth_handle().report_forecast(1.0);
         assert_eq!(alone.bandwidth_handle().path_limit(), None);
+    }
+
+    #[test]
+    fn a_deadline_is_served_first_and_follows_what_is_left() {
+        let up = HostUplink::new(100_000_000).unwrap();
+        let (a, b) = (migration(), migration());
+        let _sb = up.join(&b, 1.0, None).unwrap();
+        // 600 MB due in about 10 s needs 60 MB/s: more than an equal half.
+        let deadline = Deadline {
+            at: Instant::now() + std::time::Duration::from_secs(10),
+            bytes: 600_000_000,
+        };
+        let _sa = up
+            .join_with_deadline(&a, 1.0, None, Some(deadline))
+            .unwrap();
+        let shares = up.shares();
+        assert!((59_000_000..=61_000_000).contains(&shares[1]), "{shares:?}");
+        assert!(shares.iter().sum::<u64>() <= up.cap());
+        // Once it has sent its bytes, it is an ordinary member again.
+        a.bandwidth_handle().add_sent(600_000_000);
+        up.set_cap(100_000_000).unwrap();
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        // A deadline that cannot be met takes everything, and the split stays within the cap.
+        let c = migration();
+        let late = Deadline {
+            at: Instant::now(),
+            bytes: 1_000_000_000,
+        };
+        let _sc = up.join_with_deadline(&c, 1.0, None, Some(late)).unwrap();
+        let shares = up.shares();
+        assert!(shares[2] >= 99_000_000, "{shares:?}");
+        // (A share is never below 1 byte/s: a bucket needs a rate.)
+        assert!(shares.iter().sum::<u64>() <= up.cap() + 2, "{shares:?}");
     }
 
     #[test]

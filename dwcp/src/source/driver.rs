@@ -472,6 +472,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             self.s.links.lanes.hold_unsent(bounced);
         }
         let now = Instant::now();
+        self.m.bandwidth.add_sent(wire_bytes);
         machine.handle(
             now,
             SourceEvent::BatchSent {

@@ -111,6 +111,8 @@ struct BandwidthState {
     /// Bytes per second this migration's path is forecast to carry, when that is below its share
     /// (0: the path keeps up).
     path_limit: std::sync::atomic::AtomicU64,
+    /// Chunk bytes the migration has put on the wire (for an uplink member's deadline).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// A forecast below this share of the cap marks the path as the limit.
@@ -192,6 +194,17 @@ impl BandwidthHandle {
                 .path_limit
                 .store(0, std::sync::atomic::Ordering::Release);
         }
+    }
+
+    /// Chunk bytes the migration has put on the wire so far (re-sent chunks included).
+    pub fn sent_bytes(&self) -> u64 {
+        self.0.sent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn add_sent(&self, bytes: u64) {
+        self.0
+            .sent
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The rate this migration's path is forecast to carry, when below its share of an uplink
