@@ -254,23 +254,30 @@ fn start_recv(dir: &Path, port: u16, key: &Path, out: &str, extra: &[&str]) -> (
     (recv, out)
 }
 
-fn send(port: u16, image: &Path, key: &Path) -> Finished {
-    let to = format!("127.0.0.1:{port}");
-    run(
+/// `dwcp send` of `image` to a `dwcp recv` on `port`, reporting in JSON, with `extra` options.
+fn send_args(port: u16, image: &Path, key: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "send",
-        &[
-            "send",
-            "--to",
-            &to,
-            "--image",
-            s(image),
-            "--psk-file",
-            s(key),
-            "--json",
-            "--no-progress",
-        ],
-        MIGRATION_TIMEOUT,
-    )
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--image",
+        s(image),
+        "--psk-file",
+        s(key),
+        "--json",
+        "--no-progress",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn send(port: u16, image: &Path, key: &Path) -> Finished {
+    let args = send_args(port, image, key, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("send", &args, MIGRATION_TIMEOUT)
 }
 
 fn assert_migration_keys(v: &Value) {
@@ -656,25 +663,14 @@ fn key_file_errors_are_clear() {
 
 /// `dwcp send --control SOCK` under a cap that would take a minute, then `dwcp control`.
 fn start_controlled_send(port: u16, image: &Path, key: &Path, sock: &Path) -> Proc {
-    let to = format!("127.0.0.1:{port}");
-    let mut send = Proc::spawn(
-        "send",
-        &[
-            "send",
-            "--to",
-            &to,
-            "--image",
-            s(image),
-            "--psk-file",
-            s(key),
-            "--json",
-            "--no-progress",
-            "--max-bandwidth",
-            "256K",
-            "--control",
-            s(sock),
-        ],
+    let args = send_args(
+        port,
+        image,
+        key,
+        &["--max-bandwidth", "256K", "--control", s(sock)],
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut send = Proc::spawn("send", &args);
     let deadline = Instant::now() + SHORT_TIMEOUT;
     while !sock.exists() {
         assert!(

@@ -43,6 +43,27 @@ fn spawn_in<T: Send + 'static>(
     })
 }
 
+/// Listens at `addr` inside namespace `ns` and receives one migration into fresh memory of
+/// `layout`; returns once the destination listens.
+fn receive_in(
+    ns: &str,
+    addr: SocketAddr,
+    psk: &Psk,
+    layout: dwcp_core::memory::MemoryLayout,
+) -> std::thread::JoinHandle<dwcp::Result<dwcp::ReceiveReport>> {
+    let (tx, rx) = mpsc::channel();
+    let psk = psk.clone();
+    let destination = spawn_in(ns, move || {
+        let memory = GuestRam::anonymous(layout)?;
+        let listener = Listener::bind(addr, psk, ReceiverConfig::default())?;
+        tx.send(()).unwrap();
+        listener.accept()?.receive_into(&memory)
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the destination listens");
+    destination
+}
+
 #[test]
 fn migration_across_the_internet_profile() {
     let bed = start("m", &["--profile", "internet"]);
@@ -93,17 +114,7 @@ fn migration_across_the_internet_profile() {
     .expect("guest");
     let psk = Psk::generate();
     let addr = SocketAddr::new(ready.dst_addr.into(), 7700);
-    let layout = guest.ram().layout().clone();
-    let (tx, rx) = mpsc::channel();
-    let dest_psk = psk.clone();
-    let destination = spawn_in(&ready.dst_ns, move || {
-        let memory = GuestRam::anonymous(layout)?;
-        let listener = Listener::bind(addr, dest_psk, ReceiverConfig::default())?;
-        tx.send(()).unwrap();
-        let incoming = listener.accept()?;
-        incoming.receive_into(&memory)
-    });
-    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let destination = receive_in(&ready.dst_ns, addr, &psk, guest.ram().layout().clone());
     let source = spawn_in(&ready.src_ns, move || {
         Migration::new(addr, psk)
             .config(MigrationConfig::default())
@@ -184,16 +195,7 @@ fn a_cap_changed_mid_migration_holds_within_a_second() {
     .expect("guest");
     let psk = Psk::generate();
     let addr = SocketAddr::new(ready.dst_addr.into(), 7701);
-    let layout = guest.ram().layout().clone();
-    let (tx, rx) = mpsc::channel();
-    let dest_psk = psk.clone();
-    let destination = spawn_in(&ready.dst_ns, move || {
-        let memory = GuestRam::anonymous(layout)?;
-        let listener = Listener::bind(addr, dest_psk, ReceiverConfig::default())?;
-        tx.send(()).unwrap();
-        listener.accept()?.receive_into(&memory)
-    });
-    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let destination = receive_in(&ready.dst_ns, addr, &psk, guest.ram().layout().clone());
     let migration = Migration::new(addr, psk).config(MigrationConfig {
         max_bandwidth: Some(caps[0]),
         ..MigrationConfig::default()
