@@ -1,10 +1,12 @@
 //! A host's uplink cap shared by the migrations leaving it: PBA's weighted max-min allocator
 //! ([`dwcp_pba::alloc`]) splits the cap, and each migration's own token bucket enforces its share.
 //! The split is re-run whenever a migration joins or leaves, the cap changes, a member's guest is
-//! paused or resumed, or PBA's forecast says a member's path carries well under its share (see
-//! [`BandwidthHandle::path_limit`]), so what one migration cannot use goes to the others. A migration whose
-//! guest is paused for its final pass is served first (its weight counts [`PAUSED_WEIGHT_FACTOR`]
-//! times): every millisecond of that pass is downtime, while the others are still in pre-copy.
+//! paused or resumed, or PBA's forecast says a member carries well under its share (see
+//! [`BandwidthHandle::path_limit`]), so what one migration cannot use goes to the others. A
+//! migration whose guest is paused for its final pass is served first (its weight counts
+//! [`PAUSED_WEIGHT_FACTOR`] times): every millisecond of that pass is downtime, while the others
+//! are still in pre-copy. A member with a [`Deadline`] gets at least its bytes left over its time
+//! left before the others share the rest.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -323,6 +325,16 @@ mod tests {
         // The path got faster: a fills its 7.5 and is released to its fair share.
         ha.report_forecast(7.2e6);
         assert_eq!(ha.path_limit(), None);
+        assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
+        // A paused guest is never held to its pre-copy forecast.
+        ha.report_forecast(10e6);
+        assert_eq!(ha.path_limit(), Some(15_000_000));
+        ha.set_guest_paused(true);
+        assert_eq!(ha.path_limit(), None);
+        ha.report_forecast(10e6);
+        assert_eq!(ha.path_limit(), None);
+        assert!(up.shares()[0] >= 99_000_000, "{:?}", up.shares());
+        ha.set_guest_paused(false);
         assert_eq!(up.shares(), vec![50_000_000, 50_000_000]);
         // A forecast at the share, garbage, or no uplink at all change nothing.
         hb.report_forecast(49e6);

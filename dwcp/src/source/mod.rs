@@ -179,6 +179,11 @@ impl BandwidthHandle {
             .guest_paused
             .swap(paused, std::sync::atomic::Ordering::AcqRel);
         if was != paused {
+            // A forecast from pre-copy says nothing about what the final pass can use: the paused
+            // guest is not held to it.
+            self.0
+                .path_limit
+                .store(0, std::sync::atomic::Ordering::Release);
             // Cloned out first: the watcher takes the uplink's lock, which holds this one in `watch`.
             let watcher = self.0.watcher.lock().clone();
             if let Some(w) = watcher {
@@ -207,8 +212,9 @@ impl BandwidthHandle {
             .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
     }
 
-    /// The rate this migration's path is forecast to carry, when below its share of an uplink
-    /// (bytes per second); a [`crate::HostUplink`] gives the rest of the share to the others.
+    /// The rate this migration is forecast to carry, when its path or its encoder holds it below
+    /// its share of an uplink (bytes per second); a [`crate::HostUplink`] gives the rest of the
+    /// share to the others. Never set while the guest is paused.
     pub fn path_limit(&self) -> Option<u64> {
         Some(self.0.path_limit.load(std::sync::atomic::Ordering::Acquire)).filter(|&r| r > 0)
     }
@@ -219,7 +225,11 @@ impl BandwidthHandle {
     /// back up to that, the hold is released. The thresholds leave room between them so that a
     /// steady path does not flip the split on every sample.
     pub(crate) fn report_forecast(&self, goodput: f64) {
-        if !goodput.is_finite() || goodput <= 0.0 || watcher_gone(&self.0.watcher) {
+        if !goodput.is_finite()
+            || goodput <= 0.0
+            || self.guest_paused()
+            || watcher_gone(&self.0.watcher)
+        {
             return;
         }
         let Some(cap) = self.get() else { return };
