@@ -693,7 +693,7 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
 
     let [port] = free_ports::<1>();
     let (mut recv, out) = start_recv(dir.path(), port, &key, "received", &[]);
-    let mut send = start_controlled_send(port, &image, &key, &sock);
+    let mut controlled = start_controlled_send(port, &image, &key, &sock);
     let status = run(
         "control",
         &["control", "--socket", s(&sock), "status"],
@@ -716,7 +716,7 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
     );
     lifted.assert_success("control max-bandwidth none");
     let started = Instant::now();
-    let sent = send.wait(MIGRATION_TIMEOUT);
+    let sent = controlled.wait(MIGRATION_TIMEOUT);
     sent.assert_success("send with its cap lifted");
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -730,7 +730,7 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
     // Cancel: send fails saying so, and a later send of the same image succeeds.
     let [port] = free_ports::<1>();
     let (mut recv, _) = start_recv(dir.path(), port, &key, "received-2", &[]);
-    let mut send = start_controlled_send(port, &image, &key, &sock);
+    let mut controlled = start_controlled_send(port, &image, &key, &sock);
     std::thread::sleep(Duration::from_millis(300));
     run(
         "control",
@@ -738,7 +738,7 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
         SHORT_TIMEOUT,
     )
     .assert_success("control cancel");
-    let cancelled = send.wait(SHORT_TIMEOUT);
+    let cancelled = controlled.wait(SHORT_TIMEOUT);
     assert!(!cancelled.status.success());
     assert!(
         cancelled.stderr.to_lowercase().contains("cancel"),
@@ -746,6 +746,13 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
         cancelled.stderr
     );
     let _ = recv.wait(SHORT_TIMEOUT);
+    // A fresh destination then receives the same image whole.
+    let [port] = free_ports::<1>();
+    let (mut recv, out) = start_recv(dir.path(), port, &key, "received-3", &[]);
+    send(port, &image, &key).assert_success("send after a cancelled one");
+    recv.wait(SHORT_TIMEOUT)
+        .assert_success("recv after a cancelled send");
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap());
     let missing = run(
         "control",
         &["control", "--socket", s(&sock), "status"],
