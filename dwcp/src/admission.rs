@@ -34,7 +34,16 @@ struct State {
     running: usize,
     next_ticket: u64,
     /// Waiters in admission order: the most urgent priority first, then the earliest arrival.
-    waiting: BTreeSet<(std::cmp::Reverse<u8>, u64)>,
+    waiting: BTreeSet<Waiter>,
+}
+
+type Waiter = (std::cmp::Reverse<u8>, u64);
+
+impl State {
+    /// Whether `me` may start now: a slot is free and nobody is ahead of it.
+    fn admits(&self, me: &Waiter) -> bool {
+        self.running < self.max_running && self.waiting.first() == Some(me)
+    }
 }
 
 /// A migration's slot; dropping it (when the migration ends) lets the next waiter in.
@@ -79,7 +88,7 @@ impl Admission {
         s.next_ticket += 1;
         s.waiting.insert(me);
         loop {
-            if s.running < s.max_running && s.waiting.first() == Some(&me) {
+            if s.admits(&me) {
                 s.waiting.remove(&me);
                 s.running += 1;
                 drop(s);
@@ -97,7 +106,7 @@ impl Admission {
                     false
                 }
             };
-            if timed_out && !(s.running < s.max_running && s.waiting.first() == Some(&me)) {
+            if timed_out && !s.admits(&me) {
                 s.waiting.remove(&me);
                 let (running, waiting) = (s.running, s.waiting.len());
                 drop(s);

@@ -36,7 +36,9 @@ struct Uplink {
 #[derive(Debug)]
 struct Member {
     handle: BandwidthHandle,
-    demand: Demand,
+    weight: f64,
+    /// Its own cap, bytes per second (infinite: none).
+    max_rate: f64,
     deadline: Option<Deadline>,
 }
 
@@ -119,11 +121,8 @@ impl HostUplink {
             id,
             Member {
                 handle: handle.clone(),
-                demand: Demand {
-                    weight,
-                    max_rate,
-                    min_rate: 0.0,
-                },
+                weight,
+                max_rate,
                 deadline,
             },
         );
@@ -136,7 +135,7 @@ impl HostUplink {
         handle.watch(Some(Watcher(Arc::new(move || {
             if let Some(uplink) = weak.upgrade() {
                 if let Err(e) = uplink.lock().reallocate() {
-                    tracing::warn!(error = %e, "re-splitting the uplink after a pause");
+                    tracing::warn!(error = %e, "re-splitting the uplink after a pause or a forecast change");
                 }
             }
         }))));
@@ -194,14 +193,14 @@ impl Member {
     /// past deadline asks for all it may have).
     fn effective_demand(&self, now: Instant, uplink_cap: f64) -> Demand {
         let weight = if self.handle.guest_paused() {
-            self.demand.weight * PAUSED_WEIGHT_FACTOR
+            self.weight * PAUSED_WEIGHT_FACTOR
         } else {
-            self.demand.weight
+            self.weight
         };
         let max_rate = self
             .handle
             .path_limit()
-            .map_or(self.demand.max_rate, |p| self.demand.max_rate.min(p as f64));
+            .map_or(self.max_rate, |p| self.max_rate.min(p as f64));
         let min_rate = self.deadline.map_or(0.0, |d| {
             let left = d.bytes.saturating_sub(self.handle.sent_bytes()) as f64;
             let secs = d.at.saturating_duration_since(now).as_secs_f64();

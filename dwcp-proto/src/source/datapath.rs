@@ -62,8 +62,9 @@ impl SourceMachine {
         }));
     }
 
-    /// PBA's forecast of the next second's goodput, once it has seen a few samples.
-    pub(super) fn link_forecast(&self) -> Option<f64> {
+    /// PBA's forecast of the link's goodput over the next second, bytes per second, once it has
+    /// seen enough telemetry to trust it.
+    pub fn link_forecast(&self) -> Option<f64> {
         let f = self.pba.forecast();
         (f.observations >= MIN_FORECAST_OBSERVATIONS && f.goodput_1s > 0.0).then_some(f.goodput_1s)
     }

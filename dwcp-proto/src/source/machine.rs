@@ -297,12 +297,6 @@ impl SourceMachine {
         self.pending_joins
     }
 
-    /// PBA's forecast of the link's goodput over the next second, bytes per second, once it has
-    /// seen enough telemetry to trust it.
-    pub fn link_forecast_bps(&self) -> Option<f64> {
-        self.link_forecast()
-    }
-
     /// Passes so far.
     pub fn passes(&self) -> &[IterationReport] {
         &self.passes

@@ -423,7 +423,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             machine.handle(Instant::now(), ev);
             if telemetry {
                 // A migration sharing an uplink gives back what its path cannot carry.
-                if let Some(goodput) = machine.link_forecast_bps() {
+                if let Some(goodput) = machine.link_forecast() {
                     self.m.bandwidth.report_forecast(goodput);
                 }
             }

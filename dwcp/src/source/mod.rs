@@ -124,10 +124,6 @@ const PATH_RELEASE: f64 = 0.95;
 /// A path limit is only moved when the forecast moved it by more than this (relative).
 const PATH_LIMIT_STEP: f64 = 0.2;
 
-fn watcher_gone(watcher: &parking_lot::Mutex<Option<Watcher>>) -> bool {
-    watcher.lock().is_none()
-}
-
 /// A callback run when a migration's guest is paused or resumed, or its path limit moves.
 #[derive(Clone)]
 pub(crate) struct Watcher(pub(crate) Arc<dyn Fn() + Send + Sync>);
@@ -184,20 +180,24 @@ impl BandwidthHandle {
             self.0
                 .path_limit
                 .store(0, std::sync::atomic::Ordering::Release);
-            // Cloned out first: the watcher takes the uplink's lock, which holds this one in `watch`.
-            let watcher = self.0.watcher.lock().clone();
-            if let Some(w) = watcher {
-                (w.0)();
-            }
+            self.notify_watcher();
         }
     }
 
     pub(crate) fn watch(&self, watcher: Option<Watcher>) {
-        *self.0.watcher.lock() = watcher;
-        if watcher_gone(&self.0.watcher) {
+        if watcher.is_none() {
             self.0
                 .path_limit
                 .store(0, std::sync::atomic::Ordering::Release);
+        }
+        *self.0.watcher.lock() = watcher;
+    }
+
+    fn notify_watcher(&self) {
+        // Cloned out first: the watcher takes the uplink's lock, which holds this one in `watch`.
+        let watcher = self.0.watcher.lock().clone();
+        if let Some(w) = watcher {
+            (w.0)();
         }
     }
 
@@ -228,7 +228,7 @@ impl BandwidthHandle {
         if !goodput.is_finite()
             || goodput <= 0.0
             || self.guest_paused()
-            || watcher_gone(&self.0.watcher)
+            || self.0.watcher.lock().is_none()
         {
             return;
         }
@@ -250,10 +250,7 @@ impl BandwidthHandle {
         self.0
             .path_limit
             .store(next, std::sync::atomic::Ordering::Release);
-        let watcher = self.0.watcher.lock().clone();
-        if let Some(w) = watcher {
-            (w.0)();
-        }
+        self.notify_watcher();
     }
 }
 
