@@ -9,10 +9,12 @@ set -euo pipefail
 # Soft-RoCE for the RDMA path); libibverbs-dev, librdmacm-dev and libclang-dev build rdma-sys;
 # ibverbs-providers (rxe), ibverbs-utils and perftest run inside the Soft-RoCE guest; zstd and lz4 are the
 # command-line references of the HDE benchmark; cpio packs the guests' initramfs.
+# etcd-server is the real etcd that the ACP etcd backend's tests start; protobuf-compiler (protoc)
+# builds etcd-client's gRPC stubs.
 packages=(build-essential pkg-config iperf3 iproute2 curl ca-certificates
     qemu-system-x86 linux-image-amd64 busybox-static cpio
     libibverbs-dev librdmacm-dev libclang-dev ibverbs-providers ibverbs-utils perftest
-    zstd lz4)
+    zstd lz4 etcd-server protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

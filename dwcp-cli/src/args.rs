@@ -38,6 +38,10 @@ pub enum Command {
     Mkimage(MkimageArgs),
     /// Carry QEMU's own live migration through DWCP (proxy mode).
     Qemu(crate::qemu::QemuArgs),
+    /// Run one host's cluster agent: registry member, gossip, migration endpoint.
+    Node(crate::cluster::NodeArgs),
+    /// Start a local cluster and operate it: status, create-vm, migrate, evacuate.
+    Cluster(crate::cluster::ClusterArgs),
     /// Send a command to a running `dwcp send --control PATH`: `max-bandwidth RATE|none`, `cancel`,
     /// `status`.
     Control(ControlArgs),

@@ -4,6 +4,8 @@
 //! * `dwcp recv` waits for one migration and writes the received memory to an image file.
 //! * `dwcp send` migrates a memory image file to a `dwcp recv`.
 //! * `dwcp keygen` writes a fresh pre-shared key; `dwcp mkimage` writes a memory image for `send`.
+//! * `dwcp node` runs one host's cluster agent; `dwcp cluster` starts a local cluster and
+//!   creates, migrates and evacuates VMs in it.
 //! * `dwcp qemu send` / `dwcp qemu recv` carry QEMU's own migration through DWCP (proxy mode).
 //!
 //! Reports go to stdout (one JSON object with `--json`), logs and the progress bar to stderr.
@@ -11,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod args;
+mod cluster;
 mod control;
 mod demo;
 mod fleet;
@@ -40,6 +43,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Send(a) => transfer::send(a),
         Command::Control(a) => control::run(a),
+        Command::Node(a) => cluster::node(a),
+        Command::Cluster(a) => cluster::run(a),
         Command::Recv(a) => transfer::recv(a),
         Command::Keygen(a) => tools::keygen(a),
         Command::Mkimage(a) => tools::mkimage(a),

@@ -24,6 +24,13 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).with_context(|| format!("replacing {}", path.display())),
         }
     }
+    write_key_file(path, &Psk::generate())?;
+    eprintln!("dwcp: wrote a new pre-shared key to {}", path.display());
+    Ok(())
+}
+
+/// Creates `path` (mode 0600; it must not exist) holding `key` in hex.
+pub fn write_key_file(path: &std::path::Path, key: &Psk) -> anyhow::Result<()> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -38,13 +45,11 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
             format!("creating the key file {}", path.display())
         }
     })?;
-    let key = Psk::generate();
     (|| {
         file.write_all(format!("{}\n", key.to_hex()).as_bytes())?;
         file.sync_all()
     })()
     .with_context(|| format!("writing the key file {}", path.display()))?;
-    eprintln!("dwcp: wrote a new pre-shared key to {}", path.display());
     Ok(())
 }
 

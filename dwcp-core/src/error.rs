@@ -228,6 +228,9 @@ pub enum Error {
     /// the VM now, so the source was *not* resumed. The operator (or the cluster layer) must decide.
     #[error("handover unconfirmed: {0}")]
     HandoverUnconfirmed(String),
+    /// The cluster refused to record the new owner; the source guest was resumed.
+    #[error("handover refused by the cluster: {0}")]
+    HandoverRefused(String),
     /// The hypervisor callback (pause, resume, handover) failed.
     #[error("VM control failed: {0}")]
     VmControl(String),

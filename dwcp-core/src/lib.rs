@@ -23,5 +23,6 @@ pub mod transport;
 
 pub use error::{ChunkError, Error, ErrorCode, FrameError, HandshakeError, Result};
 pub use memory::{
-    DirtyLog, GuestRam, MemoryLayout, MemorySink, MemorySource, PAGE_SIZE, Region, VmControl,
+    DirtyLog, GuestRam, HandoverDecision, MemoryLayout, MemorySink, MemorySource, PAGE_SIZE,
+    Region, VmControl,
 };

@@ -204,6 +204,24 @@ pub trait VmControl: Send {
     fn resume(&mut self);
     /// The destination owns the VM now; the source may discard it.
     fn handed_over(&mut self) {}
+    /// Records the change of owner wherever the cluster keeps it (a consensus registry), with the
+    /// guest paused and both memory digests equal, before the source tells the destination to
+    /// take over. The default records nothing and lets the handover go on.
+    fn record_handover(&mut self) -> HandoverDecision {
+        HandoverDecision::Recorded
+    }
+}
+
+/// What [`VmControl::record_handover`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverDecision {
+    /// The new owner is recorded: the source commits and the destination may run the VM.
+    Recorded,
+    /// The record was refused for certain (a stale fence, another owner): the source resumes.
+    Refused(String),
+    /// Whether the record was made is not known (the registry did not answer): neither side may
+    /// run the VM until the registry says who owns it, so the source stays paused.
+    Unknown(String),
 }
 
 /// VM control for memory that no guest runs on (an image being copied).

@@ -222,6 +222,21 @@ impl SimulatedGuest {
         }))
     }
 
+    /// A guest that runs on memory received from elsewhere (the destination of a migration).
+    pub fn from_ram(ram: GuestRam) -> Arc<Self> {
+        let pages = ram.layout().total_pages();
+        Arc::new(Self {
+            shared: Arc::new(Shared {
+                ram,
+                dirty: DirtyBitmap::new(pages),
+                run: Mutex::new(RunState::default()),
+                wake: Condvar::new(),
+                pages_written: AtomicU64::new(0),
+            }),
+            workload: Mutex::new(None),
+        })
+    }
+
     /// Starts a workload thread writing `bytes_per_sec` of guest memory per second (in 512-byte to
     /// whole-page writes at random pages), until the guest is handed over or dropped.
     pub fn start_workload(&self, bytes_per_sec: u64, seed: u64) {

@@ -748,3 +748,53 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_recorded_handover_commits_and_the_destination_takes_over() {
+    let r = run(Setup {
+        workload: busy(),
+        handover: Some(dwcp_core::HandoverDecision::Recorded),
+        ..Setup::default()
+    });
+    assert!(r.handover_recorded && r.commit_sent);
+    assert!(r.source.as_ref().unwrap().is_ok(), "{:?}", r.source);
+    assert!(matches!(r.dest, Some(Ok(_))), "{:?}", r.dest);
+    assert_eq!(r.dest_memory, *r.snapshot.as_ref().unwrap());
+}
+
+#[test]
+fn a_refused_handover_resumes_the_source_and_the_destination_never_takes_over() {
+    let r = run(Setup {
+        workload: busy(),
+        handover: Some(dwcp_core::HandoverDecision::Refused("stale fence".into())),
+        ..Setup::default()
+    });
+    assert!(
+        matches!(failure(&r), Error::HandoverRefused(reason) if reason == "stale fence"),
+        "{:?}",
+        failure(&r)
+    );
+    assert!(r.handover_recorded && !r.commit_sent);
+    assert!(r.guest_running && r.resumed);
+    assert!(!matches!(r.dest, Some(Ok(_))), "{:?}", r.dest);
+}
+
+#[test]
+fn an_unknown_handover_record_leaves_both_sides_stopped() {
+    let r = run(Setup {
+        workload: busy(),
+        handover: Some(dwcp_core::HandoverDecision::Unknown("no leader".into())),
+        ..Setup::default()
+    });
+    assert!(
+        matches!(failure(&r), Error::HandoverUnconfirmed(_)),
+        "{:?}",
+        failure(&r)
+    );
+    assert!(!r.commit_sent);
+    assert!(
+        !r.guest_running && !r.resumed,
+        "the source must not run a VM the registry may have moved"
+    );
+    assert!(!matches!(r.dest, Some(Ok(_))), "{:?}", r.dest);
+}

@@ -24,6 +24,7 @@
 //! fails or gives up waiting.
 
 mod amst;
+mod cluster;
 mod hde;
 mod headline;
 mod pba;
@@ -122,6 +123,8 @@ enum Which {
     Pba,
     /// Many real migrations at once on loopback (1, 10, 100), then the simulation of 1 to 1000.
     Fleet,
+    /// The cluster side: registry commits (raft and etcd), handoff latency, placement, gossip.
+    Cluster,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -244,6 +247,7 @@ fn main() -> ExitCode {
             Which::Hde => hde::bench(&ws, quick),
             Which::Pba => pba::bench(&ws, quick),
             Which::Fleet => pba::bench_fleet(&ws, quick),
+            Which::Cluster => cluster::bench(&ws, quick),
             _ => bench(&ws, which, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),

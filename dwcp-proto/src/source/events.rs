@@ -43,6 +43,9 @@ pub struct SourceParams {
     pub seed: u64,
     /// A cap on the bytes this migration puts on the wire per second (None: as fast as it goes).
     pub max_bandwidth: Option<f64>,
+    /// Ask the shell to record the new owner ([`SourceAction::RecordHandover`]) once the digests
+    /// match, and commit only if it was recorded.
+    pub record_handover: bool,
 }
 
 /// The pages of a pass.
@@ -188,6 +191,8 @@ pub enum SourceEvent {
     },
     /// The destination's digest.
     Verdict(u128),
+    /// What recording the change of owner decided.
+    HandoverRecorded(dwcp_core::HandoverDecision),
     /// The destination took over the VM.
     CommitAck,
     /// The destination reported an error or broke the protocol.
@@ -274,6 +279,9 @@ pub enum SourceAction {
     },
     /// Compute the source digest; answer with [`SourceEvent::DigestComputed`].
     ComputeDigest,
+    /// Record the change of owner (the guest is paused, the digests match); answer with
+    /// [`SourceEvent::HandoverRecorded`].
+    RecordHandover,
     /// Send Commit with `digest` on the stream that carried Finish.
     SendCommit {
         /// The agreed digest.

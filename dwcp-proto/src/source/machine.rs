@@ -24,6 +24,7 @@ pub(super) enum Phase {
     FinalPass,
     FinishSending,
     AwaitingVerdict,
+    RecordingHandover,
     AwaitingCommitAck,
     Done,
 }
@@ -241,6 +242,7 @@ impl SourceMachine {
             Phase::FinalPass => "FinalPass",
             Phase::FinishSending => "FinishSending",
             Phase::AwaitingVerdict => "AwaitingVerdict",
+            Phase::RecordingHandover => "RecordingHandover",
             Phase::AwaitingCommitAck => "AwaitingCommitAck",
             Phase::Done => "Done",
         }
@@ -403,6 +405,12 @@ impl SourceMachine {
                 }
                 self.their_digest = Some(d);
             }
+            SourceEvent::HandoverRecorded(decision) => {
+                self.handover_recorded(now, decision);
+                if self.phase == Phase::Done {
+                    return;
+                }
+            }
             SourceEvent::CommitAck => {
                 if self.phase != Phase::AwaitingCommitAck {
                     return self.fail(Error::Protocol(
@@ -454,11 +462,45 @@ impl SourceMachine {
                 destination_digest: theirs,
             });
         }
+        if self.p.record_handover {
+            // No deadline: the shell bounds the registry call, and the destination, waiting for
+            // the commit, bounds it again with its own timeout.
+            self.phase = Phase::RecordingHandover;
+            self.deadline = None;
+            self.actions.push_back(SourceAction::RecordHandover);
+            return;
+        }
+        self.send_commit(now, ours);
+    }
+
+    fn send_commit(&mut self, now: Instant, digest: u128) {
         self.phase = Phase::AwaitingCommitAck;
         self.commit_sent = true;
         self.deadline = Some(now + self.p.io_timeout);
-        self.actions
-            .push_back(SourceAction::SendCommit { digest: ours });
+        self.actions.push_back(SourceAction::SendCommit { digest });
+    }
+
+    fn handover_recorded(&mut self, now: Instant, decision: dwcp_core::HandoverDecision) {
+        use dwcp_core::HandoverDecision;
+        if self.phase != Phase::RecordingHandover {
+            return self.fail(Error::Protocol(
+                "a handover record arrived outside the handover".into(),
+            ));
+        }
+        match decision {
+            HandoverDecision::Recorded => {
+                let (digest, _) = self.our_digest.unwrap_or_default();
+                self.send_commit(now, digest);
+            }
+            HandoverDecision::Refused(reason) => self.fail(Error::HandoverRefused(reason)),
+            HandoverDecision::Unknown(reason) => {
+                // Whoever the registry names owns the VM now; resuming here could run it twice.
+                self.commit_sent = true;
+                self.fail(Error::HandoverUnconfirmed(format!(
+                    "the cluster registry did not say whether the new owner was recorded: {reason}"
+                )));
+            }
+        }
     }
 
     pub(super) fn complete(&mut self, now: Instant) {

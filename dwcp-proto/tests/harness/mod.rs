@@ -128,6 +128,8 @@ pub struct Setup {
     pub max_bandwidth: Option<f64>,
     /// Cap changes at these virtual times.
     pub bandwidth_changes: Vec<(Duration, Option<f64>)>,
+    /// If set, the source asks to record the handover and is answered this.
+    pub handover: Option<dwcp_core::HandoverDecision>,
 }
 
 impl Default for Setup {
@@ -148,6 +150,7 @@ impl Default for Setup {
             faults: Faults::default(),
             max_bandwidth: None,
             bandwidth_changes: Vec::new(),
+            handover: None,
         }
     }
 }
@@ -214,6 +217,7 @@ pub struct Run {
     pub resumed: bool,
     pub guest_running: bool,
     pub commit_sent: bool,
+    pub handover_recorded: bool,
     pub resumed_after_commit: bool,
     pub max_in_flight: u64,
     pub budget: u64,
@@ -307,6 +311,7 @@ impl Sim {
             telemetry_interval: Duration::from_millis(250),
             seed: s.seed,
             max_bandwidth: s.max_bandwidth,
+            record_handover: s.handover.is_some(),
         };
         let src = SourceMachine::new(params, t0);
         let dst = DestMachine::new(
@@ -360,6 +365,7 @@ impl Sim {
                 resumed: false,
                 guest_running: true,
                 commit_sent: false,
+                handover_recorded: false,
                 resumed_after_commit: false,
                 max_in_flight: 0,
                 budget,
@@ -766,7 +772,22 @@ impl Sim {
                     elapsed: Duration::from_micros(100),
                 });
             }
+            SourceAction::RecordHandover => {
+                assert!(
+                    self.paused,
+                    "the handover was recorded with the guest running"
+                );
+                self.run.handover_recorded = true;
+                let decision = self.s.handover.clone().expect("asked to record a handover");
+                self.src_event(SourceEvent::HandoverRecorded(decision));
+            }
             SourceAction::SendCommit { digest } => {
+                if self.s.handover.is_some() {
+                    assert!(
+                        self.run.handover_recorded,
+                        "committed before recording the handover"
+                    );
+                }
                 self.run.commit_sent = true;
                 // On the stream that carried Finish, as the shell does.
                 let lane = self

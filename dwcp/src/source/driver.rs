@@ -96,6 +96,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             telemetry_interval: TELEMETRY_INTERVAL,
             seed: self.s.links.session_id ^ dwcp_core::handshake::new_session_id(),
             max_bandwidth: self.m.bandwidth.get().map(|r| r as f64),
+            record_handover: true,
         };
         self.bandwidth_seen = self.m.bandwidth.generation();
         let mut machine = SourceMachine::new(params, Instant::now());
@@ -395,6 +396,9 @@ impl<'m, 'a> Driver<'m, 'a> {
                     digest,
                     elapsed: start.elapsed(),
                 })
+            }
+            SourceAction::RecordHandover => {
+                Some(SourceEvent::HandoverRecorded(vm.record_handover()))
             }
             SourceAction::SendCommit { digest } => {
                 let out = Outgoing {

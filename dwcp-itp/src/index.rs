@@ -1,0 +1,219 @@
+//! The placement index: a max segment tree searched by branch and bound.
+
+use crate::NodeId;
+use crate::placer::State;
+use crate::score::Query;
+
+/// Per-subtree maxima. At a leaf they are the node's exact values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Agg {
+    /// Static key (−∞ for a node that takes nothing).
+    pub s: f64,
+    /// Bandwidth from the index's source (0 for the source-less index).
+    pub bw: f64,
+    /// Free memory (0 for a node that takes nothing).
+    pub mem: u64,
+    /// Free vCPUs (0 for a node that takes nothing).
+    pub vcpus: u32,
+}
+
+const EMPTY: Agg = Agg {
+    s: f64::NEG_INFINITY,
+    bw: 0.0,
+    mem: 0,
+    vcpus: 0,
+};
+
+#[inline]
+fn combine(a: &Agg, b: &Agg) -> Agg {
+    Agg {
+        s: a.s.max(b.s),
+        bw: a.bw.max(b.bw),
+        mem: a.mem.max(b.mem),
+        vcpus: a.vcpus.max(b.vcpus),
+    }
+}
+
+/// Set in a change-log entry when the node's bandwidth forecasts changed.
+pub(crate) const LINK_FLAG: u32 = 1 << 31;
+
+/// One tree: for source-less requests, or for the requests from one source node.
+#[derive(Debug, Clone)]
+pub(crate) struct Index {
+    source: Option<NodeId>,
+    size: usize,
+    /// Leaf → node slot.
+    order: Vec<u32>,
+    /// Node slot → leaf.
+    pos: Vec<u32>,
+    /// `agg[1]` is the root, `agg[size + leaf]` the leaves.
+    agg: Vec<Agg>,
+    /// Per leaf: bandwidth from the source, also for nodes that take nothing now (so a reservation
+    /// or a cordon does not look it up again).
+    bw: Vec<f64>,
+    /// Change-log position this index has applied up to (absolute).
+    seen: u64,
+    /// Bandwidth changes applied since the leaves were sorted.
+    link_changes: usize,
+    /// For the LRU of per-source indexes.
+    pub last_use: u64,
+}
+
+impl Index {
+    fn leaf(st: &State, bw: f64, slot: u32) -> Agg {
+        let s = st.static_key[slot as usize];
+        if s == f64::NEG_INFINITY {
+            return EMPTY;
+        }
+        let n = &st.nodes[slot as usize];
+        Agg {
+            s,
+            bw,
+            mem: n.memory_free,
+            vcpus: n.vcpus_free,
+        }
+    }
+
+    fn bw_of(st: &State, source: Option<NodeId>, slot: u32) -> f64 {
+        source.map_or(0.0, |src| st.bw(src, slot))
+    }
+
+    /// Builds the tree; a per-source tree has its leaves sorted by bandwidth from the source, so
+    /// subtrees cover narrow bandwidth ranges and their bounds are tight.
+    pub fn build(st: &State, source: Option<NodeId>) -> Index {
+        let n = st.nodes.len();
+        let by_slot: Vec<f64> = (0..n as u32).map(|s| Self::bw_of(st, source, s)).collect();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        if source.is_some() {
+            order.sort_by(|&a, &b| {
+                by_slot[b as usize]
+                    .total_cmp(&by_slot[a as usize])
+                    .then(a.cmp(&b))
+            });
+        }
+        let size = n.max(1).next_power_of_two();
+        let mut pos = vec![0u32; n];
+        let mut agg = vec![EMPTY; 2 * size];
+        let mut bw = vec![0.0; n];
+        for (leaf, &slot) in order.iter().enumerate() {
+            pos[slot as usize] = leaf as u32;
+            bw[leaf] = by_slot[slot as usize];
+            agg[size + leaf] = Self::leaf(st, bw[leaf], slot);
+        }
+        for i in (1..size).rev() {
+            agg[i] = combine(&agg[2 * i], &agg[2 * i + 1]);
+        }
+        Index {
+            source,
+            size,
+            order,
+            pos,
+            agg,
+            bw,
+            seen: st.log_base + st.log.len() as u64,
+            link_changes: 0,
+            last_use: 0,
+        }
+    }
+
+    fn update(&mut self, st: &State, slot: u32, links: bool) {
+        let leaf = self.pos[slot as usize] as usize;
+        if links {
+            self.bw[leaf] = Self::bw_of(st, self.source, slot);
+        }
+        let mut i = self.size + leaf;
+        let new = Self::leaf(st, self.bw[leaf], slot);
+        if self.agg[i] == new {
+            return;
+        }
+        self.agg[i] = new;
+        i >>= 1;
+        while i >= 1 {
+            let c = combine(&self.agg[2 * i], &self.agg[2 * i + 1]);
+            if self.agg[i] == c {
+                break; // ancestors unchanged
+            }
+            self.agg[i] = c;
+            i >>= 1;
+        }
+    }
+
+    /// Applies the node changes logged since this index last looked.
+    pub fn catch_up(&mut self, st: &State) {
+        if self.seen < st.log_base || self.pos.len() != st.nodes.len() {
+            let last_use = self.last_use;
+            *self = Index::build(st, self.source);
+            self.last_use = last_use;
+            return;
+        }
+        let start = (self.seen - st.log_base) as usize;
+        for &e in &st.log[start..] {
+            let links = e & LINK_FLAG != 0;
+            self.link_changes += links as usize;
+            self.update(st, e & !LINK_FLAG, links);
+        }
+        self.seen = st.log_base + st.log.len() as u64;
+        // Forecast changes leave the bandwidth order stale: still exact, but bounds loosen.
+        if self.source.is_some() && self.link_changes > st.nodes.len() / 4 + 1 {
+            let last_use = self.last_use;
+            *self = Index::build(st, self.source);
+            self.last_use = last_use;
+        }
+    }
+
+    #[inline]
+    fn bound(&self, i: usize, q: &Query<'_>, best: f64) -> f64 {
+        let a = &self.agg[i];
+        if a.mem < q.memory || a.vcpus < q.vcpus || a.s + q.mig_max() <= best {
+            return f64::NEG_INFINITY; // cannot fit, or cannot win even with the best migration
+        }
+        a.s + q.mig(a.bw)
+    }
+
+    /// The slot with the highest `static key + mig` among the nodes that pass every filter, by
+    /// depth-first branch and bound (better child first). At a leaf the bound *is* the node's key,
+    /// so nothing is pruned that could beat or tie the best found, and the result's score equals
+    /// the full scan's.
+    ///
+    /// Returns the slot and its bandwidth from the source.
+    pub fn search(&self, st: &State, q: &Query<'_>) -> Option<(u32, f64)> {
+        let mut best = f64::NEG_INFINITY;
+        let mut best_slot = None;
+        // Depth-first: at most one pending sibling per level.
+        let mut stack = [(0usize, 0.0f64); 66];
+        let mut sp = 0;
+        let (mut i, mut b) = (1, self.bound(1, q, best));
+        loop {
+            if b > best {
+                if i >= self.size {
+                    let slot = self.order[i - self.size];
+                    if st.extra_ok(slot, q) {
+                        best = b;
+                        best_slot = Some((slot, self.bw[i - self.size]));
+                    }
+                } else {
+                    let (l, r) = (2 * i, 2 * i + 1);
+                    let (bl, br) = (self.bound(l, q, best), self.bound(r, q, best));
+                    // Go on with the better child; the other waits on the stack.
+                    let (go, wait) = if bl >= br {
+                        ((l, bl), (r, br))
+                    } else {
+                        ((r, br), (l, bl))
+                    };
+                    if wait.1 > best {
+                        stack[sp] = wait;
+                        sp += 1;
+                    }
+                    (i, b) = go;
+                    continue;
+                }
+            }
+            if sp == 0 {
+                break;
+            }
+            sp -= 1;
+            (i, b) = stack[sp];
+        }
+        best_slot
+    }
+}

@@ -1,0 +1,257 @@
+//! The agent's control protocol: one authenticated JSON request per TCP connection.
+//!
+//! ```text
+//! agent  -> client   {"nonce": "<32 random bytes, hex>"}\n
+//! client -> agent    {"mac": "<hex>", "request": {...}}\n
+//! agent  -> client   {"ok": true, "result": ...}\n   or   {"ok": false, "error": "..."}\n
+//! mac = HMAC-SHA256(key, "dwcp agent request" ‖ nonce ‖ request as sent)
+//! ```
+//! The key is the cluster's pre-shared key; the nonce is fresh per connection, so a recorded
+//! request cannot be replayed. Lines are bounded ([`MAX_LINE`]) and read with a deadline.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use dwcp_acp::{Fence, NodeId, VmId};
+use dwcp_core::handshake::Psk;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::NodeError;
+
+/// Longest request or answer line, in bytes.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Where a migration should go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// This node.
+    Node(NodeId),
+    /// Wherever placement scores best.
+    Auto,
+}
+
+/// What a client can ask an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The agent's view of the cluster.
+    Status,
+    /// Starts a simulated guest on this node and registers it.
+    CreateVm {
+        /// Its name.
+        vm: VmId,
+        /// Memory size in bytes.
+        size: u64,
+        /// Bytes per second its workload writes.
+        dirty_rate: u64,
+    },
+    /// Migrates a VM this node owns.
+    Migrate {
+        /// The VM.
+        vm: VmId,
+        /// Where to.
+        to: Target,
+    },
+    /// Migrates every VM this node owns elsewhere and refuses new ones.
+    Evacuate,
+    /// From a source agent: get ready to receive `vm`, being handed to this node at `fence`.
+    Prepare {
+        /// The VM.
+        vm: VmId,
+        /// The source node.
+        from: NodeId,
+        /// The fence of the handoff's beginning.
+        fence: Fence,
+        /// Memory size in bytes.
+        size: u64,
+        /// Bytes per second the guest's workload writes (the destination carries it on).
+        dirty_rate: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Challenge {
+    nonce: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    mac: String,
+    request: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn mac(psk: &Psk, nonce: &str, request: &str) -> Hmac<Sha256> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(psk.to_hex().as_bytes())
+        .expect("HMAC takes any key length");
+    m.update(b"dwcp agent request");
+    m.update(nonce.as_bytes());
+    m.update(request.as_bytes());
+    m
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes.
+pub(crate) fn read_line(reader: &mut impl BufRead) -> Result<String, NodeError> {
+    let mut line = Vec::new();
+    let read = reader
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| NodeError::Control(format!("reading: {e}")))?;
+    if read == 0 {
+        return Err(NodeError::Control("the peer closed the connection".into()));
+    }
+    if line.len() > MAX_LINE {
+        return Err(NodeError::Control(format!(
+            "a line longer than {MAX_LINE} bytes"
+        )));
+    }
+    String::from_utf8(line).map_err(|_| NodeError::Control("a line that is not UTF-8".into()))
+}
+
+fn write_json(stream: &mut impl Write, value: &impl Serialize) -> Result<(), NodeError> {
+    let mut line = serde_json::to_vec(value).map_err(|e| NodeError::Control(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| NodeError::Control(format!("writing: {e}")))
+}
+
+/// Server side: challenges, authenticates and parses one request.
+pub(crate) fn accept_request(stream: &mut TcpStream, psk: &Psk) -> Result<Request, NodeError> {
+    let nonce = hex(&random_nonce());
+    write_json(
+        stream,
+        &Challenge {
+            nonce: nonce.clone(),
+        },
+    )?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| NodeError::Control(e.to_string()))?,
+    );
+    let line = read_line(&mut reader)?;
+    let envelope: Envelope = serde_json::from_str(&line)
+        .map_err(|e| NodeError::Control(format!("a malformed request: {e}")))?;
+    let tag = unhex(&envelope.mac).ok_or(NodeError::Unauthenticated)?;
+    mac(psk, &nonce, envelope.request.get())
+        .verify_slice(&tag)
+        .map_err(|_| NodeError::Unauthenticated)?;
+    serde_json::from_str(envelope.request.get())
+        .map_err(|e| NodeError::Control(format!("an unknown request: {e}")))
+}
+
+/// Server side: writes the answer.
+pub(crate) fn answer(
+    stream: &mut TcpStream,
+    result: Result<serde_json::Value, NodeError>,
+) -> Result<(), NodeError> {
+    let answer = match result {
+        Ok(value) => Answer {
+            ok: true,
+            result: Some(value),
+            error: None,
+        },
+        Err(e) => Answer {
+            ok: false,
+            result: None,
+            error: Some(e.to_string()),
+        },
+    };
+    write_json(stream, &answer)
+}
+
+fn random_nonce() -> [u8; 32] {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).expect("the OS random number generator failed");
+    nonce
+}
+
+/// Sends `request` to the agent at `addr` and waits up to `timeout` for its answer.
+pub fn call(
+    addr: SocketAddr,
+    psk: &Psk,
+    request: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, NodeError> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5).min(timeout))
+        .map_err(|e| NodeError::Control(format!("connecting to the agent at {addr}: {e}")))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| NodeError::Control(e.to_string()))?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| NodeError::Control(e.to_string()))?,
+    );
+    let challenge: Challenge = serde_json::from_str(&read_line(&mut reader)?)
+        .map_err(|e| NodeError::Control(format!("the agent at {addr} sent no challenge: {e}")))?;
+    let body = serde_json::to_string(request).map_err(|e| NodeError::Control(e.to_string()))?;
+    let tag = mac(psk, &challenge.nonce, &body).finalize().into_bytes();
+    // The MAC covers the request's exact bytes: send them as they were signed.
+    let line = format!("{{\"mac\":\"{}\",\"request\":{}}}", hex(&tag), body);
+    stream
+        .write_all(line.as_bytes())
+        .and_then(|()| stream.write_all(b"\n"))
+        .map_err(|e| NodeError::Control(format!("writing to the agent at {addr}: {e}")))?;
+    let answer: Answer = serde_json::from_str(&read_line(&mut reader)?)
+        .map_err(|e| NodeError::Control(format!("a malformed answer from {addr}: {e}")))?;
+    if answer.ok {
+        Ok(answer.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(NodeError::Remote(answer.error.unwrap_or_default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 254, 255])).unwrap(),
+            vec![0, 1, 254, 255]
+        );
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+
+    #[test]
+    fn requests_serialize_as_tagged_objects() {
+        let r = Request::Migrate {
+            vm: VmId::new("vm-1").unwrap(),
+            to: Target::Auto,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"op":"migrate","vm":"vm-1","to":"auto"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+    }
+}

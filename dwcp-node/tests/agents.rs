@@ -1,0 +1,403 @@
+//! Agents on loopback: a VM migrated among three real nodes (openraft registry on disk, real
+//! migration streams), and the handover's failure cases against a registry that refuses or
+//! loses answers.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use dwcp_acp::{
+    AcpError, Fence, Holding, MemoryRegistry, NodeId, NodeRecord, Ownership, Registry, VmId,
+};
+use dwcp_core::handshake::Psk;
+use dwcp_node::{
+    Agent, AgentConfig, BackendChoice, ClusterFile, NodeEntry, NodeOptions, Request, RunningNode,
+    Target,
+};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+fn cluster_file(dir: &Path, nodes: u64) -> ClusterFile {
+    let psk_file = dir.join("cluster.psk");
+    std::fs::write(&psk_file, Psk::generate().to_hex()).unwrap();
+    ClusterFile {
+        backend: BackendChoice::Raft,
+        psk_file,
+        nodes: (1..=nodes)
+            .map(|id| NodeEntry {
+                id,
+                name: format!("node{id}"),
+                raft_addr: loopback(free_port()),
+                agent_addr: loopback(free_port()),
+                gossip_addr: loopback(free_port()),
+                migration_ip: Ipv4Addr::LOCALHOST.into(),
+                data_dir: dir.join(format!("node{id}")),
+                memory_capacity: 512 * MIB,
+            })
+            .collect(),
+    }
+}
+
+fn start_all(file: &ClusterFile, bootstrap: bool) -> Vec<RunningNode> {
+    // Started in parallel: each waits for a quorum of the others.
+    let handles: Vec<_> = file
+        .nodes
+        .iter()
+        .map(|n| {
+            let file = file.clone();
+            let id = n.id;
+            std::thread::spawn(move || {
+                RunningNode::start(
+                    &file,
+                    id,
+                    NodeOptions {
+                        bootstrap,
+                        ..NodeOptions::default()
+                    },
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn ask(node: &RunningNode, request: Request) -> Result<Value, String> {
+    node.agent().handle(request).map_err(|e| e.to_string())
+}
+
+fn owner(node: &RunningNode, vm: &VmId) -> Ownership {
+    node.block_on(node.registry().ownership(vm))
+        .unwrap()
+        .unwrap()
+}
+
+fn runs(node: &RunningNode, vm: &VmId) -> bool {
+    node.agent().running().iter().any(|(v, _)| v == vm)
+}
+
+#[test]
+fn a_vm_moves_among_three_nodes_and_exactly_one_runs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = cluster_file(dir.path(), 3);
+    let nodes = start_all(&file, true);
+    let vm = VmId::new("vm-a").unwrap();
+
+    let created = ask(
+        &nodes[0],
+        Request::CreateVm {
+            vm: vm.clone(),
+            size: 16 * MIB,
+            dirty_rate: MIB,
+        },
+    )
+    .unwrap();
+    assert_eq!(created["owner"], 1);
+    assert!(runs(&nodes[0], &vm));
+
+    // To a named node, through the real engine; the registry follows and only node 2 runs it.
+    let moved = ask(
+        &nodes[0],
+        Request::Migrate {
+            vm: vm.clone(),
+            to: Target::Node(2),
+        },
+    )
+    .unwrap();
+    assert_eq!(moved["to"], 2, "{moved}");
+    let record = owner(&nodes[2], &vm);
+    assert_eq!((record.owner, record.holding), (2, Holding::Owned));
+    assert!(record.fence.0 > created["fence"].as_u64().unwrap());
+    wait_until(|| runs(&nodes[1], &vm));
+    assert!(!runs(&nodes[0], &vm) && !runs(&nodes[2], &vm));
+
+    // Node 1 no longer owns it: asking it to migrate is refused.
+    assert!(
+        ask(
+            &nodes[0],
+            Request::Migrate {
+                vm: vm.clone(),
+                to: Target::Node(3),
+            },
+        )
+        .is_err()
+    );
+
+    // Placement picks the emptier of the others; evacuation empties node 2.
+    let other = VmId::new("vm-b").unwrap();
+    ask(
+        &nodes[0],
+        Request::CreateVm {
+            vm: other.clone(),
+            size: 8 * MIB,
+            dirty_rate: 0,
+        },
+    )
+    .unwrap();
+    // Placement works from the gossiped view: every member must have seen every other.
+    wait_until(|| {
+        nodes.iter().all(|n| {
+            ask(n, Request::Status).is_ok_and(|s| {
+                s["gossip"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().filter(|p| p["alive"] == true).count() == 3)
+            })
+        })
+    });
+    let auto = ask(
+        &nodes[1],
+        Request::Migrate {
+            vm: vm.clone(),
+            to: Target::Auto,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        auto["to"], 3,
+        "node 1 holds vm-b, so node 3 is emptier: {auto}"
+    );
+    wait_until(|| runs(&nodes[2], &vm));
+    let evacuated = ask(&nodes[2], Request::Evacuate).unwrap();
+    assert_eq!(evacuated["migrations"][0]["ok"], true, "{evacuated}");
+    wait_until(|| !nodes[2].agent().running().iter().any(|_| true));
+    let record = owner(&nodes[0], &vm);
+    assert_ne!(record.owner, 3);
+    wait_until(|| runs(&nodes[(record.owner - 1) as usize], &vm));
+    // A draining node takes no new VM.
+    assert!(
+        ask(
+            &nodes[2],
+            Request::CreateVm {
+                vm: VmId::new("vm-c").unwrap(),
+                size: MIB,
+                dirty_rate: 0,
+            },
+        )
+        .is_err()
+    );
+
+    // The registry survives a restart of every node from disk.
+    let before = nodes[0].block_on(nodes[0].registry().list()).unwrap();
+    drop(nodes);
+    let nodes = start_all(&file, false);
+    let after = nodes[0].block_on(nodes[0].registry().list()).unwrap();
+    assert_eq!(before, after);
+}
+
+fn wait_until(condition: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("condition not reached within 10 s");
+}
+
+/// A registry whose handoff commits misbehave as told, over the reference semantics.
+#[derive(Debug, Default)]
+struct Faulty {
+    inner: MemoryRegistry,
+    /// Refuse every commit (a stale fence would).
+    refuse_commits: bool,
+    /// Apply the commit but lose this many answers (a leader change after commit).
+    lose_commit_answers: AtomicU32,
+    /// Never answer a commit (no quorum).
+    commits_unavailable: bool,
+}
+
+#[async_trait::async_trait]
+impl Registry for Faulty {
+    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
+        self.inner.register(vm, owner).await
+    }
+    async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
+        self.inner.ownership(vm).await
+    }
+    async fn list(&self) -> Result<Vec<Ownership>, AcpError> {
+        self.inner.list().await
+    }
+    async fn begin_handoff(
+        &self,
+        vm: &VmId,
+        from: NodeId,
+        fence: Fence,
+        to: NodeId,
+    ) -> Result<Ownership, AcpError> {
+        self.inner.begin_handoff(vm, from, fence, to).await
+    }
+    async fn commit_handoff(
+        &self,
+        vm: &VmId,
+        from: NodeId,
+        fence: Fence,
+        to: NodeId,
+    ) -> Result<Ownership, AcpError> {
+        if self.refuse_commits {
+            let current = self.inner.ownership(vm).await?.unwrap();
+            return Err(AcpError::Conflict {
+                expected: "test: refused".into(),
+                current,
+            });
+        }
+        if self.commits_unavailable {
+            return Err(AcpError::Unavailable("test: no quorum".into()));
+        }
+        let result = self.inner.commit_handoff(vm, from, fence, to).await;
+        if self
+            .lose_commit_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(AcpError::Timeout(Duration::from_millis(1)));
+        }
+        result
+    }
+    async fn abort_handoff(
+        &self,
+        vm: &VmId,
+        from: NodeId,
+        fence: Fence,
+    ) -> Result<Ownership, AcpError> {
+        self.inner.abort_handoff(vm, from, fence).await
+    }
+    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
+        self.inner.unregister(vm, owner, fence).await
+    }
+    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
+        self.inner.put_node(node).await
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
+        self.inner.nodes().await
+    }
+}
+
+struct Pair {
+    source: Agent,
+    dest: Agent,
+    registry: Arc<Faulty>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn pair(registry: Faulty) -> Pair {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = Arc::new(registry);
+    let psk = Psk::generate();
+    let agent = |id| {
+        Agent::start(
+            AgentConfig {
+                id,
+                name: format!("n{id}"),
+                psk: psk.clone(),
+                control_listen: loopback(0),
+                migration_ip: Ipv4Addr::LOCALHOST.into(),
+                memory_capacity: 256 * MIB,
+                migration: Default::default(),
+                registry_timeout: Duration::from_secs(2),
+            },
+            registry.clone(),
+            runtime.handle().clone(),
+        )
+        .unwrap()
+    };
+    Pair {
+        source: agent(1),
+        dest: agent(2),
+        registry,
+        runtime,
+    }
+}
+
+fn migrate_once(p: &Pair) -> (Result<Value, String>, Ownership) {
+    let vm = VmId::new("vm").unwrap();
+    p.source
+        .handle(Request::CreateVm {
+            vm: vm.clone(),
+            size: 8 * MIB,
+            dirty_rate: MIB,
+        })
+        .unwrap();
+    let result = p
+        .source
+        .handle(Request::Migrate {
+            vm: vm.clone(),
+            to: Target::Node(2),
+        })
+        .map_err(|e| e.to_string());
+    let record = p
+        .runtime
+        .block_on(p.registry.ownership(&vm))
+        .unwrap()
+        .unwrap();
+    (result, record)
+}
+
+#[test]
+fn a_refused_handover_keeps_the_vm_on_the_source_and_the_destination_discards_it() {
+    let p = pair(Faulty {
+        refuse_commits: true,
+        ..Faulty::default()
+    });
+    let (result, record) = migrate_once(&p);
+    let error = result.unwrap_err();
+    assert!(error.contains("refused"), "{error}");
+    assert_eq!(
+        (record.owner, record.holding),
+        (1, Holding::Owned),
+        "aborted back to the source"
+    );
+    assert_eq!(p.source.running().len(), 1, "the source runs it again");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        p.dest.running().is_empty(),
+        "the destination must not run it"
+    );
+}
+
+#[test]
+fn a_lost_commit_answer_is_found_in_the_registry_and_the_destination_takes_over() {
+    let p = pair(Faulty {
+        lose_commit_answers: AtomicU32::new(1),
+        ..Faulty::default()
+    });
+    let (result, record) = migrate_once(&p);
+    result.unwrap();
+    assert_eq!((record.owner, record.holding), (2, Holding::Owned));
+    wait_until(|| p.dest.running().len() == 1);
+    assert!(p.source.running().is_empty());
+}
+
+#[test]
+fn an_unavailable_registry_at_the_handover_leaves_one_owner_and_the_source_resumes_after_abort() {
+    let p = pair(Faulty {
+        commits_unavailable: true,
+        ..Faulty::default()
+    });
+    let (result, record) = migrate_once(&p);
+    let error = result.unwrap_err();
+    assert!(error.contains("unconfirmed"), "{error}");
+    // The commit never applied, so the abort succeeds and the source runs the VM again.
+    assert_eq!((record.owner, record.holding), (1, Holding::Owned));
+    assert_eq!(p.source.running().len(), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.dest.running().is_empty());
+}
