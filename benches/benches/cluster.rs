@@ -130,8 +130,18 @@ async fn measure(registry: Arc<dyn Registry>, phase: &Phase, tag: &str) -> Value
         &format!("{tag}-b"),
     )
     .await;
+    let w2048 = throughput(
+        registry.clone(),
+        2048,
+        phase.throughput_time(),
+        &format!("{tag}-c"),
+    )
+    .await;
     let handoff = handoffs(registry, phase.handoffs(), tag).await;
-    json!({ "one_writer": single, "writers_64": w64, "writers_512": w512, "handoff": handoff })
+    json!({
+        "one_writer": single, "writers_64": w64, "writers_512": w512, "writers_2048": w2048,
+        "handoff": handoff,
+    })
 }
 
 fn free_addr() -> SocketAddr {
@@ -230,6 +240,7 @@ fn main() {
             ("1 writer", "one_writer"),
             ("64 writers", "writers_64"),
             ("512 writers", "writers_512"),
+            ("2048 writers", "writers_2048"),
         ] {
             table += &row(&format!("{name}, {load}"), &v[key]);
             table.push('\n');

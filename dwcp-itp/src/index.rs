@@ -4,31 +4,65 @@ use crate::NodeId;
 use crate::placer::State;
 use crate::score::Query;
 
-/// Per-subtree maxima. At a leaf they are the node's exact values.
+/// Per-subtree maxima, rounded *up* to 16 bytes so a node's two children share one 32-byte,
+/// 32-aligned [`Pair`] (one cache line read per visited node, half the footprint of exact
+/// values). They are upper bounds only: the search takes exact values at the leaves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Agg {
-    /// Static key (−∞ for a node that takes nothing).
-    pub s: f64,
-    /// Bandwidth from the index's source (0 for the source-less index).
-    pub bw: f64,
-    /// Free memory (0 for a node that takes nothing).
-    pub mem: u64,
+    /// Static key, rounded up to `f32` (−∞ for a node that takes nothing).
+    pub s: f32,
+    /// Bandwidth from the index's source, rounded up to `f32` (0 for the source-less index).
+    pub bw: f32,
+    /// Free memory in MiB, rounded up, saturating (0 for a node that takes nothing).
+    pub mem: u32,
     /// Free vCPUs (0 for a node that takes nothing).
     pub vcpus: u32,
 }
 
 const EMPTY: Agg = Agg {
-    s: f64::NEG_INFINITY,
+    s: f32::NEG_INFINITY,
     bw: 0.0,
     mem: 0,
     vcpus: 0,
 };
 
+/// The two children of tree node `i` live in `pairs[i]` (`pairs[0][1]` is the root).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+struct Pair([Agg; 2]);
+
+/// The smallest `f32` that is `>= x` (`x` is not NaN).
+#[inline]
+fn up32(x: f64) -> f32 {
+    let f = x as f32;
+    if f as f64 >= x {
+        f
+    } else if f == 0.0 {
+        f32::from_bits(1) // the smallest positive subnormal
+    } else if f > 0.0 {
+        f32::from_bits(f.to_bits() + 1)
+    } else {
+        f32::from_bits(f.to_bits() - 1) // towards zero (also −∞ → −f32::MAX)
+    }
+}
+
+/// Memory in MiB, rounded up and saturating at `u32::MAX`. Monotone, so `mib_up(free) <
+/// mib_up(need)` implies `free < need`: a subtree pruned by it cannot fit.
+#[inline]
+pub(crate) fn mib_up(bytes: u64) -> u32 {
+    bytes.div_ceil(1 << 20).min(u32::MAX as u64) as u32
+}
+
+#[inline]
+fn max32(a: f32, b: f32) -> f32 {
+    if a >= b { a } else { b }
+}
+
 #[inline]
 fn combine(a: &Agg, b: &Agg) -> Agg {
     Agg {
-        s: a.s.max(b.s),
-        bw: a.bw.max(b.bw),
+        s: max32(a.s, b.s),
+        bw: max32(a.bw, b.bw),
         mem: a.mem.max(b.mem),
         vcpus: a.vcpus.max(b.vcpus),
     }

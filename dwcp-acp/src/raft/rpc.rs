@@ -51,6 +51,11 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections allowed to be authenticating at once: strangers cannot hold more than this many
 /// sockets and tasks (each for at most [`HANDSHAKE_TIMEOUT`]).
 const MAX_HANDSHAKES: usize = 64;
+/// How long sent data may stay unacknowledged before the kernel gives up on a connection
+/// (`TCP_USER_TIMEOUT`). Without it a connection across a partition stays open with its
+/// retransmission backoff growing, and after the heal nothing gets through until the next
+/// retransmission fires: recovery took about as long as the partition had lasted.
+const USER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frames queued for one connection's writer.
 const MAX_IN_FLIGHT: usize = 512;
 /// Bytes of requests one connection may have in progress on the server, in KiB (each request
@@ -441,6 +446,12 @@ pub(crate) fn spawn_server(
     })
 }
 
+/// Socket options of every RPC connection, both ends.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
 async fn serve_connection(
     mut stream: TcpStream,
     addr: SocketAddr,
@@ -448,7 +459,7 @@ async fn serve_connection(
     service: Arc<dyn Service>,
     handshake_permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let handshake = server_handshake(&mut stream, &net.auth, net.me, |peer| net.admit(peer));
     let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
     drop(handshake_permit);
@@ -557,6 +568,18 @@ struct Conn {
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
+    /// When the last frame arrived, in ms since `opened`.
+    last_frame_ms: Arc<AtomicU64>,
+    opened: Instant,
+    /// Closes the connection (both tasks) at once.
+    kill: Arc<tokio::sync::Notify>,
+}
+
+impl Conn {
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Acquire));
+        self.opened.elapsed().saturating_sub(last)
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
@@ -602,7 +625,7 @@ impl RpcClient {
         })?;
         let connect = async {
             let mut stream = TcpStream::connect(addr).await?;
-            let _ = stream.set_nodelay(true);
+            tune(&stream);
             client_handshake(&mut stream, &self.net.auth, self.net.me, peer).await?;
             Ok::<_, RpcError>(stream)
         };
@@ -636,6 +659,9 @@ impl RpcClient {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Default::default();
         let dead = Arc::new(AtomicBool::new(false));
+        let opened = Instant::now();
+        let last_frame_ms = Arc::new(AtomicU64::new(0));
+        let kill = Arc::new(tokio::sync::Notify::new());
         let writer_task = {
             let dead = dead.clone();
             tokio::spawn(async move {
@@ -644,6 +670,7 @@ impl RpcClient {
             })
         };
         let (net, pending_r, dead_r) = (self.net.clone(), pending.clone(), dead.clone());
+        let (last_r, kill_r) = (last_frame_ms.clone(), kill.clone());
         tokio::spawn(async move {
             let read_loop = async {
                 loop {
@@ -662,6 +689,9 @@ impl RpcClient {
                             return;
                         }
                     };
+                    let since_open =
+                        u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    last_r.store(since_open, Ordering::Release);
                     if let Some(waiter) = pending_r.lock().remove(&answer.id) {
                         let _ = waiter.send(answer.body);
                     }
@@ -670,6 +700,7 @@ impl RpcClient {
             tokio::select! {
                 _ = read_loop => {}
                 _ = cut_off(&net, peer) => {}
+                _ = kill_r.notified() => {}
             }
             dead_r.store(true, Ordering::Release);
             writer_task.abort();
@@ -681,6 +712,9 @@ impl RpcClient {
             pending,
             next_id: AtomicU64::new(1),
             dead,
+            last_frame_ms,
+            opened,
+            kill,
         }
     }
 
@@ -712,6 +746,13 @@ impl RpcClient {
             Ok(Err(_)) => Err(CallError::Lost(format!("connection to node {peer} closed"))),
             Err(_) => {
                 conn.pending.lock().remove(&id);
+                // Nothing at all came back while we waited: the peer or the path is gone (a
+                // partition). A fresh connection after the heal beats this one's backoff.
+                if conn.silent_for() >= timeout {
+                    debug!(node = self.net.me, peer, "dropping a silent RPC connection");
+                    conn.dead.store(true, Ordering::Release);
+                    conn.kill.notify_one();
+                }
                 Err(CallError::Timeout(timeout))
             }
         }
