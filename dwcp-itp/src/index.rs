@@ -80,8 +80,9 @@ pub(crate) struct Index {
     order: Vec<u32>,
     /// Node slot → leaf.
     pos: Vec<u32>,
-    /// `agg[1]` is the root, `agg[size + leaf]` the leaves.
-    agg: Vec<Agg>,
+    /// Tree node `i` is `agg[i / 2].0[i % 2]`: the root is 1, leaf `l` is `size + l`, and the
+    /// children of `i` are `agg[i]`.
+    agg: Vec<Pair>,
     /// Per leaf: bandwidth from the source, also for nodes that take nothing now (so a reservation
     /// or a cordon does not look it up again).
     bw: Vec<f64>,
@@ -101,11 +102,16 @@ impl Index {
         }
         let n = &st.nodes[slot as usize];
         Agg {
-            s,
-            bw,
-            mem: n.memory_free,
+            s: up32(s),
+            bw: up32(bw),
+            mem: mib_up(n.memory_free),
             vcpus: n.vcpus_free,
         }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> &Agg {
+        &self.agg[i >> 1].0[i & 1]
     }
 
     fn bw_of(st: &State, source: Option<NodeId>, slot: u32) -> f64 {
@@ -127,15 +133,17 @@ impl Index {
         }
         let size = n.max(1).next_power_of_two();
         let mut pos = vec![0u32; n];
-        let mut agg = vec![EMPTY; 2 * size];
+        let mut agg = vec![Pair([EMPTY; 2]); size];
         let mut bw = vec![0.0; n];
         for (leaf, &slot) in order.iter().enumerate() {
             pos[slot as usize] = leaf as u32;
             bw[leaf] = by_slot[slot as usize];
-            agg[size + leaf] = Self::leaf(st, bw[leaf], slot);
+            let i = size + leaf;
+            agg[i >> 1].0[i & 1] = Self::leaf(st, bw[leaf], slot);
         }
         for i in (1..size).rev() {
-            agg[i] = combine(&agg[2 * i], &agg[2 * i + 1]);
+            let Pair([l, r]) = agg[i];
+            agg[i >> 1].0[i & 1] = combine(&l, &r);
         }
         Index {
             source,
@@ -156,19 +164,21 @@ impl Index {
             self.bw[leaf] = Self::bw_of(st, self.source, slot);
         }
         let mut i = self.size + leaf;
-        let new = Self::leaf(st, self.bw[leaf], slot);
-        if self.agg[i] == new {
-            return;
-        }
-        self.agg[i] = new;
-        i >>= 1;
-        while i >= 1 {
-            let c = combine(&self.agg[2 * i], &self.agg[2 * i + 1]);
-            if self.agg[i] == c {
-                break; // ancestors unchanged
+        let mut new = Self::leaf(st, self.bw[leaf], slot);
+        // Fused leaf-to-root walk: node `i` sits in `agg[i / 2]`, and `agg[i]` holds its two
+        // children, so each step reads one pair and writes one entry.
+        loop {
+            let cell = &mut self.agg[i >> 1].0[i & 1];
+            if *cell == new {
+                break; // this node, and so its ancestors, unchanged
             }
-            self.agg[i] = c;
+            *cell = new;
             i >>= 1;
+            if i == 0 {
+                break;
+            }
+            let Pair([l, r]) = &self.agg[i];
+            new = combine(l, r);
         }
     }
 
@@ -195,13 +205,26 @@ impl Index {
         }
     }
 
+    /// An upper bound of the score (`static key + mig`) of the nodes under tree node `i` that fit,
+    /// or −∞ when none fits or none can beat `best`. At a leaf it is the node's exact key, from the
+    /// state (the tree's values are rounded up).
     #[inline]
-    fn bound(&self, i: usize, q: &Query<'_>, best: f64) -> f64 {
-        let a = &self.agg[i];
-        if a.mem < q.memory || a.vcpus < q.vcpus || a.s + q.mig_max() <= best {
+    fn bound(&self, st: &State, i: usize, q: &Query<'_>, best: f64) -> f64 {
+        let a = self.get(i);
+        if a.mem < q.mem_mib || a.vcpus < q.vcpus || a.s as f64 + q.mig_max() <= best {
             return f64::NEG_INFINITY; // cannot fit, or cannot win even with the best migration
         }
-        a.s + q.mig(a.bw)
+        if i < self.size {
+            return a.s as f64 + q.mig(a.bw as f64);
+        }
+        let leaf = i - self.size;
+        let slot = self.order[leaf] as usize;
+        let s = st.static_key[slot];
+        let n = &st.nodes[slot];
+        if n.memory_free < q.memory || n.vcpus_free < q.vcpus || s + q.mig_max() <= best {
+            return f64::NEG_INFINITY;
+        }
+        s + q.mig(self.bw[leaf])
     }
 
     /// The slot with the highest `static key + mig` among the nodes that pass every filter, by
@@ -214,9 +237,9 @@ impl Index {
         let mut best = f64::NEG_INFINITY;
         let mut best_slot = None;
         // Depth-first: at most one pending sibling per level.
-        let mut stack = [(0usize, 0.0f64); 66];
+        let mut stack = [(0usize, 0.0f64); 48]; // depth <= 33: slots are u32
         let mut sp = 0;
-        let (mut i, mut b) = (1, self.bound(1, q, best));
+        let (mut i, mut b) = (1, self.bound(st, 1, q, best));
         loop {
             if b > best {
                 if i >= self.size {
@@ -227,7 +250,7 @@ impl Index {
                     }
                 } else {
                     let (l, r) = (2 * i, 2 * i + 1);
-                    let (bl, br) = (self.bound(l, q, best), self.bound(r, q, best));
+                    let (bl, br) = (self.bound(st, l, q, best), self.bound(st, r, q, best));
                     // Go on with the better child; the other waits on the stack.
                     let (go, wait) = if bl >= br {
                         ((l, bl), (r, br))

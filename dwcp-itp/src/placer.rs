@@ -96,6 +96,7 @@ impl State {
         let w = &self.weights;
         Query {
             memory: req.memory,
+            mem_mib: crate::index::mib_up(req.memory),
             vcpus: req.vcpus,
             source,
             source_slot: source.and_then(|s| self.slot_of.get(&s).copied()),

@@ -52,6 +52,8 @@ pub(crate) fn static_key(w: &Weights, mem_norm: f64, n: &NodeView) -> f64 {
 #[derive(Debug)]
 pub(crate) struct Query<'a> {
     pub memory: u64,
+    /// `memory` in MiB, rounded up and saturating, as the index stores free memory.
+    pub mem_mib: u32,
     pub vcpus: u32,
     pub source: Option<NodeId>,
     pub source_slot: Option<u32>,

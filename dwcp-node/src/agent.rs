@@ -405,18 +405,11 @@ impl Inner {
         }
     }
 
-    /// Picks a destination for `vm` with ITP over the gossiped view: live members with room, the
-    /// predicted migration time from here, load and spread. Without gossip, every member with a
-    /// record counts as alive and empty.
-    fn place(
-        &self,
-        vm: &VmId,
-        size: u64,
-        dirty_rate: u64,
-        records: &[Ownership],
-        nodes: &[NodeRecord],
-        excluded: &[NodeId],
-    ) -> Result<NodeId, NodeError> {
+    /// ITP over the gossiped view: every member, alive by chitchat's failure detector (or heard
+    /// from within [`FRESH`]), with its free memory and load as gossiped and the measured goodput
+    /// of this node's past migrations to it. Without gossip, every member counts as alive and
+    /// empty.
+    fn placer(&self, records: &[Ownership], nodes: &[NodeRecord]) -> dwcp_itp::Placer {
         let gossip = self.gossip.lock().clone();
         let view = gossip.map(|g| self.runtime.block_on(g.view()));
         let mut vms: BTreeMap<NodeId, u32> = BTreeMap::new();
@@ -468,18 +461,40 @@ impl Inner {
                 }
             })
             .collect();
-        let mut placer = dwcp_itp::Placer::new(views, dwcp_itp::Weights::default());
-        let request = dwcp_itp::VmRequest {
+        dwcp_itp::Placer::new(views, dwcp_itp::Weights::default())
+    }
+
+    fn request(
+        &self,
+        vm: &VmId,
+        size: u64,
+        dirty_rate: u64,
+        excluded: &[NodeId],
+    ) -> dwcp_itp::VmRequest {
+        dwcp_itp::VmRequest {
             vm: vm.to_string(),
             memory: size,
             vcpus: 0,
-            source: Some(me),
+            source: Some(self.id()),
             dirty_rate: dirty_rate as f64,
             anti_affinity: None,
             forbidden: excluded.to_vec(),
-        };
-        let placement = placer
-            .place(&request)
+        }
+    }
+
+    /// Picks a destination for `vm`: the best-scoring member by ITP ([`Inner::placer`]).
+    fn place(
+        &self,
+        vm: &VmId,
+        size: u64,
+        dirty_rate: u64,
+        records: &[Ownership],
+        nodes: &[NodeRecord],
+        excluded: &[NodeId],
+    ) -> Result<NodeId, NodeError> {
+        let placement = self
+            .placer(records, nodes)
+            .place(&self.request(vm, size, dirty_rate, excluded))
             .map_err(|e| NodeError::Refused(format!("placement: {e}")))?;
         tracing::info!(%vm, node = placement.node, score = placement.score, parts = ?placement.parts, "placed");
         Ok(placement.node)
@@ -693,15 +708,43 @@ impl Inner {
         }
     }
 
+    /// Drains this node: one batched placement decision for all its VMs (ITP's evacuation,
+    /// hardest to fit first, each decision seeing the ones before), then the migrations one by
+    /// one to the planned nodes; a migration whose planned node cannot take it is placed again.
     fn evacuate(&self) -> Result<Value, NodeError> {
         self.draining.store(true, Ordering::SeqCst);
-        let vms: Vec<VmId> = self.hosted.lock().keys().cloned().collect();
+        let guests: Vec<(VmId, u64, u64)> = self
+            .hosted
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.state == GuestState::Running)
+            .map(|(vm, h)| (vm.clone(), h.size, h.dirty_rate))
+            .collect();
+        let records = self.registry_call(self.registry.list())?;
+        let nodes = self.registry_call(self.registry.nodes())?;
+        let requests: Vec<_> = guests
+            .iter()
+            .map(|(vm, size, rate)| self.request(vm, *size, *rate, &[]))
+            .collect();
+        let plan = self
+            .placer(&records, &nodes)
+            .evacuate(self.id(), &requests)
+            .map_err(|e| NodeError::Refused(format!("placement: {e}")))?;
         let mut results = Vec::new();
-        for vm in vms {
-            let result = self.migrate(&vm, Target::Auto);
+        for ((vm, _, _), planned) in guests.iter().zip(plan) {
+            let result = match &planned {
+                Ok(p) => self.migrate(vm, Target::Node(p.node)).or_else(|e| {
+                    tracing::warn!(%vm, planned = p.node, error = %e, "planned destination failed; placing again");
+                    self.migrate(vm, Target::Auto)
+                }),
+                Err(e) => Err(NodeError::Refused(format!("placement: {e}"))),
+            };
+            let planned = planned.as_ref().ok().map(|p| p.node);
             results.push(match result {
-                Ok(v) => json!({"vm": vm, "ok": true, "result": v}),
-                Err(e) => json!({"vm": vm, "ok": false, "error": e.to_string()}),
+                Ok(v) => json!({"vm": vm, "ok": true, "planned": planned, "result": v}),
+                Err(e) => {
+                    json!({"vm": vm, "ok": false, "planned": planned, "error": e.to_string()})
+                }
             });
         }
         Ok(json!({ "node": self.id(), "migrations": results }))

@@ -401,3 +401,56 @@ fn an_unavailable_registry_at_the_handover_leaves_one_owner_and_the_source_resum
     std::thread::sleep(Duration::from_millis(500));
     assert!(p.dest.running().is_empty());
 }
+
+#[test]
+fn the_same_agents_run_on_a_real_etcd_and_evacuate_a_node_in_one_batch() {
+    let etcd = dwcp_acp::etcd::testing::EtcdCluster::start(1)
+        .expect("etcd (scripts/setup.sh installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = cluster_file(dir.path(), 3);
+    file.backend = BackendChoice::Etcd {
+        endpoints: etcd.endpoints(),
+        prefix: "/dwcp-test".into(),
+    };
+    let nodes = start_all(&file, true);
+    let (a, b) = (VmId::new("etcd-a").unwrap(), VmId::new("etcd-b").unwrap());
+    for vm in [&a, &b] {
+        ask(
+            &nodes[1],
+            Request::CreateVm {
+                vm: vm.clone(),
+                size: 8 * MIB,
+                dirty_rate: MIB,
+            },
+        )
+        .unwrap();
+    }
+    wait_until(|| {
+        nodes.iter().all(|n| {
+            ask(n, Request::Status).is_ok_and(|s| {
+                s["gossip"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().filter(|p| p["alive"] == true).count() == 3)
+            })
+        })
+    });
+    let evacuated = ask(&nodes[1], Request::Evacuate).unwrap();
+    let migrations = evacuated["migrations"].as_array().unwrap();
+    assert_eq!(migrations.len(), 2, "{evacuated}");
+    for m in migrations {
+        assert_eq!(m["ok"], true, "{m}");
+        assert_eq!(
+            m["planned"], m["result"]["to"],
+            "went where the batch planned: {m}"
+        );
+    }
+    for vm in [&a, &b] {
+        let record = owner(&nodes[0], vm);
+        assert_ne!(record.owner, 2);
+        assert_eq!(record.holding, Holding::Owned);
+        wait_until(|| runs(&nodes[(record.owner - 1) as usize], vm));
+        // Exactly one agent runs it.
+        assert_eq!(nodes.iter().filter(|n| runs(n, vm)).count(), 1);
+    }
+    assert!(nodes[1].agent().running().is_empty());
+}
