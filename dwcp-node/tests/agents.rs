@@ -454,3 +454,45 @@ fn the_same_agents_run_on_a_real_etcd_and_evacuate_a_node_in_one_batch() {
     }
     assert!(nodes[1].agent().running().is_empty());
 }
+
+#[test]
+fn the_control_server_refuses_wrong_keys_garbage_and_oversize_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    let p = pair(Faulty::default());
+    let addr = p.source.control_addr();
+    let create = Request::CreateVm {
+        vm: VmId::new("intruder").unwrap(),
+        size: MIB,
+        dirty_rate: 0,
+    };
+    // A client with another key.
+    let error =
+        dwcp_node::call(addr, &Psk::generate(), &create, Duration::from_secs(5)).unwrap_err();
+    assert!(error.to_string().contains("not authenticated"), "{error}");
+    // Garbage, a line past the limit, a replayed (wrong-nonce) MAC: each answered with an error.
+    let raw = |payload: Vec<u8>| -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut challenge = String::new();
+        reader.read_line(&mut challenge).unwrap();
+        let _ = s.write_all(&payload);
+        let mut answer = String::new();
+        let _ = reader.read_line(&mut answer);
+        answer
+    };
+    assert!(raw(b"not json\n".to_vec()).contains("malformed"));
+    let mut huge = vec![b'x'; dwcp_node::protocol::MAX_LINE + 10];
+    huge.push(b'\n');
+    assert!(raw(huge).contains("longer than"));
+    let replay = format!(
+        "{{\"mac\":\"{}\",\"request\":{}}}\n",
+        "00".repeat(32),
+        serde_json::to_string(&create).unwrap()
+    );
+    assert!(raw(replay.into_bytes()).contains("not authenticated"));
+    // Nothing was created.
+    let vm = VmId::new("intruder").unwrap();
+    assert_eq!(p.runtime.block_on(p.registry.ownership(&vm)).unwrap(), None);
+    assert!(p.source.running().is_empty());
+}
