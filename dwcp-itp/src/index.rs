@@ -4,65 +4,43 @@ use crate::NodeId;
 use crate::placer::State;
 use crate::score::Query;
 
-/// Per-subtree maxima, rounded *up* to 16 bytes so a node's two children share one 32-byte,
-/// 32-aligned [`Pair`] (one cache line read per visited node, half the footprint of exact
-/// values). They are upper bounds only: the search takes exact values at the leaves.
+/// Per-subtree maxima. At a leaf they are the node's exact values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Agg {
-    /// Static key, rounded up to `f32` (−∞ for a node that takes nothing).
-    pub s: f32,
-    /// Bandwidth from the index's source, rounded up to `f32` (0 for the source-less index).
-    pub bw: f32,
-    /// Free memory in MiB, rounded up, saturating (0 for a node that takes nothing).
-    pub mem: u32,
+    /// Static key (−∞ for a node that takes nothing).
+    pub s: f64,
+    /// Bandwidth from the index's source (0 for the source-less index).
+    pub bw: f64,
+    /// Free memory (0 for a node that takes nothing).
+    pub mem: u64,
     /// Free vCPUs (0 for a node that takes nothing).
     pub vcpus: u32,
 }
 
 const EMPTY: Agg = Agg {
-    s: f32::NEG_INFINITY,
+    s: f64::NEG_INFINITY,
     bw: 0.0,
     mem: 0,
     vcpus: 0,
 };
 
-/// The two children of tree node `i` live in `pairs[i]` (`pairs[0][1]` is the root).
+/// The two children of one tree node, in one 64-byte cache line: the search reads both, and the
+/// leaf-to-root walk reads a node's sibling next to it.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C, align(64))]
 struct Pair([Agg; 2]);
 
-/// The smallest `f32` that is `>= x` (`x` is not NaN).
+/// `max` without the NaN handling of `f64::max` (no key or bandwidth is NaN).
 #[inline]
-fn up32(x: f64) -> f32 {
-    let f = x as f32;
-    if f as f64 >= x {
-        f
-    } else if f == 0.0 {
-        f32::from_bits(1) // the smallest positive subnormal
-    } else if f > 0.0 {
-        f32::from_bits(f.to_bits() + 1)
-    } else {
-        f32::from_bits(f.to_bits() - 1) // towards zero (also −∞ → −f32::MAX)
-    }
-}
-
-/// Memory in MiB, rounded up and saturating at `u32::MAX`. Monotone, so `mib_up(free) <
-/// mib_up(need)` implies `free < need`: a subtree pruned by it cannot fit.
-#[inline]
-pub(crate) fn mib_up(bytes: u64) -> u32 {
-    bytes.div_ceil(1 << 20).min(u32::MAX as u64) as u32
-}
-
-#[inline]
-fn max32(a: f32, b: f32) -> f32 {
+fn max64(a: f64, b: f64) -> f64 {
     if a >= b { a } else { b }
 }
 
 #[inline]
 fn combine(a: &Agg, b: &Agg) -> Agg {
     Agg {
-        s: max32(a.s, b.s),
-        bw: max32(a.bw, b.bw),
+        s: max64(a.s, b.s),
+        bw: max64(a.bw, b.bw),
         mem: a.mem.max(b.mem),
         vcpus: a.vcpus.max(b.vcpus),
     }
@@ -92,6 +70,9 @@ pub(crate) struct Index {
     link_changes: usize,
     /// For the LRU of per-source indexes.
     pub last_use: u64,
+    /// The last search's winner and runner-up (slots; `u32::MAX` for none): evaluated first, they
+    /// give the search a good lower bound to prune with from the start.
+    hints: [u32; 2],
 }
 
 impl Index {
@@ -102,9 +83,9 @@ impl Index {
         }
         let n = &st.nodes[slot as usize];
         Agg {
-            s: up32(s),
-            bw: up32(bw),
-            mem: mib_up(n.memory_free),
+            s,
+            bw,
+            mem: n.memory_free,
             vcpus: n.vcpus_free,
         }
     }
@@ -155,6 +136,7 @@ impl Index {
             seen: st.log_base + st.log.len() as u64,
             link_changes: 0,
             last_use: 0,
+            hints: [u32::MAX; 2],
         }
     }
 
@@ -165,20 +147,20 @@ impl Index {
         }
         let mut i = self.size + leaf;
         let mut new = Self::leaf(st, self.bw[leaf], slot);
-        // Fused leaf-to-root walk: node `i` sits in `agg[i / 2]`, and `agg[i]` holds its two
-        // children, so each step reads one pair and writes one entry.
+        // Leaf-to-root: the parent is computed from the new value (in registers) and the sibling
+        // next to it, never by re-reading what was just stored.
         loop {
-            let cell = &mut self.agg[i >> 1].0[i & 1];
-            if *cell == new {
+            let pair = &mut self.agg[i >> 1];
+            let k = i & 1;
+            if pair.0[k] == new {
                 break; // this node, and so its ancestors, unchanged
             }
-            *cell = new;
+            pair.0[k] = new;
             i >>= 1;
             if i == 0 {
                 break;
             }
-            let Pair([l, r]) = &self.agg[i];
-            new = combine(l, r);
+            new = combine(&new, &pair.0[k ^ 1]);
         }
     }
 
@@ -205,62 +187,70 @@ impl Index {
         }
     }
 
-    /// An upper bound of the score (`static key + mig`) of the nodes under tree node `i` that fit,
-    /// or −∞ when none fits or none can beat `best`. At a leaf it is the node's exact key, from the
-    /// state (the tree's values are rounded up).
-    #[inline]
-    fn bound(&self, st: &State, i: usize, q: &Query<'_>, best: f64) -> f64 {
+    /// The bound of tree node `i`: its max static key plus the migration term at its max
+    /// bandwidth, or −∞ when it cannot fit. Branch-free (the outcomes are unpredictable, and a
+    /// mispredicted branch costs more than the division): the same bits as `s + q.mig(bw)`.
+    #[inline(always)]
+    fn bound(&self, i: usize, q: &Query<'_>) -> f64 {
         let a = self.get(i);
-        if a.mem < q.mem_mib || a.vcpus < q.vcpus || a.s as f64 + q.mig_max() <= best {
-            return f64::NEG_INFINITY; // cannot fit, or cannot win even with the best migration
-        }
-        if i < self.size {
-            return a.s as f64 + q.mig(a.bw as f64);
-        }
-        let leaf = i - self.size;
-        let slot = self.order[leaf] as usize;
-        let s = st.static_key[slot];
-        let n = &st.nodes[slot];
-        if n.memory_free < q.memory || n.vcpus_free < q.vcpus || s + q.mig_max() <= best {
-            return f64::NEG_INFINITY;
-        }
-        s + q.mig(self.bw[leaf])
+        let fits = (a.mem >= q.memory) & (a.vcpus >= q.vcpus);
+        let b = a.s + q.mig_select(a.bw);
+        if fits { b } else { f64::NEG_INFINITY }
     }
 
     /// The slot with the highest `static key + mig` among the nodes that pass every filter, by
     /// depth-first branch and bound (better child first). At a leaf the bound *is* the node's key,
-    /// so nothing is pruned that could beat or tie the best found, and the result's score equals
-    /// the full scan's.
+    /// so nothing is pruned that could beat the best found (a subtree whose bound only ties it
+    /// holds at most a tie), and the result's score equals the full scan's.
+    ///
+    /// The last search's winner and runner-up are scored first: after a reservation they are
+    /// usually still near the top, and a good first `best` prunes most of the tree. They only seed
+    /// the lower bound, so the result's score does not depend on them; among exactly equal scores
+    /// the first one found wins.
     ///
     /// Returns the slot and its bandwidth from the source.
-    pub fn search(&self, st: &State, q: &Query<'_>) -> Option<(u32, f64)> {
+    pub fn search(&mut self, st: &State, q: &Query<'_>) -> Option<(u32, f64)> {
         let mut best = f64::NEG_INFINITY;
         let mut best_slot = None;
+        let mut runner_up = u32::MAX;
+        for h in self.hints {
+            if (h as usize) < self.pos.len() {
+                let leaf = self.pos[h as usize] as usize;
+                let b = self.bound(self.size + leaf, q);
+                if b > best && st.extra_ok(h, q) {
+                    best = b;
+                    best_slot = Some((h, self.bw[leaf]));
+                }
+            }
+        }
         // Depth-first: at most one pending sibling per level.
         let mut stack = [(0usize, 0.0f64); 48]; // depth <= 33: slots are u32
         let mut sp = 0;
-        let (mut i, mut b) = (1, self.bound(st, 1, q, best));
+        let (mut i, mut b) = (1, self.bound(1, q));
         loop {
             if b > best {
                 if i >= self.size {
                     let slot = self.order[i - self.size];
                     if st.extra_ok(slot, q) {
                         best = b;
+                        if let Some((prev, _)) = best_slot {
+                            runner_up = prev;
+                        }
                         best_slot = Some((slot, self.bw[i - self.size]));
                     }
                 } else {
                     let (l, r) = (2 * i, 2 * i + 1);
-                    let (bl, br) = (self.bound(st, l, q, best), self.bound(st, r, q, best));
-                    // Go on with the better child; the other waits on the stack.
-                    let (go, wait) = if bl >= br {
+                    let (bl, br) = (self.bound(l, q), self.bound(r, q));
+                    // Go on with the better child; the other waits on the stack (pushed
+                    // unconditionally, kept only if it can still win: no branch).
+                    let left = bl >= br;
+                    let (go, wait) = if left {
                         ((l, bl), (r, br))
                     } else {
                         ((r, br), (l, bl))
                     };
-                    if wait.1 > best {
-                        stack[sp] = wait;
-                        sp += 1;
-                    }
+                    stack[sp] = wait;
+                    sp += (wait.1 > best) as usize;
                     (i, b) = go;
                     continue;
                 }
@@ -270,6 +260,17 @@ impl Index {
             }
             sp -= 1;
             (i, b) = stack[sp];
+        }
+        if let Some((w, _)) = best_slot {
+            if runner_up == u32::MAX {
+                // The tree found nothing better than a hint: keep the other hint as runner-up.
+                runner_up = if self.hints[0] == w {
+                    self.hints[1]
+                } else {
+                    self.hints[0]
+                };
+            }
+            self.hints = [w, runner_up];
         }
         best_slot
     }

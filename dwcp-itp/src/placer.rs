@@ -96,7 +96,6 @@ impl State {
         let w = &self.weights;
         Query {
             memory: req.memory,
-            mem_mib: crate::index::mib_up(req.memory),
             vcpus: req.vcpus,
             source,
             source_slot: source.and_then(|s| self.slot_of.get(&s).copied()),
@@ -236,8 +235,9 @@ impl State {
         id
     }
 
-    fn reserve(&mut self, slot: u32, req: &VmRequest) {
-        let gid = req.anti_affinity.as_deref().map(|g| self.intern(g));
+    /// `gid` is the request's group if already interned (the query looked it up), saving a lookup.
+    fn reserve(&mut self, slot: u32, req: &VmRequest, gid: Option<u32>) {
+        let gid = gid.or_else(|| req.anti_affinity.as_deref().map(|g| self.intern(g)));
         let n = &mut self.nodes[slot as usize];
         n.memory_free -= req.memory;
         n.vcpus_free -= req.vcpus;
@@ -491,7 +491,8 @@ impl Placer {
     ) -> Result<Placement, ItpError> {
         let (slot, bw, q) = self.find(req, source)?;
         let p = self.st.placement(slot, &q, bw);
-        self.st.reserve(slot, req);
+        let gid = q.gid;
+        self.st.reserve(slot, req, gid);
         Ok(p)
     }
 
@@ -532,7 +533,7 @@ impl Placer {
     pub fn place_by_scan(&mut self, req: &VmRequest) -> Result<Placement, ItpError> {
         let p = self.best_by_scan(req)?;
         let slot = self.st.slot_of[&p.node];
-        self.st.reserve(slot, req);
+        self.st.reserve(slot, req, None);
         Ok(p)
     }
 

@@ -52,8 +52,6 @@ pub(crate) fn static_key(w: &Weights, mem_norm: f64, n: &NodeView) -> f64 {
 #[derive(Debug)]
 pub(crate) struct Query<'a> {
     pub memory: u64,
-    /// `memory` in MiB, rounded up and saturating, as the index stores free memory.
-    pub mem_mib: u32,
     pub vcpus: u32,
     pub source: Option<NodeId>,
     pub source_slot: Option<u32>,
@@ -86,14 +84,16 @@ impl Query<'_> {
         }
     }
 
-    /// An upper bound of [`Query::mig`] for any bandwidth (no division).
-    #[inline]
-    pub fn mig_max(&self) -> f64 {
+    /// [`Query::mig`] (the same bits) computed without a data-dependent branch: both outcomes are
+    /// computed and one is selected.
+    #[inline(always)]
+    pub fn mig_select(&self, bw: f64) -> f64 {
         if self.source.is_none() {
-            0.0
-        } else {
-            self.w_mig
+            return 0.0;
         }
+        let x = bw - self.dirty_rate;
+        let v = self.w_mig * (1.0 - self.c / (x + self.c));
+        if x > 0.0 { v } else { -self.penalty }
     }
 
     /// The full score from the static key and the bandwidth.

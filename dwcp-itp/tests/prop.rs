@@ -243,3 +243,77 @@ proptest! {
         check_model(&model, &p);
     }
 }
+
+/// A larger random view (deeper trees than `view()`), from a seed: bandwidths from a few zones
+/// so near-ties between bandwidth and static key are common, units that make ties and exact fits
+/// frequent.
+fn big_view(seed: u64, n: usize) -> Vec<NodeView> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    (0..n as u64)
+        .map(|id| {
+            let total = rng.random_range(1u64..16) * U;
+            NodeView {
+                id,
+                name: format!("n{id}"),
+                alive: rng.random_bool(0.95),
+                cordoned: rng.random_bool(0.05),
+                memory_total: total,
+                memory_free: rng.random_range(0..=total / U) * U,
+                cpu_load: match rng.random_range(0..3) {
+                    0 => 0.0,
+                    1 => 0.5,
+                    _ => rng.random_range(0.0..1.0),
+                },
+                vcpus_free: rng.random_range(0..16),
+                zone: String::new(),
+                link_to: (0..n as u64)
+                    .filter_map(|j| {
+                        let keep = j != id && rng.random_bool(0.9);
+                        let b = if j % 4 == id % 4 { 1e9 } else { 2e8 };
+                        let jitter = rng.random_range(0.5..1.5);
+                        keep.then(|| (j, if rng.random_bool(0.5) { b } else { b * jitter }))
+                    })
+                    .collect(),
+                vms: rng.random_range(0..6),
+                anti_affinity_groups: if rng.random_bool(0.3) {
+                    vec![["a", "b"][rng.random_range(0..2)].to_string()]
+                } else {
+                    vec![]
+                },
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn index_matches_scan_on_larger_views(
+        seed in any::<u64>(),
+        n in 17usize..160,
+        reqs in prop::collection::vec(request(), 1..120),
+        sources in prop::collection::vec(0u64..160, 120),
+    ) {
+        let mut p = Placer::new(big_view(seed, n), Weights::default());
+        let mut model = model_of(&p);
+        for (k, mut r) in reqs.into_iter().enumerate() {
+            // Sources over the whole view, a few of them (so their trees see many reservations).
+            r.source = r.source.map(|_| sources[k % 4] % n as u64);
+            r.forbidden.iter_mut().for_each(|f| *f = (*f * 11) % n as u64);
+            let scan = p.best_by_scan(&r);
+            let before = p.clone();
+            let got = p.place(&r);
+            match (&scan, &got) {
+                (Ok(s), Ok(g)) => {
+                    prop_assert_eq!(s.score, g.score, "scan {:?} index {:?}", s, g);
+                    reserve(&mut model, &p, g.node, &r, before.node(g.node).unwrap());
+                }
+                (Err(s), Err(g)) => prop_assert_eq!(s, g),
+                _ => prop_assert!(false, "scan {:?} index {:?}", scan, got),
+            }
+            check_model(&model, &p);
+        }
+    }
+}
