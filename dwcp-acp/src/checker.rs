@@ -528,56 +528,52 @@ impl RecordingRegistry {
             Answer::Refused(e.clone())
         }
     }
+
+    /// Records `op`, awaits `call`, records its answer as `answer` makes it.
+    async fn record<T>(
+        &self,
+        op: Op,
+        call: impl std::future::Future<Output = Result<T, AcpError>>,
+        answer: impl FnOnce(&T) -> Answer,
+    ) -> Result<T, AcpError> {
+        let index = self.history.invoke(self.process, op);
+        let result = call.await;
+        let recorded = match &result {
+            Ok(value) => answer(value),
+            Err(e) => Self::error(e),
+        };
+        self.history.complete(index, recorded);
+        result
+    }
+}
+
+fn record_of(r: &Ownership) -> Answer {
+    Answer::Record(r.clone())
 }
 
 #[async_trait::async_trait]
 impl Registry for RecordingRegistry {
     async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        let index = self.history.invoke(
-            self.process,
-            Op::Register {
-                vm: vm.clone(),
-                owner,
-            },
-        );
-        let result = self.inner.register(vm, owner).await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(r) => Answer::Record(r.clone()),
-                Err(e) => Self::error(e),
-            },
-        );
-        result
+        let op = Op::Register {
+            vm: vm.clone(),
+            owner,
+        };
+        self.record(op, self.inner.register(vm, owner), record_of)
+            .await
     }
 
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
-        let index = self
-            .history
-            .invoke(self.process, Op::Read { vm: vm.clone() });
-        let result = self.inner.ownership(vm).await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(Some(r)) => Answer::Record(r.clone()),
-                Ok(None) => Answer::Absent,
-                Err(e) => Self::error(e),
-            },
-        );
-        result
+        let op = Op::Read { vm: vm.clone() };
+        self.record(op, self.inner.ownership(vm), |r| match r {
+            Some(r) => Answer::Record(r.clone()),
+            None => Answer::Absent,
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<Ownership>, AcpError> {
-        let index = self.history.invoke(self.process, Op::List);
-        let result = self.inner.list().await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(records) => Answer::Listed(records.clone()),
-                Err(e) => Self::error(e),
-            },
-        );
-        result
+        self.record(Op::List, self.inner.list(), |r| Answer::Listed(r.clone()))
+            .await
     }
 
     async fn begin_handoff(
@@ -593,10 +589,8 @@ impl Registry for RecordingRegistry {
             fence,
             to,
         };
-        let index = self.history.invoke(self.process, op);
-        let result = self.inner.begin_handoff(vm, from, fence, to).await;
-        self.finish(index, &result);
-        result
+        let call = self.inner.begin_handoff(vm, from, fence, to);
+        self.record(op, call, record_of).await
     }
 
     async fn commit_handoff(
@@ -612,10 +606,8 @@ impl Registry for RecordingRegistry {
             fence,
             to,
         };
-        let index = self.history.invoke(self.process, op);
-        let result = self.inner.commit_handoff(vm, from, fence, to).await;
-        self.finish(index, &result);
-        result
+        let call = self.inner.commit_handoff(vm, from, fence, to);
+        self.record(op, call, record_of).await
     }
 
     async fn abort_handoff(
@@ -629,10 +621,8 @@ impl Registry for RecordingRegistry {
             from,
             fence,
         };
-        let index = self.history.invoke(self.process, op);
-        let result = self.inner.abort_handoff(vm, from, fence).await;
-        self.finish(index, &result);
-        result
+        let call = self.inner.abort_handoff(vm, from, fence);
+        self.record(op, call, record_of).await
     }
 
     async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
@@ -641,53 +631,17 @@ impl Registry for RecordingRegistry {
             owner,
             fence,
         };
-        let index = self.history.invoke(self.process, op);
-        let result = self.inner.unregister(vm, owner, fence).await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(()) => Answer::Removed,
-                Err(e) => Self::error(e),
-            },
-        );
-        result
+        let call = self.inner.unregister(vm, owner, fence);
+        self.record(op, call, |_| Answer::Removed).await
     }
 
     async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
-        let index = self.history.invoke(self.process, Op::Membership);
-        let result = self.inner.put_node(node).await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(()) => Answer::Done,
-                Err(e) => Self::error(e),
-            },
-        );
-        result
+        let call = self.inner.put_node(node);
+        self.record(Op::Membership, call, |_| Answer::Done).await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
-        let index = self.history.invoke(self.process, Op::Membership);
-        let result = self.inner.nodes().await;
-        self.history.complete(
-            index,
-            match &result {
-                Ok(_) => Answer::Done,
-                Err(e) => Self::error(e),
-            },
-        );
-        result
-    }
-}
-
-impl RecordingRegistry {
-    fn finish(&self, index: usize, result: &Result<Ownership, AcpError>) {
-        self.history.complete(
-            index,
-            match result {
-                Ok(r) => Answer::Record(r.clone()),
-                Err(e) => Self::error(e),
-            },
-        );
+        self.record(Op::Membership, self.inner.nodes(), |_| Answer::Done)
+            .await
     }
 }

@@ -210,16 +210,7 @@ impl SimulatedGuest {
             }
             ram.copy_in(p, 0, &page);
         }
-        Ok(Arc::new(Self {
-            shared: Arc::new(Shared {
-                ram,
-                dirty: DirtyBitmap::new(pages),
-                run: Mutex::new(RunState::default()),
-                wake: Condvar::new(),
-                pages_written: AtomicU64::new(0),
-            }),
-            workload: Mutex::new(None),
-        }))
+        Ok(Self::from_ram(ram))
     }
 
     /// A guest that runs on memory received from elsewhere (the destination of a migration).
