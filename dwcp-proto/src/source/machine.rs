@@ -494,11 +494,16 @@ impl SourceMachine {
             }
             HandoverDecision::Refused(reason) => self.fail(Error::HandoverRefused(reason)),
             HandoverDecision::Unknown(reason) => {
-                // Whoever the registry names owns the VM now; resuming here could run it twice.
-                self.commit_sent = true;
-                self.fail(Error::HandoverUnconfirmed(format!(
-                    "the cluster registry did not say whether the new owner was recorded: {reason}"
-                )));
+                // Whoever the registry names owns the VM now; resuming here could run it twice,
+                // so the guest stays paused. No Commit went out: the destination is told the
+                // session is over (else it waits out its timeout) and its side asks the registry.
+                self.phase = Phase::Done;
+                self.actions.push_back(SourceAction::Finished(Err(Failure {
+                    error: Error::HandoverUnconfirmed(format!(
+                        "the cluster registry did not say whether the new owner was recorded: {reason}"
+                    )),
+                    tell_peer: true,
+                })));
             }
         }
     }
