@@ -652,7 +652,8 @@ impl Inner {
         }
     }
 
-    /// Cancels a handoff begun at `fence`, until the registry answers for certain.
+    /// Cancels a handoff begun at `fence`, until the registry answers for certain. The guest's
+    /// state is the caller's to change: a retry with another destination keeps it migrating.
     fn abort(&self, vm: &VmId, fence: Fence) -> Option<Ownership> {
         match self.retrying(Duration::from_secs(30), || {
             self.registry.abort_handoff(vm, self.id(), fence)
@@ -660,7 +661,6 @@ impl Inner {
             Ok(record) => {
                 if let Some(h) = self.hosted.lock().get_mut(vm) {
                     h.fence = record.fence;
-                    h.state = GuestState::Running;
                 }
                 tracing::info!(%vm, fence = %record.fence, "handoff aborted; the VM stays here");
                 Some(record)
