@@ -21,18 +21,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::{AcpError, Fence, NodeId, NodeRecord, Ownership, Registry, VmId};
+use crate::{AcpError, Command, CommandOutcome, Fence, NodeRecord, Ownership, Registry, VmId};
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// [`Registry::register`].
-    Register {
-        /// The VM.
-        vm: VmId,
-        /// Its first owner.
-        owner: NodeId,
-    },
+    /// A change ([`Registry::execute`] and the named changes built on it). A member's record
+    /// ([`Command::PutNode`]) is recorded, not checked.
+    Change(Command),
     /// [`Registry::ownership`].
     Read {
         /// The VM.
@@ -40,76 +36,38 @@ pub enum Op {
     },
     /// [`Registry::list`].
     List,
-    /// [`Registry::begin_handoff`].
-    Begin {
-        /// The VM.
-        vm: VmId,
-        /// The owner.
-        from: NodeId,
-        /// The fence named.
-        fence: Fence,
-        /// The destination.
-        to: NodeId,
-    },
-    /// [`Registry::commit_handoff`].
-    Commit {
-        /// The VM.
-        vm: VmId,
-        /// The owner.
-        from: NodeId,
-        /// The fence named.
-        fence: Fence,
-        /// The destination.
-        to: NodeId,
-    },
-    /// [`Registry::abort_handoff`].
-    Abort {
-        /// The VM.
-        vm: VmId,
-        /// The owner.
-        from: NodeId,
-        /// The fence named.
-        fence: Fence,
-    },
-    /// [`Registry::unregister`].
-    Unregister {
-        /// The VM.
-        vm: VmId,
-        /// The owner.
-        owner: NodeId,
-        /// The fence named.
-        fence: Fence,
-    },
-    /// [`Registry::put_node`] or [`Registry::nodes`]: recorded, not checked.
-    Membership,
+    /// [`Registry::nodes`]: recorded, not checked.
+    Nodes,
 }
 
 impl Op {
     fn vm(&self) -> Option<&VmId> {
         match self {
-            Op::Register { vm, .. }
-            | Op::Read { vm }
-            | Op::Begin { vm, .. }
-            | Op::Commit { vm, .. }
-            | Op::Abort { vm, .. }
-            | Op::Unregister { vm, .. } => Some(vm),
-            Op::List | Op::Membership => None,
+            Op::Change(command) => command.vm(),
+            Op::Read { vm } => Some(vm),
+            Op::List | Op::Nodes => None,
         }
     }
 
     /// The fence a change named as the version it replaces (`None` for a registration or a read).
     fn replaces(&self) -> Option<Fence> {
         match self {
-            Op::Begin { fence, .. }
-            | Op::Commit { fence, .. }
-            | Op::Abort { fence, .. }
-            | Op::Unregister { fence, .. } => Some(*fence),
+            Op::Change(
+                Command::BeginHandoff { fence, .. }
+                | Command::CommitHandoff { fence, .. }
+                | Command::AbortHandoff { fence, .. }
+                | Command::Unregister { fence, .. },
+            ) => Some(*fence),
             _ => None,
         }
     }
 
     fn is_change(&self) -> bool {
-        !matches!(self, Op::Read { .. } | Op::List | Op::Membership)
+        matches!(self, Op::Change(command) if command.vm().is_some())
+    }
+
+    fn is_unregister(&self) -> bool {
+        matches!(self, Op::Change(Command::Unregister { .. }))
     }
 }
 
@@ -352,7 +310,7 @@ pub fn check_entries(
     for entry in entries {
         let (Some(answer), Some(completed)) = (&entry.answer, entry.completed) else {
             summary.indeterminate += 1;
-            if let Op::Unregister { vm, .. } = &entry.op {
+            if let (true, Some(vm)) = (entry.op.is_unregister(), entry.op.vm()) {
                 removed_possibly.insert(vm.clone(), true);
             }
             continue;
@@ -373,7 +331,7 @@ pub fn check_entries(
                 let change = entry.op.is_change();
                 if change {
                     summary.acknowledged_changes += 1;
-                    if matches!(entry.op, Op::Commit { .. }) {
+                    if matches!(entry.op, Op::Change(Command::CommitHandoff { .. })) {
                         summary.handoffs_committed += 1;
                     }
                 }
@@ -435,7 +393,7 @@ pub fn check_entries(
             }
             Answer::Indeterminate(_) => {
                 summary.indeterminate += 1;
-                if let Op::Unregister { vm, .. } = &entry.op {
+                if let (true, Some(vm)) = (entry.op.is_unregister(), entry.op.vm()) {
                     removed_possibly.insert(vm.clone(), true);
                 }
             }
@@ -547,19 +505,16 @@ impl RecordingRegistry {
     }
 }
 
-fn record_of(r: &Ownership) -> Answer {
-    Answer::Record(r.clone())
-}
-
 #[async_trait::async_trait]
 impl Registry for RecordingRegistry {
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        let op = Op::Register {
-            vm: vm.clone(),
-            owner,
-        };
-        self.record(op, self.inner.register(vm, owner), record_of)
-            .await
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError> {
+        let op = Op::Change(command.clone());
+        self.record(op, self.inner.execute(command), |outcome| match outcome {
+            CommandOutcome::Changed(r) => Answer::Record(r.clone()),
+            CommandOutcome::Removed => Answer::Removed,
+            CommandOutcome::NodeStored => Answer::Done,
+        })
+        .await
     }
 
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
@@ -576,72 +531,8 @@ impl Registry for RecordingRegistry {
             .await
     }
 
-    async fn begin_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        let op = Op::Begin {
-            vm: vm.clone(),
-            from,
-            fence,
-            to,
-        };
-        let call = self.inner.begin_handoff(vm, from, fence, to);
-        self.record(op, call, record_of).await
-    }
-
-    async fn commit_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        let op = Op::Commit {
-            vm: vm.clone(),
-            from,
-            fence,
-            to,
-        };
-        let call = self.inner.commit_handoff(vm, from, fence, to);
-        self.record(op, call, record_of).await
-    }
-
-    async fn abort_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-    ) -> Result<Ownership, AcpError> {
-        let op = Op::Abort {
-            vm: vm.clone(),
-            from,
-            fence,
-        };
-        let call = self.inner.abort_handoff(vm, from, fence);
-        self.record(op, call, record_of).await
-    }
-
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
-        let op = Op::Unregister {
-            vm: vm.clone(),
-            owner,
-            fence,
-        };
-        let call = self.inner.unregister(vm, owner, fence);
-        self.record(op, call, |_| Answer::Removed).await
-    }
-
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
-        let call = self.inner.put_node(node);
-        self.record(Op::Membership, call, |_| Answer::Done).await
-    }
-
     async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
-        self.record(Op::Membership, self.inner.nodes(), |_| Answer::Done)
+        self.record(Op::Nodes, self.inner.nodes(), |_| Answer::Done)
             .await
     }
 }

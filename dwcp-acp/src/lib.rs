@@ -162,18 +162,34 @@ pub struct NodeRecord {
 /// The replicated registry: every method is linearizable (a read sees every change acknowledged
 /// before it began) and every change is durable on a quorum before it is acknowledged.
 ///
+/// A backend implements [`Registry::execute`] (order a [`Command`] and apply it with
+/// [`RegistryState::apply`]'s meaning) and the three reads; the named changes are built on
+/// `execute`.
+///
 /// An [`AcpError::Unavailable`] or [`AcpError::Timeout`] answer to a change is indeterminate: it
 /// may have committed. Read the record again before acting on it.
 #[async_trait::async_trait]
 pub trait Registry: Send + Sync + fmt::Debug {
-    /// Records `vm` as owned by `owner`; refused if it is already registered.
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError>;
+    /// Orders `command` and applies it; a refused command changes nothing.
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError>;
 
     /// The record of `vm`, or `None` if it is not registered.
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError>;
 
     /// Every VM's record, ordered by VM id.
     async fn list(&self) -> Result<Vec<Ownership>, AcpError>;
+
+    /// Every member's record, ordered by id.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError>;
+
+    /// Records `vm` as owned by `owner`; refused if it is already registered.
+    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
+        let command = Command::Register {
+            vm: vm.clone(),
+            owner,
+        };
+        self.execute(command).await?.into_record()
+    }
 
     /// Marks `vm`, owned by `from` at `fence`, as leaving for `to`.
     async fn begin_handoff(
@@ -182,7 +198,15 @@ pub trait Registry: Send + Sync + fmt::Debug {
         from: NodeId,
         fence: Fence,
         to: NodeId,
-    ) -> Result<Ownership, AcpError>;
+    ) -> Result<Ownership, AcpError> {
+        let command = Command::BeginHandoff {
+            vm: vm.clone(),
+            from,
+            fence,
+            to,
+        };
+        self.execute(command).await?.into_record()
+    }
 
     /// Makes `to` the owner of `vm`, which `from` was handing to it at `fence`.
     async fn commit_handoff(
@@ -191,7 +215,15 @@ pub trait Registry: Send + Sync + fmt::Debug {
         from: NodeId,
         fence: Fence,
         to: NodeId,
-    ) -> Result<Ownership, AcpError>;
+    ) -> Result<Ownership, AcpError> {
+        let command = Command::CommitHandoff {
+            vm: vm.clone(),
+            from,
+            fence,
+            to,
+        };
+        self.execute(command).await?.into_record()
+    }
 
     /// Cancels the handoff of `vm` begun at `fence`: `from` keeps it.
     async fn abort_handoff(
@@ -199,14 +231,28 @@ pub trait Registry: Send + Sync + fmt::Debug {
         vm: &VmId,
         from: NodeId,
         fence: Fence,
-    ) -> Result<Ownership, AcpError>;
+    ) -> Result<Ownership, AcpError> {
+        let command = Command::AbortHandoff {
+            vm: vm.clone(),
+            from,
+            fence,
+        };
+        self.execute(command).await?.into_record()
+    }
 
     /// Removes `vm`, owned by `owner` at `fence`, from the registry (the VM was shut down).
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError>;
+    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
+        let command = Command::Unregister {
+            vm: vm.clone(),
+            owner,
+            fence,
+        };
+        self.execute(command).await?.expect(CommandOutcome::Removed)
+    }
 
     /// Adds or replaces a member's record.
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError>;
-
-    /// Every member's record, ordered by id.
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError>;
+    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
+        let outcome = self.execute(Command::PutNode(node)).await?;
+        outcome.expect(CommandOutcome::NodeStored)
+    }
 }

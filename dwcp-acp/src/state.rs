@@ -72,6 +72,39 @@ pub enum CommandOutcome {
     NodeStored,
 }
 
+impl Command {
+    /// The VM the command changes (`None` for a member's record).
+    pub fn vm(&self) -> Option<&VmId> {
+        match self {
+            Command::Register { vm, .. }
+            | Command::BeginHandoff { vm, .. }
+            | Command::CommitHandoff { vm, .. }
+            | Command::AbortHandoff { vm, .. }
+            | Command::Unregister { vm, .. } => Some(vm),
+            Command::PutNode(_) => None,
+        }
+    }
+}
+
+impl CommandOutcome {
+    /// The changed record, for a command that changes one.
+    pub fn into_record(self) -> Result<Ownership, AcpError> {
+        match self {
+            CommandOutcome::Changed(record) => Ok(record),
+            other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Checks that the outcome is `expected`.
+    pub fn expect(self, expected: CommandOutcome) -> Result<(), AcpError> {
+        if self == expected {
+            Ok(())
+        } else {
+            Err(AcpError::Backend(format!("unexpected outcome {self:?}")))
+        }
+    }
+}
+
 /// Every VM's record and every member's, as of some point in the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryState {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use dwcp_acp::checker::{self, History, RecordingRegistry, Violation};
 use dwcp_acp::{
-    AcpError, Fence, Holding, MemoryRegistry, NodeId, NodeRecord, Ownership, Registry, VmId,
+    AcpError, Command, CommandOutcome, Holding, MemoryRegistry, NodeRecord, Ownership, Registry,
+    VmId,
 };
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -98,49 +99,20 @@ impl SplitBrain {
 
 #[async_trait::async_trait]
 impl Registry for SplitBrain {
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        // Both halves learn the registration, as if it committed before the partition.
-        let first = self.halves[0].register(vm, owner).await;
-        let _ = self.halves[1].register(vm, owner).await;
-        first
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError> {
+        if let Command::Register { .. } = command {
+            // Both halves learn the registration, as if it committed before the partition.
+            let first = self.halves[0].execute(command.clone()).await;
+            let _ = self.halves[1].execute(command).await;
+            return first;
+        }
+        self.half().execute(command).await
     }
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
         self.half().ownership(vm).await
     }
     async fn list(&self) -> Result<Vec<Ownership>, AcpError> {
         self.half().list().await
-    }
-    async fn begin_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        self.half().begin_handoff(vm, from, fence, to).await
-    }
-    async fn commit_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        self.half().commit_handoff(vm, from, fence, to).await
-    }
-    async fn abort_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-    ) -> Result<Ownership, AcpError> {
-        self.half().abort_handoff(vm, from, fence).await
-    }
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
-        self.half().unregister(vm, owner, fence).await
-    }
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
-        self.half().put_node(node).await
     }
     async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
         self.half().nodes().await
@@ -239,10 +211,10 @@ async fn indeterminate_answers_constrain_nothing() {
     let vm = VmId::new("vm").unwrap();
     let i = history.invoke(
         1,
-        checker::Op::Register {
+        checker::Op::Change(Command::Register {
             vm: vm.clone(),
             owner: 1,
-        },
+        }),
     );
     history.complete(
         i,

@@ -564,10 +564,10 @@ impl Recorder {
         let id = VmId::new(vm).unwrap();
         let index = self.history.invoke(
             on,
-            Op::Register {
+            Op::Change(dwcp_acp::Command::Register {
                 vm: id.clone(),
                 owner: on,
-            },
+            }),
         );
         let started = Instant::now();
         let request = Request::CreateVm {

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dwcp_acp::{
-    AcpError, Fence, Holding, MemoryRegistry, NodeId, NodeRecord, Ownership, Registry, VmId,
+    AcpError, Command, CommandOutcome, Holding, MemoryRegistry, NodeRecord, Ownership, Registry,
+    VmId,
 };
 use dwcp_core::handshake::Psk;
 use dwcp_node::{
@@ -223,31 +224,10 @@ struct Faulty {
 
 #[async_trait::async_trait]
 impl Registry for Faulty {
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        self.inner.register(vm, owner).await
-    }
-    async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
-        self.inner.ownership(vm).await
-    }
-    async fn list(&self) -> Result<Vec<Ownership>, AcpError> {
-        self.inner.list().await
-    }
-    async fn begin_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        self.inner.begin_handoff(vm, from, fence, to).await
-    }
-    async fn commit_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError> {
+        let Command::CommitHandoff { vm, .. } = &command else {
+            return self.inner.execute(command).await;
+        };
         if self.refuse_commits {
             let current = self.inner.ownership(vm).await?.unwrap();
             return Err(AcpError::Conflict {
@@ -258,7 +238,7 @@ impl Registry for Faulty {
         if self.commits_unavailable {
             return Err(AcpError::Unavailable("test: no quorum".into()));
         }
-        let result = self.inner.commit_handoff(vm, from, fence, to).await;
+        let result = self.inner.execute(command).await;
         if self
             .lose_commit_answers
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -268,19 +248,11 @@ impl Registry for Faulty {
         }
         result
     }
-    async fn abort_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-    ) -> Result<Ownership, AcpError> {
-        self.inner.abort_handoff(vm, from, fence).await
+    async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
+        self.inner.ownership(vm).await
     }
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
-        self.inner.unregister(vm, owner, fence).await
-    }
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
-        self.inner.put_node(node).await
+    async fn list(&self) -> Result<Vec<Ownership>, AcpError> {
+        self.inner.list().await
     }
     async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
         self.inner.nodes().await

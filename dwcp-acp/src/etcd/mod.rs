@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 pub use lease::LeaseGuard;
 
 use crate::{
-    AcpError, Command, CommandOutcome, Fence, Holding, NodeId, NodeRecord, Ownership, Registry,
+    AcpError, Command, CommandOutcome, Fence, Holding, NodeRecord, Ownership, Registry,
     RegistryState, VmId,
 };
 
@@ -381,26 +381,19 @@ fn decode_vm(vm: &VmId, kv: &KeyValue) -> Result<Ownership, AcpError> {
     record::decode(vm, kv.value(), kv.mod_revision())
 }
 
-fn changed(outcome: CommandOutcome) -> Result<Ownership, AcpError> {
-    match outcome {
-        CommandOutcome::Changed(record) => Ok(record),
-        other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
-    }
-}
-
 #[async_trait::async_trait]
 impl Registry for EtcdRegistry {
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        changed(
-            self.change(
-                vm,
-                Command::Register {
-                    vm: vm.clone(),
-                    owner,
-                },
-            )
-            .await?,
-        )
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError> {
+        match command {
+            Command::PutNode(node) => self.put_node_record(node).await,
+            command => {
+                let vm = command
+                    .vm()
+                    .expect("every other command names a VM")
+                    .clone();
+                self.change(&vm, command).await
+            }
+        }
     }
 
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
@@ -431,70 +424,15 @@ impl Registry for EtcdRegistry {
             .collect()
     }
 
-    async fn begin_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        let command = Command::BeginHandoff {
-            vm: vm.clone(),
-            from,
-            fence,
-            to,
-        };
-        changed(self.change(vm, command).await?)
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
+        self.node_records("nodes").await
     }
+}
 
-    async fn commit_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        let command = Command::CommitHandoff {
-            vm: vm.clone(),
-            from,
-            fence,
-            to,
-        };
-        changed(self.change(vm, command).await?)
-    }
-
-    async fn abort_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-    ) -> Result<Ownership, AcpError> {
-        let command = Command::AbortHandoff {
-            vm: vm.clone(),
-            from,
-            fence,
-        };
-        changed(self.change(vm, command).await?)
-    }
-
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
-        match self
-            .change(
-                vm,
-                Command::Unregister {
-                    vm: vm.clone(),
-                    owner,
-                    fence,
-                },
-            )
-            .await?
-        {
-            CommandOutcome::Removed => Ok(()),
-            other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
-        }
-    }
-
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
+impl EtcdRegistry {
+    /// Stores a member's record (a plain key, not a transaction: last writer wins, as in the
+    /// reference).
+    async fn put_node_record(&self, node: NodeRecord) -> Result<CommandOutcome, AcpError> {
         if node.id == 0 {
             return Err(AcpError::UnknownNode(0));
         }
@@ -502,10 +440,6 @@ impl Registry for EtcdRegistry {
         let key = format!("{}/nodes/{}", self.prefix, node.id);
         self.call("put", kv.put(key, record::encode_node(&node), None))
             .await?;
-        Ok(())
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, AcpError> {
-        self.node_records("nodes").await
+        Ok(CommandOutcome::NodeStored)
     }
 }

@@ -60,8 +60,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::{
-    AcpError, Command, CommandOutcome, Fence, NodeId, NodeRecord, Ownership, Registry,
-    RegistryState, VmId,
+    AcpError, Command, CommandOutcome, NodeId, NodeRecord, Ownership, Registry, RegistryState, VmId,
 };
 use batcher::{Batcher, Submitted};
 use rpc::{CallError, Net, RpcClient, Service};
@@ -954,28 +953,14 @@ impl fmt::Debug for RaftRegistry {
     }
 }
 
-fn changed(outcome: CommandOutcome) -> Result<Ownership, AcpError> {
-    match outcome {
-        CommandOutcome::Changed(o) => Ok(o),
-        other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
-    }
-}
-
 fn unexpected<T>(answer: ReadAnswer) -> Result<T, AcpError> {
     Err(AcpError::Backend(format!("unexpected answer {answer:?}")))
 }
 
 #[async_trait::async_trait]
 impl Registry for RaftRegistry {
-    async fn register(&self, vm: &VmId, owner: NodeId) -> Result<Ownership, AcpError> {
-        changed(
-            self.core
-                .write(Command::Register {
-                    vm: vm.clone(),
-                    owner,
-                })
-                .await?,
-        )
+    async fn execute(&self, command: Command) -> Result<CommandOutcome, AcpError> {
+        self.core.write(command).await
     }
 
     async fn ownership(&self, vm: &VmId) -> Result<Option<Ownership>, AcpError> {
@@ -989,83 +974,6 @@ impl Registry for RaftRegistry {
         match self.core.read(ReadRequest::List).await? {
             ReadAnswer::List(l) => Ok(l),
             other => unexpected(other),
-        }
-    }
-
-    async fn begin_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        changed(
-            self.core
-                .write(Command::BeginHandoff {
-                    vm: vm.clone(),
-                    from,
-                    fence,
-                    to,
-                })
-                .await?,
-        )
-    }
-
-    async fn commit_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-        to: NodeId,
-    ) -> Result<Ownership, AcpError> {
-        changed(
-            self.core
-                .write(Command::CommitHandoff {
-                    vm: vm.clone(),
-                    from,
-                    fence,
-                    to,
-                })
-                .await?,
-        )
-    }
-
-    async fn abort_handoff(
-        &self,
-        vm: &VmId,
-        from: NodeId,
-        fence: Fence,
-    ) -> Result<Ownership, AcpError> {
-        changed(
-            self.core
-                .write(Command::AbortHandoff {
-                    vm: vm.clone(),
-                    from,
-                    fence,
-                })
-                .await?,
-        )
-    }
-
-    async fn unregister(&self, vm: &VmId, owner: NodeId, fence: Fence) -> Result<(), AcpError> {
-        match self
-            .core
-            .write(Command::Unregister {
-                vm: vm.clone(),
-                owner,
-                fence,
-            })
-            .await?
-        {
-            CommandOutcome::Removed => Ok(()),
-            other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
-        }
-    }
-
-    async fn put_node(&self, node: NodeRecord) -> Result<(), AcpError> {
-        match self.core.write(Command::PutNode(node)).await? {
-            CommandOutcome::NodeStored => Ok(()),
-            other => Err(AcpError::Backend(format!("unexpected outcome {other:?}"))),
         }
     }
 
