@@ -28,6 +28,8 @@ pub mod checker;
 pub mod conformance;
 mod error;
 pub mod etcd;
+#[doc(hidden)]
+pub mod fuzzing;
 mod memory;
 pub mod raft;
 mod state;

@@ -34,6 +34,8 @@ pub enum Command {
     Recv(RecvArgs),
     /// Write a fresh random pre-shared key (hex) to a file readable only by its owner.
     Keygen(KeygenArgs),
+    /// Create a CA and node certificates for `--tls-dir` (TLS with mutual certificates).
+    Certs(CertsArgs),
     /// Write a memory image filled like a simulated guest's memory.
     Mkimage(MkimageArgs),
     /// Carry QEMU's own live migration through DWCP (proxy mode).
@@ -172,6 +174,9 @@ pub struct DemoArgs {
     /// Do not show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Do NOT encrypt the loopback streams (for comparing with the default, TLS 1.3).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Leave the destination's RAM unallocated until pages arrive, so first-touch page faults happen
     /// during the migration (by default it is preallocated before, as a VMM preallocates guest RAM).
     #[arg(long)]
@@ -215,9 +220,9 @@ pub struct SendArgs {
     /// Memory image to send (a whole number of 4 KiB pages).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// File holding the pre-shared key (see `dwcp keygen`).
-    #[arg(long, value_name = "PATH")]
-    pub psk_file: PathBuf,
+    /// How the streams are secured.
+    #[command(flatten)]
+    pub security: SecurityOpts,
     /// Migration parameters.
     #[command(flatten)]
     pub migrate: MigrateOpts,
@@ -260,15 +265,69 @@ pub struct RecvArgs {
     /// one pass after the source committed, from memory).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// File holding the pre-shared key (see `dwcp keygen`).
-    #[arg(long, value_name = "PATH")]
-    pub psk_file: PathBuf,
+    /// How the streams are secured.
+    #[command(flatten)]
+    pub security: SecurityOpts,
     /// Largest guest memory accepted.
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_memory: u64,
     /// Output.
     #[command(flatten)]
     pub output: OutputOpts,
+}
+
+/// How a command's migration streams are secured. TLS 1.3 by default: with certificates
+/// (`--tls-dir`) or keyed by the pre-shared key (`--psk-file`); plain text only with
+/// `--insecure-plaintext`.
+#[derive(Debug, Args)]
+pub struct SecurityOpts {
+    /// File holding the pre-shared key (see `dwcp keygen`): TLS 1.3 keyed by it.
+    #[arg(long, value_name = "PATH", required_unless_present = "tls_dir")]
+    pub psk_file: Option<PathBuf>,
+    /// Directory with this node's `ca.pem`, `node.pem` and `node.key` (see `dwcp certs init`):
+    /// TLS 1.3 with mutual certificate authentication.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["psk_file", "insecure_plaintext"])]
+    pub tls_dir: Option<PathBuf>,
+    /// With `--tls-dir`: the name the destination's certificate must carry (default: the address
+    /// dialled).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub server_name: Option<String>,
+    /// Do NOT encrypt: memory pages cross the network in clear text (the pre-shared key still
+    /// authenticates each stream). Both sides must say so; reports and metrics show it.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+/// `dwcp certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CertsCommand,
+}
+
+/// `dwcp certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA in DIR (`ca.pem`, `ca.key`) and a certificate for each node in `DIR/<node>/`.
+    Init {
+        /// Directory to create the CA and node directories in.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A node: `NAME[=SAN,SAN...]`, e.g. `dest=10.0.0.2,dest.example`; its certificate names
+        /// NAME and the SANs (addresses or host names clients dial). Repeat per node.
+        #[arg(long = "node", value_name = "NAME[=SANS]", required = true)]
+        nodes: Vec<String>,
+    },
+    /// Issue one more node certificate with the CA in DIR.
+    Issue {
+        /// Directory holding `ca.pem` and `ca.key`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node, as for `init`.
+        #[arg(long = "node", value_name = "NAME[=SANS]")]
+        node: String,
+    },
 }
 
 /// `dwcp keygen`.

@@ -41,10 +41,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         GuestRam::anonymous_preallocated(guest.layout().clone())
     }
     .context("allocating the destination memory")?;
-    let psk = Psk::generate();
+    let security = if args.insecure_plaintext {
+        dwcp::Security::insecure_plaintext(Psk::generate())
+    } else {
+        dwcp::Security::psk(Psk::generate())
+    };
     let listener = Listener::bind(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        psk.clone(),
+        security.clone(),
         ReceiverConfig::default(),
     )
     .context("binding the destination listener")?;
@@ -61,7 +65,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             })
             .context("starting the destination thread")?;
         guest.start_workload(dirty_bytes_per_sec, args.seed);
-        let mut migration = Migration::new(addr, psk)
+        let mut migration = Migration::new(addr, security)
             .config(args.migrate.config())
             .on_progress(&on_progress);
         if let Some(m) = &metrics {

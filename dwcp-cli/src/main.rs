@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         Command::Cluster(a) => cluster::run(a),
         Command::Recv(a) => transfer::recv(a),
         Command::Keygen(a) => tools::keygen(a),
+        Command::Certs(a) => tools::certs(a),
         Command::Mkimage(a) => tools::mkimage(a),
         Command::Qemu(a) => qemu::run(a),
         Command::FleetReceive(a) => fleet::receive_process(a),

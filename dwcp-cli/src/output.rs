@@ -89,6 +89,15 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// `logical / wire`, or 0 when nothing went on the wire.
+/// The security line of a report; plain text is said out loud.
+fn security_line(mode: dwcp::SecurityMode) -> String {
+    if mode.is_encrypted() {
+        format!("{mode} (TLS 1.3, encrypted)")
+    } else {
+        format!("{mode}: NOT ENCRYPTED, memory crossed the network in clear text")
+    }
+}
+
 fn ratio(logical: u64, wire: u64) -> f64 {
     if wire == 0 {
         0.0
@@ -137,6 +146,7 @@ pub fn migration_text(r: &MigrationReport) -> String {
         r.logical_throughput_bps / 1e9
     );
     let _ = writeln!(s, "  streams           {} ({})", r.streams, r.congestion);
+    let _ = writeln!(s, "  security          {}", security_line(r.security));
     let _ = writeln!(
         s,
         "  digest            {} ({})",
@@ -191,6 +201,7 @@ pub fn receive_text(r: &ReceiveReport, peer: &str) -> String {
         r.session_id
     );
     let _ = writeln!(s, "  streams           {}", r.streams);
+    let _ = writeln!(s, "  security          {}", security_line(r.security));
     let _ = writeln!(s, "  iterations        {}", r.final_iteration + 1);
     let _ = writeln!(
         s,
@@ -236,6 +247,7 @@ mod tests {
     fn receive_json_has_migration_keys() {
         let r = ReceiveReport {
             session_id: "00000000000000ab".into(),
+            security: dwcp::SecurityMode::PreSharedKey,
             total_ms: 12.5,
             streams: 4,
             duplicate_chunks: 0,

@@ -8,7 +8,7 @@ use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{MemorySource, PAGE_SIZE, is_zero_page};
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 
-use crate::args::{KeygenArgs, MkimageArgs};
+use crate::args::{CertsArgs, CertsCommand, KeygenArgs, MkimageArgs};
 use crate::output;
 
 /// Pages written per block by `mkimage` (1 MiB).
@@ -26,6 +26,54 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     }
     write_key_file(path, &Psk::generate())?;
     eprintln!("dwcp: wrote a new pre-shared key to {}", path.display());
+    Ok(())
+}
+
+/// `NAME[=SAN,SAN...]` as the node's directory name and its certificate names (NAME first).
+fn node_spec(spec: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let (name, sans) = spec.split_once('=').unwrap_or((spec, ""));
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains('/') && name != "." && name != "..",
+        "invalid node name {name:?} in {spec:?} (expected NAME[=SAN,SAN...])"
+    );
+    let mut names = vec![name.to_string()];
+    names.extend(
+        sans.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+    );
+    Ok((name.to_string(), names))
+}
+
+/// `dwcp certs init|issue`: a CA and node certificates for `--tls-dir`.
+pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    use dwcp_tls::certs::{self, CertificateAuthority};
+    match args.command {
+        CertsCommand::Init { dir, nodes } => {
+            let nodes = nodes
+                .iter()
+                .map(|n| node_spec(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for node_dir in certs::init_dir(&dir, &nodes)? {
+                eprintln!("dwcp: wrote {} (use it as --tls-dir)", node_dir.display());
+            }
+            eprintln!(
+                "dwcp: the CA key is {}: keep it off the nodes",
+                dir.join(certs::CA_KEY_FILE).display()
+            );
+        }
+        CertsCommand::Issue { dir, node } => {
+            let (name, names) = node_spec(&node)?;
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .with_context(|| format!("reading {}", dir.join(f).display()))
+            };
+            let ca =
+                CertificateAuthority::from_pem(&read(certs::CA_FILE)?, &read(certs::CA_KEY_FILE)?)?;
+            let node_dir = certs::issue_into(&ca, &dir.join(&name), &names)?;
+            eprintln!("dwcp: wrote {} (use it as --tls-dir)", node_dir.display());
+        }
+    }
     Ok(())
 }
 

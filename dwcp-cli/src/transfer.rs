@@ -27,6 +27,35 @@ pub(crate) fn load_psk(path: &Path) -> anyhow::Result<Psk> {
     })
 }
 
+/// The security the options ask for; says out loud when it is plain text.
+pub(crate) fn load_security(opts: &crate::args::SecurityOpts) -> anyhow::Result<dwcp::Security> {
+    if let Some(dir) = &opts.tls_dir {
+        let security = dwcp::Security::from_cert_dir(dir).with_context(|| {
+            format!(
+                "cannot use the certificates in {} (create them with `dwcp certs init`)",
+                dir.display()
+            )
+        })?;
+        return Ok(match &opts.server_name {
+            Some(name) => security.with_server_name(name)?,
+            None => security,
+        });
+    }
+    let path = opts
+        .psk_file
+        .as_deref()
+        .ok_or_else(|| anyhow!("give --psk-file or --tls-dir"))?;
+    let psk = load_psk(path)?;
+    Ok(if opts.insecure_plaintext {
+        eprintln!(
+            "dwcp: WARNING: --insecure-plaintext: memory pages cross the network unencrypted"
+        );
+        dwcp::Security::insecure_plaintext(psk)
+    } else {
+        dwcp::Security::psk(psk)
+    })
+}
+
 /// The first address `addr` (HOST:PORT) resolves to.
 pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
@@ -38,7 +67,7 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 /// `dwcp send`: migrates an image file to a `dwcp recv`.
 pub fn send(args: SendArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
-    let psk = load_psk(&args.psk_file)?;
+    let security = load_security(&args.security)?;
     let addr = resolve(&args.to)?;
     let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let image = GuestRam::open_image(&args.image)?;
@@ -46,7 +75,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
 
     let progress = ProgressView::new(!args.output.json && !args.no_progress);
     let on_progress = |p: &Progress| progress.update(p);
-    let mut migration = Migration::new(addr, psk)
+    let mut migration = Migration::new(addr, security)
         .config(args.migrate.config())
         .on_progress(&on_progress);
     if let Some(m) = metrics {
@@ -102,7 +131,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
 /// `dwcp recv`: waits for one migration and writes it to an image file.
 pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
     let rss = RssSampler::start();
-    let psk = load_psk(&args.psk_file)?;
+    let security = load_security(&args.security)?;
     let addr = resolve(&args.listen)?;
     let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let config = ReceiverConfig {
@@ -110,7 +139,7 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
         ..ReceiverConfig::default()
     };
     let listener =
-        Listener::bind(addr, psk, config).with_context(|| format!("listening on {addr}"))?;
+        Listener::bind(addr, security, config).with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     // Tells people (and scripts) that the port is open, without polluting stdout.
     eprintln!("dwcp: listening on {local}");

@@ -765,3 +765,99 @@ fn a_running_send_takes_a_new_cap_and_a_cancel_from_its_control_socket() {
         missing.stderr
     );
 }
+
+#[test]
+fn certs_init_then_send_and_recv_with_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    run(
+        "certs",
+        &[
+            "certs",
+            "init",
+            "--dir",
+            s(&pki),
+            "--node",
+            "src",
+            "--node",
+            "dest=127.0.0.1",
+        ],
+        SHORT_TIMEOUT,
+    )
+    .assert_success("certs init");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in [pki.join("ca.key"), pki.join("dest/node.key")] {
+            assert_eq!(
+                std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+    let image = mkimage(dir.path(), "image", "4M", "random");
+    let out = dir.path().join("received");
+    let [port] = free_ports::<1>();
+    let listen = format!("127.0.0.1:{port}");
+    let dest_dir = pki.join("dest");
+    let mut recv = Proc::spawn(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            &listen,
+            "--out",
+            s(&out),
+            "--tls-dir",
+            s(&dest_dir),
+            "--json",
+        ],
+    );
+    recv.wait_for_stderr("listening on", SHORT_TIMEOUT);
+    let src_dir = pki.join("src");
+    let sent = run(
+        "send",
+        &[
+            "send",
+            "--to",
+            &listen,
+            "--image",
+            s(&image),
+            "--tls-dir",
+            s(&src_dir),
+            "--json",
+            "--no-progress",
+        ],
+        MIGRATION_TIMEOUT,
+    );
+    let received = recv.wait(SHORT_TIMEOUT);
+    sent.assert_success("send");
+    received.assert_success("recv");
+    assert_eq!(sent.json()["security"], "tls-certificates");
+    assert_eq!(received.json()["security"], "tls-certificates");
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap());
+}
+
+#[test]
+fn plain_text_is_only_by_flag_and_said_out_loud() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let image = mkimage(dir.path(), "image", "4M", "idle");
+    let [port] = free_ports::<1>();
+    let (mut recv, _out) = start_recv(
+        dir.path(),
+        port,
+        &key,
+        "received",
+        &["--insecure-plaintext"],
+    );
+    let args = send_args(port, &image, &key, &["--insecure-plaintext"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sent = run("send", &args, MIGRATION_TIMEOUT);
+    let received = recv.wait(SHORT_TIMEOUT);
+    sent.assert_success("send");
+    received.assert_success("recv");
+    assert_eq!(sent.json()["security"], "insecure-plaintext");
+    assert_eq!(received.json()["security"], "insecure-plaintext");
+    assert!(sent.stderr.contains("unencrypted"), "{}", sent.stderr);
+}

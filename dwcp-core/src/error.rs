@@ -111,6 +111,47 @@ pub enum HandshakeError {
     UnknownSession(u64),
 }
 
+/// Why a stream's encryption or peer authentication failed (TLS layer, see `dwcp-tls`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecurityError {
+    /// The TLS handshake failed: a certificate was refused (unknown CA, expired, wrong name), the
+    /// peer sent no certificate, or the handshake was malformed.
+    #[error("TLS handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// The peer's address.
+        peer: String,
+        /// rustls' reason, e.g. "invalid peer certificate: Expired".
+        reason: String,
+    },
+    /// The peer speaks plain-text DWCP to an encrypted endpoint (or TLS to a plain-text one).
+    #[error(
+        "{peer} speaks {theirs} but this endpoint requires {ours}: both sides must use the same security mode (plain text only with --insecure-plaintext on both)"
+    )]
+    ModeMismatch {
+        /// The peer's address.
+        peer: String,
+        /// What the peer sent ("plain-text DWCP", "TLS").
+        theirs: &'static str,
+        /// What this endpoint expects.
+        ours: &'static str,
+    },
+    /// A TLS record failed authentication after the handshake: the stream was tampered with or
+    /// corrupted in transit. The session is abandoned rather than any page applied.
+    #[error(
+        "TLS record from {peer} failed authentication ({reason}): the stream was tampered with or corrupted"
+    )]
+    Integrity {
+        /// The peer's address.
+        peer: String,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// Certificate or key files could not be used.
+    #[error("TLS credentials: {0}")]
+    Credentials(String),
+}
+
 /// Which side of a migration refused, when the peer reports an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
@@ -234,6 +275,9 @@ pub enum Error {
     /// The hypervisor callback (pause, resume, handover) failed.
     #[error("VM control failed: {0}")]
     VmControl(String),
+    /// Encryption or peer authentication failed.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     /// Every stream to the peer failed and reconnecting did not succeed within the allowed attempts.
     #[error(
         "every stream to the peer failed and {attempts} reconnection attempts did not succeed (last error: {last})"
@@ -247,6 +291,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The security failure behind this error, including one carried inside an I/O error (a TLS
+    /// stream reports a tampered record to its reader as an `io::Error` wrapping [`SecurityError`]).
+    pub fn security(&self) -> Option<&SecurityError> {
+        match self {
+            Error::Security(s) => Some(s),
+            Error::Io { source, .. } => source
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<SecurityError>()),
+            _ => None,
+        }
+    }
+
     /// Wraps an I/O error with what was being attempted.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
@@ -264,6 +320,7 @@ impl Error {
                 HandshakeError::AuthenticationFailed | HandshakeError::WeakKey { .. },
             ) => ErrorCode::Authentication,
             Error::Handshake(_) => ErrorCode::Protocol,
+            Error::Security(_) => ErrorCode::Authentication,
             Error::Layout(_) => ErrorCode::Layout,
             Error::Cancelled => ErrorCode::Cancelled,
             Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,

@@ -70,6 +70,25 @@ impl Psk {
         u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
     }
 
+    /// The key the DWCP handshake of one TLS session uses: HMAC of the session's exporter value
+    /// (RFC 8446 §7.5) under this key. A proof made with it is valid only inside that TLS session, so
+    /// a man in the middle who terminates TLS on both sides (two sessions, two exporter values)
+    /// cannot relay it, and only holders of this key can make it.
+    pub fn bound_to_channel(&self, exporter: &[u8]) -> Psk {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"dwcp tls channel binding");
+        mac.update(exporter);
+        Psk(mac.finalize().into_bytes().to_vec())
+    }
+
+    /// A handshake key that is just the TLS session's exporter value, for sessions whose peers were
+    /// authenticated by certificates: the DWCP handshake then only binds its transcript to the
+    /// session. `None` if the value is shorter than [`MIN_PSK_LEN`].
+    pub fn from_channel_binding(exporter: &[u8]) -> Option<Psk> {
+        (exporter.len() >= MIN_PSK_LEN).then(|| Psk(exporter.to_vec()))
+    }
+
     /// Reads a key file; surrounding whitespace (a trailing newline) is not part of the key.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| {

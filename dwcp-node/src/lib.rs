@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handover;
 mod node;
 pub mod protocol;

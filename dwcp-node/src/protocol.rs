@@ -74,26 +74,26 @@ pub enum Request {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Challenge {
-    nonce: String,
+pub(crate) struct Challenge {
+    pub(crate) nonce: String,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Envelope {
-    mac: String,
-    request: Box<serde_json::value::RawValue>,
+pub(crate) struct Envelope {
+    pub(crate) mac: String,
+    pub(crate) request: Box<serde_json::value::RawValue>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Answer {
-    ok: bool,
+pub(crate) struct Answer {
+    pub(crate) ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    result: Option<serde_json::Value>,
+    pub(crate) result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
-fn mac(psk: &Psk, nonce: &str, request: &str) -> Hmac<Sha256> {
+pub(crate) fn mac(psk: &Psk, nonce: &str, request: &str) -> Hmac<Sha256> {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(psk.to_hex().as_bytes())
         .expect("HMAC takes any key length");
     m.update(b"dwcp agent request");
@@ -102,11 +102,11 @@ fn mac(psk: &Psk, nonce: &str, request: &str) -> Hmac<Sha256> {
     m
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 {
         return None;
     }

@@ -53,6 +53,8 @@ pub struct MigrationReport {
     pub rtt_ms: f64,
     /// Congestion control the streams got.
     pub congestion: String,
+    /// How the streams were protected: `tls-certificates`, `tls-psk` or `insecure-plaintext`.
+    pub security: crate::SecurityMode,
     /// What stream failures cost.
     pub resilience: ResilienceReport,
     /// The kernel's last view of each stream still open at the end (TCP only).
@@ -79,6 +81,8 @@ pub struct StreamTelemetry {
 pub struct ReceiveReport {
     /// Session id.
     pub session_id: String,
+    /// How the streams were protected.
+    pub security: crate::SecurityMode,
     /// Wall time from accepting the session to the handover.
     pub total_ms: f64,
     /// Streams the source opened over the whole session (re-connections included).

@@ -19,8 +19,14 @@ use dwcp_hde::{Codec, EncodeCounters, encode_chunk};
 type Reader = FrameReader<TcpStream>;
 type Writer = FrameWriter<TcpStream>;
 
+fn plain(n: u8) -> dwcp::Security {
+    dwcp::Security::insecure_plaintext(psk(n))
+}
+
 fn listener(config: ReceiverConfig) -> (Listener, SocketAddr) {
-    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), psk(1), config).unwrap();
+    // These tests speak DWCP frames themselves, so the destination runs without TLS; the TLS layer
+    // beneath the same frames is tested in dwcp-tls and in tests/security.rs.
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), plain(1), config).unwrap();
     let a = l.local_addr().unwrap();
     (l, a)
 }
@@ -380,7 +386,7 @@ fn a_destination_that_stops_acknowledging_fails_the_source_which_keeps_running()
         ..source_config()
     };
     let started = Instant::now();
-    let err = dwcp::Migration::new(addr, psk(1))
+    let err = dwcp::Migration::new(addr, plain(1))
         .config(cfg)
         .run(&*g, &mut g.dirty_log(), &mut g.control())
         .unwrap_err();
@@ -490,12 +496,12 @@ fn strangers_do_not_end_or_delay_a_destination_waiting_for_its_source() {
             let _ = s.write_all(&[i; 64]);
         }
     }
-    let wrong_key = Migration::new(addr, psk(9)).config(source_config());
+    let wrong_key = Migration::new(addr, plain(9)).config(source_config());
     let g = guest(4 << 20, dwcp_core::sim::ContentMix::IDLE_GUEST, 21);
     let refused = wrong_key.run(&*g, &mut g.dirty_log(), &mut g.control());
     assert!(refused.is_err(), "a source with another key was let in");
     let started = Instant::now();
-    let report = Migration::new(addr, psk(1))
+    let report = Migration::new(addr, plain(1))
         .config(source_config())
         .run(&*g, &mut g.dirty_log(), &mut g.control())
         .unwrap();

@@ -2,7 +2,7 @@
 //! hand-made mutations of each field the decoders check.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds` (from the repository root) writes
-//! `fuzz/corpus/{frame,messages,chunk,session_chunk,dictionary}/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
+//! `fuzz/corpus/<target>/seed-*`. Minimise afterwards with `cargo fuzz cmin`.
 //!
 //! A generator of seed files: one small function per target and seed, long by nature.
 
@@ -29,6 +29,10 @@ fn main() {
     let sessions = session_chunk_seeds();
     let dictionaries = dictionary_seeds();
     for (target, seeds) in [
+        ("handshake", handshake_seeds()),
+        ("qemu_wire", qemu_wire_seeds()),
+        ("raft_rpc", raft_rpc_seeds()),
+        ("node_control", node_control_seeds()),
         ("frame", frames),
         ("messages", messages),
         ("chunk", chunks),
@@ -761,5 +765,332 @@ fn dictionary_seeds() -> Vec<(String, Vec<u8>)> {
     let id = (dwcp_core::digest::page_hash(&damaged[12..]) as u32).max(1);
     damaged[4..8].copy_from_slice(&id.to_le_bytes());
     add("trained-damaged-tables", damaged);
+    seeds
+}
+
+fn handshake_seeds() -> Vec<(String, Vec<u8>)> {
+    use dwcp_fuzz::handshake::SESSION;
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, ctl: u8, wire: Vec<u8>| {
+        seeds.push((name.to_string(), [&[ctl][..], &wire].concat()))
+    };
+    let frame = |ty, sid, seq, payload: &[u8]| {
+        let mut v = Vec::new();
+        encode_frame(ty, sid, seq, payload, &mut v);
+        v
+    };
+    let hello = frame(FrameType::ClientHello, 0, 0, &client_hello(0, 0).encode());
+    let join = frame(FrameType::ClientHello, 0, 0, &client_hello(77, 3).encode());
+    let auth = frame(FrameType::ClientAuth, SESSION, 1, &[0x5a; 32]);
+    add("server", 0, [&hello[..], &auth[..]].concat());
+    add(
+        "server-join",
+        0,
+        [
+            &join[..],
+            &frame(FrameType::ClientAuth, 77, 1, &[1; 32])[..],
+        ]
+        .concat(),
+    );
+    add("server-refused", 4, hello.clone());
+    add(
+        "server-short-auth",
+        0,
+        [
+            &hello[..],
+            &frame(FrameType::ClientAuth, SESSION, 1, &[1; 31])[..],
+        ]
+        .concat(),
+    );
+    add(
+        "server-error",
+        0,
+        frame(
+            FrameType::Error,
+            0,
+            0,
+            &error_message(ErrorCode::Version, "no"),
+        ),
+    );
+    let mut old = client_hello(0, 0);
+    old.min_version = 7;
+    old.max_version = 9;
+    add(
+        "server-version",
+        0,
+        frame(FrameType::ClientHello, 0, 0, &old.encode()),
+    );
+    // Built streams: records type ‖ len ‖ payload (type byte t is frame type t % 14 + 1).
+    let record = |ty: FrameType, payload: &[u8]| {
+        let t = (ty as u8 + 13) % 14;
+        [&[t][..], &(payload.len() as u16).to_le_bytes(), payload].concat()
+    };
+    add(
+        "server-built",
+        2,
+        [
+            record(FrameType::ClientHello, &client_hello(0, 0).encode()),
+            record(FrameType::ClientAuth, &[7; 32]),
+        ]
+        .concat(),
+    );
+    let sh = server_hello(SESSION).encode();
+    add(
+        "client",
+        1,
+        [
+            frame(FrameType::ServerHello, SESSION, 0, &sh),
+            frame(FrameType::AuthOk, SESSION, 1, &[]),
+        ]
+        .concat(),
+    );
+    add(
+        "client-error",
+        1,
+        frame(
+            FrameType::Error,
+            0,
+            0,
+            &error_message(ErrorCode::Authentication, "bad key"),
+        ),
+    );
+    add(
+        "client-built",
+        3,
+        [
+            record(FrameType::ServerHello, &sh),
+            record(FrameType::AuthOk, &[]),
+        ]
+        .concat(),
+    );
+    add(
+        "client-zero-session",
+        1,
+        frame(FrameType::ServerHello, 0, 0, &server_hello(1).encode()[..]),
+    );
+    seeds
+}
+
+fn qemu_wire_seeds() -> Vec<(String, Vec<u8>)> {
+    use dwcp_qemu::segment;
+    use dwcp_qemu::wire::{Encoding, Message, TunnelInit, TunnelReady};
+    let record = |m: &Message<'_>| {
+        let t = match m.frame_type() {
+            FrameType::Close => 8,
+            ty => ty as u8 - 32,
+        };
+        let p = m.encode();
+        [&[t][..], &(p.len() as u16).to_le_bytes(), &p].concat()
+    };
+    let data = |channel, seq, raw: &[u8], codec| {
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        let encoding = segment::encode(codec, raw, &mut out, &mut scratch);
+        let body = if encoding == Encoding::Raw {
+            raw.to_vec()
+        } else {
+            out
+        };
+        let m = Message::Data {
+            channel,
+            seq,
+            encoding,
+            raw_len: raw.len() as u32,
+            body: &body,
+        };
+        record(&m)
+    };
+    let text: Vec<u8> = b"QEMU migration stream "
+        .iter()
+        .copied()
+        .cycle()
+        .take(5000)
+        .collect();
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, ctl: u8, records: Vec<Vec<u8>>| {
+        seeds.push((name.to_string(), [vec![ctl], records.concat()].concat()))
+    };
+    add(
+        "destination-channel",
+        6,
+        vec![
+            record(&Message::Open { channel: 0 }),
+            data(0, 1, &text[..3000], Codec::Lz4),
+            data(0, 0, &noise(3, 2000), Codec::None),
+            data(0, 2, &[0; 4096], Codec::Lz4),
+            data(0, 3, &text, Codec::Zstd(1)),
+            record(&Message::End {
+                channel: 0,
+                segments: 4,
+                bytes: 3000 + 2000 + 4096 + 5000,
+            }),
+            record(&Message::Ack {
+                channel: 0,
+                delivered: 0,
+            }),
+            record(&Message::Keepalive),
+            record(&Message::Reset {
+                channel: 0,
+                reason: "qemu went away".into(),
+            }),
+            data(0, 4, &text[..10], Codec::None),
+            record(&Message::Close),
+        ],
+    );
+    add(
+        "destination-two-channels",
+        2,
+        vec![
+            data(1, 0, &text[..100], Codec::None),
+            record(&Message::Open { channel: 1 }),
+            record(&Message::Open { channel: 2 }),
+            data(2, 0, &text[..200], Codec::Lz4),
+            record(&Message::End {
+                channel: 2,
+                segments: 1,
+                bytes: 200,
+            }),
+            record(&Message::Open { channel: 3 }),
+        ],
+    );
+    add(
+        "source-acks",
+        1,
+        vec![
+            record(&Message::Ack {
+                channel: 0,
+                delivered: 10,
+            }),
+            record(&Message::Open { channel: 0 }),
+        ],
+    );
+    add(
+        "setup-messages",
+        0,
+        vec![
+            record(&Message::Init(TunnelInit {
+                version: 1,
+                streams: 4,
+                window: 1 << 20,
+            })),
+            record(&Message::Ready(TunnelReady { window: 1 << 20 })),
+        ],
+    );
+    let mut bad = data(0, 0, &text[..3000], Codec::Zstd(3));
+    let n = bad.len();
+    bad[n - 6..].fill(0x5a);
+    add("zstd-garbage", 0, vec![bad]);
+    add(
+        "error-frame",
+        0,
+        vec![[&[9u8, 6, 0][..], &[1, 0], b"oops"].concat()],
+    );
+    seeds
+}
+
+fn raft_rpc_seeds() -> Vec<(String, Vec<u8>)> {
+    let frame = |p: &[u8]| [&(p.len() as u32).to_be_bytes()[..], p].concat();
+    // postcard: Hello { magic: [u8; 4], version: u16, from: u64, to: u64, nonce: [u8; 32] }.
+    let hello = |magic: &[u8; 4], from: u8, to: u8| {
+        frame(&[&magic[..], &[1, from, to], &noise(4, 32)].concat())
+    };
+    let proof = frame(&[0x11; 32]);
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, mode: u8, bytes: Vec<u8>| {
+        seeds.push((name.to_string(), [vec![mode], bytes].concat()))
+    };
+    add("server", 0, [hello(b"DACP", 2, 1), proof.clone()].concat());
+    add("server-unknown-peer", 0, hello(b"DACP", 9, 1));
+    add("server-wrong-node", 0, hello(b"DACP", 2, 5));
+    add("server-bad-magic", 0, hello(b"DWCP", 2, 1));
+    add("server-oversize", 0, (1u32 << 20).to_be_bytes().to_vec());
+    add("server-truncated", 0, hello(b"DACP", 2, 1)[..20].to_vec());
+    // ServerHello::Challenge { nonce, mac } is variant 0; Refused(String) variant 1.
+    let challenge = frame(&[&[0][..], &noise(5, 64)].concat());
+    add("client", 1, [challenge.clone(), frame(&[0])].concat());
+    add(
+        "client-refused",
+        1,
+        frame(&[&[1, 7][..], b"go away"].concat()),
+    );
+    add("client-garbage", 1, frame(&[9, 9, 9]));
+    // Envelope { id: u64 (varint), body: enum (variant varint, fields) }.
+    add(
+        "requests",
+        2,
+        [
+            frame(&[1, 0]),
+            frame(&[0xff, 0x01, 0]),
+            frame(&[2, 2, 1, 2, 3, 4, 5]),
+            frame(&[3, 4, 0, 0, 0]),
+        ]
+        .concat(),
+    );
+    add(
+        "request-write",
+        2,
+        frame(&[5, 4, 0, 5, b'v', b'm', b'-', b'1', 2, 0x90, 0x4e]),
+    );
+    add("request-oversize", 2, (64u32 << 20).to_be_bytes().to_vec());
+    add(
+        "responses",
+        3,
+        [
+            frame(&[1, 0]),
+            frame(&[&[2, 6, 8][..], b"starting"].concat()),
+            frame(&[3, 4, 0, 0, 0]),
+            frame(&[4, 5, 1, 0]),
+        ]
+        .concat(),
+    );
+    seeds
+}
+
+fn node_control_seeds() -> Vec<(String, Vec<u8>)> {
+    use dwcp_node::fuzzing::signed_line;
+    let bodies = [
+        r#"{"op":"status"}"#,
+        r#"{"op":"evacuate"}"#,
+        r#"{"op":"migrate","vm":"vm-1","to":"auto"}"#,
+        r#"{"op":"migrate","vm":"vm-1","to":{"node":3}}"#,
+        r#"{"op":"create_vm","vm":"web-01","size":1073741824,"dirty_rate":1000000}"#,
+        r#"{"op":"prepare","vm":"db","from":2,"fence":7,"size":4096,"dirty_rate":0}"#,
+        r#"{"op":"reboot"}"#,
+    ];
+    let mut seeds = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        seeds.push((
+            format!("signed-{i}"),
+            [&[0u8][..], signed_line(body).as_bytes(), b"\n"].concat(),
+        ));
+        seeds.push((
+            format!("body-{i}"),
+            [&[1u8][..], body.as_bytes(), b"\n"].concat(),
+        ));
+    }
+    let mut add = |name: &str, mode: u8, line: &str| {
+        seeds.push((name.to_string(), [&[mode][..], line.as_bytes()].concat()))
+    };
+    add(
+        "bad-mac",
+        0,
+        &format!(
+            "{{\"mac\":\"{}\",\"request\":{{\"op\":\"status\"}}}}\n",
+            "ab".repeat(32)
+        ),
+    );
+    add(
+        "odd-mac",
+        0,
+        "{\"mac\":\"abc\",\"request\":{\"op\":\"status\"}}\n",
+    );
+    add("not-utf8", 0, "\u{fffd}");
+    add("challenge", 2, "{\"nonce\":\"000102\"}\n");
+    add("answer-ok", 3, "{\"ok\":true,\"result\":{\"vms\":[1,2]}}\n");
+    add(
+        "answer-error",
+        3,
+        "{\"ok\":false,\"error\":\"no such vm\"}\n",
+    );
+    add("answer-bare", 3, "{\"ok\":true}");
     seeds
 }

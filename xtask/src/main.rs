@@ -17,6 +17,8 @@
 //! - `pba record|train|eval|simulate`, `bench pba` and `bench fleet`: PBA's link traces, its learned
 //!   predictor's weights, every predictor's error on every trace, the fleet simulation, and many
 //!   real migrations at once (`pba.rs`, `docs/pba.md`).
+//! - `fuzz --seconds N [--target NAME]... [--jobs J]`: builds the libFuzzer targets of `fuzz/` and runs
+//!   each for N seconds from the committed corpus, failing on a crash (`fuzz.rs`, `docs/fuzzing.md`).
 //! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
 //!   (`rdma.rs`, `docs/rdma.md`).
 //!
@@ -25,6 +27,7 @@
 
 mod amst;
 mod cluster;
+mod fuzz;
 mod hde;
 mod headline;
 mod pba;
@@ -101,6 +104,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: pba::PbaCmd,
     },
+    /// Builds the libFuzzer targets of `fuzz/` and runs each for `--seconds`, failing on a crash.
+    Fuzz(fuzz::FuzzOpts),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -253,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),
         Cmd::RdmaGuest(opts) => rdma::guest(&ws, &opts),
         Cmd::Pba { cmd } => pba::pba(&ws, cmd),
+        Cmd::Fuzz(opts) => fuzz::fuzz(&ws, &opts),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,10 +34,10 @@
 
 mod batcher;
 mod network;
-mod rpc;
+pub(crate) mod rpc;
 mod storage;
 mod timing;
-mod wire;
+pub(crate) mod wire;
 
 pub use timing::Timeouts;
 

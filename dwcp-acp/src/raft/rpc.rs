@@ -144,14 +144,14 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, RpcError> {
+pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, RpcError> {
     postcard::from_bytes(bytes).map_err(|e| RpcError::Malformed {
         what,
         why: e.to_string(),
     })
 }
 
-fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, RpcError> {
+pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, RpcError> {
     postcard::to_allocvec(value).map_err(|e| RpcError::Malformed {
         what,
         why: e.to_string(),

@@ -88,6 +88,9 @@ pub(super) fn apply_stream(
     loop {
         let h = match reader.read_frame(&mut payload) {
             Ok(h) => h,
+            // A record that failed TLS authentication is an attack on the path, not a lost
+            // stream: the session ends rather than re-sending over the same path.
+            Err(e) if e.security().is_some() => return StreamEnd::Fatal(e),
             Err(e) => return StreamEnd::Lost(classify(e, "data from the source")),
         };
         shared

@@ -28,13 +28,14 @@ use dwcp_core::apply::PageVersions;
 use dwcp_core::digest::PageHashes;
 use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
-use dwcp_core::handshake::{Negotiated, Offer, Psk, new_session_id, server_handshake};
+use dwcp_core::handshake::{Negotiated, Offer, new_session_id, server_handshake};
 use dwcp_core::ledger::ChunkLedger;
 use dwcp_core::memory::{MemoryLayout, MemorySink, PAGE_SIZE};
 use dwcp_core::messages::{JoinMessage, SessionInit, decode_u64, encode_u64};
 use dwcp_core::transport::Acceptor;
 use dwcp_hde::ChunkDecoder;
 use dwcp_tcp::TcpAcceptor;
+use dwcp_tls::Security;
 
 use self::apply::{Shared, SharedWriter};
 use self::session::{ACCEPT_POLL, MAX_CONCURRENT_HANDSHAKES, Session};
@@ -47,7 +48,7 @@ use crate::session::{
 /// A destination waiting for migrations.
 pub struct Listener {
     acceptor: Box<dyn Acceptor>,
-    psk: Psk,
+    security: Security,
     config: ReceiverConfig,
     /// New sessions that arrived while another session ran (authenticated, not yet read), and parked
     /// streams a source opens a session on.
@@ -88,20 +89,29 @@ type ParkedJoin = (JoinMessage, StreamReader, SharedWriter);
 const MAX_PARKED: u64 = 256;
 
 impl Listener {
-    /// Listens for TCP streams on `addr`; sources must prove knowledge of `psk`.
-    pub fn bind(addr: SocketAddr, psk: Psk, config: ReceiverConfig) -> Result<Self, Error> {
+    /// Listens for TCP streams on `addr`, secured by `security` (a [`Psk`](dwcp_core::handshake::Psk) alone means TLS 1.3
+    /// keyed by it; see [`Security`]).
+    pub fn bind(
+        addr: SocketAddr,
+        security: impl Into<Security>,
+        config: ReceiverConfig,
+    ) -> Result<Self, Error> {
         let acceptor = TcpAcceptor::bind(addr, config.socket.clone())?;
-        Ok(Self::over(Box::new(acceptor), psk, config))
+        Ok(Self::over(Box::new(acceptor), security, config))
     }
 
     /// Receives migrations over any transport: `acceptor` hands out the connections sources open
     /// (TCP, RDMA, ...); the engine above it is the same.
-    pub fn over(acceptor: Box<dyn Acceptor>, psk: Psk, config: ReceiverConfig) -> Self {
+    pub fn over(
+        acceptor: Box<dyn Acceptor>,
+        security: impl Into<Security>,
+        config: ReceiverConfig,
+    ) -> Self {
         let (openers_tx, openers_rx) = unbounded();
         let (joins_tx, joins_rx) = unbounded();
         Self {
             acceptor,
-            psk,
+            security: security.into(),
             config,
             openers_tx,
             openers_rx,
@@ -161,8 +171,12 @@ impl Listener {
                 }
             };
             let started = Instant::now();
-            let (neg, reader, writer, peer, opens) =
-                authenticate_opener(conn, &self.psk, self.config.connect_timeout, &self.sessions)?;
+            let (neg, reader, writer, peer, opens) = authenticate_opener(
+                conn,
+                &self.security,
+                self.config.connect_timeout,
+                &self.sessions,
+            )?;
             // A stream of a session already running here goes to it; keep waiting for a new one.
             if let router::Routed::Opener(neg, reader, writer) =
                 self.sessions
@@ -225,8 +239,8 @@ impl Listener {
         refused: &'static str,
     ) {
         in_flight.fetch_add(1, Ordering::AcqRel);
-        let (psk, timeout, io_timeout) = (
-            self.psk.clone(),
+        let (security, timeout, io_timeout) = (
+            self.security.clone(),
             self.config.connect_timeout,
             self.config.io_timeout,
         );
@@ -238,7 +252,7 @@ impl Listener {
         let spawned = std::thread::Builder::new()
             .name(thread_name.into())
             .spawn(move || {
-                match authenticate_opener(conn, &psk, timeout, &sessions) {
+                match authenticate_opener(conn, &security, timeout, &sessions) {
                     Ok((neg, r, w, peer, opens)) => {
                         if let router::Routed::Opener(neg, r, w) =
                             sessions.route(neg, r, w, io_timeout, opens)
@@ -564,6 +578,7 @@ impl<'l> Incoming<'l> {
         let pages = shared.pages_applied.load(Ordering::Relaxed);
         let report = ReceiveReport {
             session_id: format!("{:016x}", self.session_id),
+            security: self.listener.security.mode(),
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             streams: streams_opened as usize,
             duplicate_chunks: shared.duplicates.load(Ordering::Relaxed),
@@ -584,25 +599,40 @@ impl<'l> Incoming<'l> {
 /// Authenticates a connection that opens a new session, within `timeout`.
 fn authenticate_opener(
     conn: Box<dyn dwcp_core::transport::Conn>,
-    psk: &Psk,
+    security: &Security,
     timeout: Duration,
     sessions: &router::Sessions,
 ) -> Result<(Negotiated, StreamReader, StreamWriter, SocketAddr, bool), Error> {
     let peer = conn
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (mut reader, mut writer) = split(conn, timeout.max(Duration::from_millis(1)))?;
+    let timeout = timeout.max(Duration::from_millis(1));
+    // One deadline for the TLS handshake, so a peer trickling bytes cannot hold a thread.
+    let secured = security.accept(conn, Instant::now() + timeout)?;
+    let (mut reader, mut writer) = split(secured.conn, timeout)?;
     let mut opens = false;
     let neg = server_handshake(
         &mut reader,
         &mut writer,
-        psk,
+        &secured.handshake_key,
         Offer::default(),
         |requested| {
             opens = requested == 0;
             sessions.choose(requested)
         },
     )
-    .map_err(|e| classify(e, &format!("the handshake of {peer}")))?;
+    .map_err(|e| match e {
+        Error::Frame(dwcp_core::error::FrameError::BadMagic(m))
+            if dwcp_tls::looks_like_tls(&m.to_be_bytes()) =>
+        {
+            dwcp_core::error::SecurityError::ModeMismatch {
+                peer: peer.to_string(),
+                theirs: "TLS",
+                ours: "plain-text DWCP (--insecure-plaintext)",
+            }
+            .into()
+        }
+        e => classify(e, &format!("the handshake of {peer}")),
+    })?;
     Ok((neg, reader, writer, peer, opens))
 }

@@ -573,6 +573,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             mode: done.mode,
             rtt_ms: s.rtt * 1e3,
             congestion: s.congestion.clone(),
+            security: self.m.security.mode(),
             resilience: done.resilience,
             stream_telemetry,
             encode: s.encoder.stats(),

@@ -49,13 +49,13 @@ impl Established {
         };
         let dialer = Dialer {
             connector,
-            psk: m.psk.clone(),
+            security: m.security.clone(),
             offer: Offer::default(),
             connect_timeout: cfg.connect_timeout,
             io_timeout: cfg.io_timeout,
         };
         // Stream 0 opens the session; its handshake (two round trips) also measures the path.
-        let pool_key = (dialer.connector.peer(), m.psk.fingerprint());
+        let pool_key = (dialer.connector.peer(), m.security.fingerprint());
         let mut pooled = m
             .pool
             .as_ref()

@@ -10,10 +10,11 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
-use dwcp_core::handshake::{Negotiated, Offer, Psk, client_handshake};
+use dwcp_core::handshake::{Negotiated, Offer, client_handshake};
 use dwcp_core::messages::{Ack, DigestMessage, JoinMessage, decode_u64, encode_u64};
 use dwcp_core::transport::{Conn, Connector};
 use dwcp_tcp::{LaneHandle, Lanes, Mode};
+use dwcp_tls::Security;
 
 use crate::pool::{ConnectionPool, PoolKey, PooledStream};
 use crate::session::{
@@ -41,7 +42,7 @@ pub(super) enum LinkEvent {
 #[derive(Clone)]
 pub(super) struct Dialer {
     pub(super) connector: Arc<dyn Connector>,
-    pub(super) psk: Psk,
+    pub(super) security: Security,
     pub(super) offer: Offer,
     pub(super) connect_timeout: Duration,
     pub(super) io_timeout: Duration,
@@ -54,12 +55,16 @@ impl Dialer {
         session_id: u64,
         index: u16,
     ) -> Result<(JoinedStream, Negotiated), Error> {
+        let started = std::time::Instant::now();
         let conn = self.connector.connect(self.connect_timeout)?;
-        let (mut reader, mut writer) = split(conn, self.connect_timeout)?;
+        let secured =
+            self.security
+                .connect(conn, self.connector.peer(), started + self.connect_timeout)?;
+        let (mut reader, mut writer) = split(secured.conn, self.connect_timeout)?;
         let neg = client_handshake(
             &mut reader,
             &mut writer,
-            &self.psk,
+            &secured.handshake_key,
             self.offer,
             session_id,
             index,

@@ -21,9 +21,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use dwcp_core::error::Error;
-use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{DirtyLog, MemorySource, VmControl};
 use dwcp_core::transport::Connector;
+use dwcp_tls::Security;
 
 use crate::config::MigrationConfig;
 use crate::metrics::MigrationMetrics;
@@ -47,7 +47,7 @@ pub struct Migration<'a> {
     connector: Option<Arc<dyn Connector>>,
     pool: Option<ConnectionPool>,
     addr: SocketAddr,
-    psk: Psk,
+    security: Security,
     config: MigrationConfig,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
     metrics: Option<MigrationMetrics>,
@@ -267,13 +267,14 @@ impl std::fmt::Debug for Migration<'_> {
 }
 
 impl<'a> Migration<'a> {
-    /// A migration over TCP to the destination listening at `addr`, authenticated with `psk`.
-    pub fn new(addr: SocketAddr, psk: Psk) -> Self {
+    /// A migration over TCP to the destination listening at `addr`, its streams secured by
+    /// `security` (a [`Psk`](dwcp_core::handshake::Psk) alone means TLS 1.3 keyed by it; see [`Security`]).
+    pub fn new(addr: SocketAddr, security: impl Into<Security>) -> Self {
         Self {
             connector: None,
             pool: None,
             addr,
-            psk,
+            security: security.into(),
             config: MigrationConfig::default(),
             progress: None,
             metrics: None,
@@ -290,11 +291,11 @@ impl<'a> Migration<'a> {
 
     /// A migration over any transport: `connector` opens each stream (TCP, RDMA, ...); the engine
     /// above it is the same.
-    pub fn over(connector: Arc<dyn Connector>, psk: Psk) -> Self {
+    pub fn over(connector: Arc<dyn Connector>, security: impl Into<Security>) -> Self {
         let addr = connector.peer();
         Self {
             connector: Some(connector),
-            ..Self::new(addr, psk)
+            ..Self::new(addr, security)
         }
     }
 
