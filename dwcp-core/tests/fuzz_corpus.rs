@@ -7,6 +7,8 @@ mod frame;
 #[path = "../../fuzz/src/messages.rs"]
 mod messages;
 
+#[path = "../../fuzz/src/records.rs"]
+mod records;
 #[path = "../../fuzz/src/replay.rs"]
 mod replay;
 

@@ -4,6 +4,8 @@
 
 #[path = "../../fuzz/src/handshake.rs"]
 mod handshake;
+#[path = "../../fuzz/src/records.rs"]
+mod records;
 #[path = "../../fuzz/src/replay.rs"]
 mod replay;
 

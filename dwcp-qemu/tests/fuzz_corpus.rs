@@ -4,6 +4,8 @@
 
 #[path = "../../fuzz/src/qemu_wire.rs"]
 mod qemu_wire;
+#[path = "../../fuzz/src/records.rs"]
+mod records;
 #[path = "../../fuzz/src/replay.rs"]
 mod replay;
 

@@ -29,13 +29,7 @@ pub const KEY: [u8; 32] = [0x42; 32];
 pub fn build(mut records: &[u8]) -> Vec<u8> {
     let mut wire = Vec::new();
     let mut seq = 0;
-    while let Some((&t, rest)) = records.split_first() {
-        let len = match rest {
-            [a, b, ..] => usize::from(u16::from_le_bytes([*a, *b])),
-            _ => 0,
-        };
-        let rest = rest.get(2..).unwrap_or_default();
-        let (payload, tail) = rest.split_at(len.min(rest.len()));
+    while let Some((t, payload, tail)) = crate::records::next_record(records) {
         let ty = FrameType::from_wire(t % 14 + 1).expect("1..=14 are frame types");
         let session = if seq == 0 { 0 } else { SESSION };
         encode_frame(ty, session, seq, payload, &mut wire);

@@ -10,3 +10,4 @@ pub mod messages;
 pub mod node_control;
 pub mod qemu_wire;
 pub mod raft_rpc;
+pub mod records;

@@ -40,13 +40,7 @@ pub fn check(data: &[u8]) {
     let mut tunnel = Tunnel::new(role, WINDOW, max_channels);
     let mut raw = Vec::new();
     let mut delivered = 0u64;
-    while let Some((&t, rest)) = records.split_first() {
-        let len = match rest {
-            [a, b, ..] => usize::from(u16::from_le_bytes([*a, *b])),
-            _ => 0,
-        };
-        let rest = rest.get(2..).unwrap_or_default();
-        let (payload, tail) = rest.split_at(len.min(rest.len()));
+    while let Some((t, payload, tail)) = crate::records::next_record(records) {
         records = tail;
         let ty = frame_type(t);
         let Ok(msg) = Message::decode(ty, payload) else {
