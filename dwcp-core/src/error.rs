@@ -170,6 +170,8 @@ pub enum ErrorCode {
     Internal = 6,
     /// The digests differ.
     DigestMismatch = 7,
+    /// The destination is at a limit (sessions running, sessions from this peer); try later.
+    Busy = 8,
 }
 
 impl ErrorCode {
@@ -182,6 +184,7 @@ impl ErrorCode {
             4 => Self::Layout,
             5 => Self::Cancelled,
             7 => Self::DigestMismatch,
+            8 => Self::Busy,
             _ => Self::Internal,
         }
     }
@@ -278,6 +281,10 @@ pub enum Error {
     /// Encryption or peer authentication failed.
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// A listener limit refused the peer (too many sessions running, or from this address);
+    /// nothing was written. The source may try again later.
+    #[error("destination busy: {0}")]
+    Busy(String),
     /// Every stream to the peer failed and reconnecting did not succeed within the allowed attempts.
     #[error(
         "every stream to the peer failed and {attempts} reconnection attempts did not succeed (last error: {last})"
@@ -324,6 +331,7 @@ impl Error {
             Error::Layout(_) => ErrorCode::Layout,
             Error::Cancelled => ErrorCode::Cancelled,
             Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            Error::Busy(_) => ErrorCode::Busy,
             _ => ErrorCode::Internal,
         }
     }

@@ -98,13 +98,47 @@ impl TlsConn {
         let accepted = {
             let mut tls = self.shared.tls.lock();
             let n = tls.writer().write_vectored(bufs)?;
+            // What the kernel takes without waiting goes straight from rustls' records to the
+            // socket (one copy fewer); only the rest is copied out to be sent without the lock.
+            if let Some(tcp) = self.raw.as_tcp() {
+                let mut direct = NonBlockingSend(tcp);
+                while tls.wants_write() {
+                    match tls.write_tls(&mut direct) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             while tls.wants_write() {
                 tls.write_tls(&mut *out)?;
             }
             n
         };
-        self.raw.write_all(&out)?;
+        if !out.is_empty() {
+            self.raw.write_all(&out)?;
+        }
         Ok(accepted)
+    }
+}
+
+/// Writes to a TCP socket without waiting: a full send buffer is `WouldBlock`, not a block.
+struct NonBlockingSend<'a>(&'a std::net::TcpStream);
+
+impl Write for NonBlockingSend<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0).send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0)
+            .send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -191,6 +191,8 @@ pub struct ReceiverConfig {
     pub digest_threads: usize,
     /// How long a stream parked by a source (connection pool) is kept without being reused.
     pub pool_idle_timeout: Duration,
+    /// Handshakes and sessions the listener allows at once, in total and per peer address.
+    pub limits: crate::dest::ListenerLimits,
 }
 
 impl Default for ReceiverConfig {
@@ -202,6 +204,7 @@ impl Default for ReceiverConfig {
             connect_timeout: Duration::from_secs(10),
             digest_threads: 0,
             pool_idle_timeout: Duration::from_secs(60),
+            limits: crate::dest::ListenerLimits::default(),
         }
     }
 }

@@ -27,7 +27,7 @@ mod uplink;
 
 pub use admission::{Admission, AdmissionTicket};
 pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
-pub use dest::{Incoming, Listener};
+pub use dest::{Incoming, Listener, ListenerLimits};
 pub use dwcp_core::{Error, Result};
 pub use dwcp_tls::{Security, SecurityMode};
 pub use metrics::MigrationMetrics;

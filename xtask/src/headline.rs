@@ -471,7 +471,7 @@ pub(crate) fn iperf3_parallel(streams: u32) -> Result<f64> {
 }
 
 /// Runs `dwcp ARGS` and returns the JSON object it printed.
-fn dwcp(bin: &Path, args: &[&str]) -> Result<Value> {
+pub(crate) fn dwcp(bin: &Path, args: &[&str]) -> Result<Value> {
     let mut cmd = Command::new(bin);
     cmd.args(args);
     eprintln!("  $ {}", describe(&cmd));
@@ -581,10 +581,10 @@ fn demo_dirty(bin: &Path, plan: Plan) -> Result<Row> {
 
 /// A directory removed (with its contents) when dropped.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(base: &Path, prefix: &str) -> Result<Self> {
+    pub(crate) fn new(base: &Path, prefix: &str) -> Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -597,7 +597,7 @@ impl TempDir {
 
 /// Removes `<base>/<prefix>-<pid>-*` directories left behind by xtask runs that were killed (their
 /// process no longer exists).
-fn remove_stale(base: &Path, prefix: &str) {
+pub(crate) fn remove_stale(base: &Path, prefix: &str) {
     let Ok(dir) = std::fs::read_dir(base) else {
         return;
     };
@@ -719,7 +719,7 @@ fn image_rss(ws: &Workspace, bin: &Path, plan: Plan) -> Result<(Stats, Vec<Value
 }
 
 /// Runs `dwcp ARGS` for its effect only.
-fn run_plain(bin: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn run_plain(bin: &Path, args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(bin);
     cmd.args(args);
     eprintln!("  $ {}", describe(&cmd));
@@ -728,7 +728,7 @@ fn run_plain(bin: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// The JSON object a command printed on stdout (the whole output, or else its last JSON line).
-fn parse_json(what: &str, stdout: &str) -> Result<Value> {
+pub(crate) fn parse_json(what: &str, stdout: &str) -> Result<Value> {
     let text = stdout.trim();
     if let Ok(v @ Value::Object(_)) = serde_json::from_str(text) {
         return Ok(v);

@@ -34,6 +34,7 @@ mod pba;
 mod process;
 mod qemu;
 mod rdma;
+mod security;
 mod wan;
 
 use std::path::{Path, PathBuf};
@@ -76,7 +77,7 @@ enum Cmd {
         /// With `e2e`/`all`: skip the Criterion e2e benchmark and only measure the headline table.
         #[arg(long)]
         headline_only: bool,
-        /// With `amst`/`qemu`: interleaved rounds of every configuration; the verdicts compare
+        /// With `amst`/`qemu`/`security`: interleaved rounds of every configuration; the verdicts compare
         /// medians (default 3, and 7 for `qemu` on loopback; 1 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
@@ -130,6 +131,8 @@ enum Which {
     Fleet,
     /// The cluster side: registry commits (raft and etcd), handoff latency, placement, gossip.
     Cluster,
+    /// Encrypted vs plain text, and a migration beside 200 hostile connections.
+    Security,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -253,6 +256,7 @@ fn main() -> ExitCode {
             Which::Pba => pba::bench(&ws, quick),
             Which::Fleet => pba::bench_fleet(&ws, quick),
             Which::Cluster => cluster::bench(&ws, quick),
+            Which::Security => security::bench(&ws, quick, rounds),
             _ => bench(&ws, which, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),

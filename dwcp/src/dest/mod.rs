@@ -13,6 +13,7 @@
 //! than it may take to reconnect.
 
 mod apply;
+mod limits;
 mod router;
 mod session;
 
@@ -38,7 +39,9 @@ use dwcp_tcp::TcpAcceptor;
 use dwcp_tls::Security;
 
 use self::apply::{Shared, SharedWriter};
-use self::session::{ACCEPT_POLL, MAX_CONCURRENT_HANDSHAKES, Session};
+use self::limits::HandshakeSlots;
+pub use self::limits::ListenerLimits;
+use self::session::{ACCEPT_POLL, Session};
 use crate::config::ReceiverConfig;
 use crate::report::ReceiveReport;
 use crate::session::{
@@ -61,6 +64,8 @@ pub struct Listener {
     /// The sessions running now, so that a stream joins the one it names whichever thread accepted
     /// it (several migrations may arrive at once).
     sessions: router::Sessions,
+    /// Handshakes in progress, counted against `config.limits`.
+    handshakes: HandshakeSlots,
 }
 
 impl std::fmt::Debug for Listener {
@@ -119,6 +124,7 @@ impl Listener {
             joins_rx,
             parked_count: Arc::default(),
             sessions: router::Sessions::default(),
+            handshakes: HandshakeSlots::default(),
         }
     }
 
@@ -195,11 +201,10 @@ impl Listener {
     /// Waits until an authenticated source opens a session, as [`accept`](Self::accept) does, but
     /// never gives up on a stranger: a connection that fails the handshake (a port scanner, a health
     /// check, a peer with another key, one that sends garbage or nothing) is dropped with a logged
-    /// reason. Handshakes run on their own threads, at most 16 at once, each bounded by
-    /// `connect_timeout`, so silent strangers cannot delay the real source; more connections wait
-    /// in the listen backlog. Fails only when the listener itself fails.
+    /// reason. Handshakes run on their own threads, bounded in number by `config.limits` (in total
+    /// and per peer address) and each in time by `connect_timeout`, so silent strangers cannot
+    /// delay the real source. Fails only when the listener itself fails.
     pub fn accept_source(&self) -> Result<Incoming<'_>, Error> {
-        let in_flight = Arc::new(AtomicU64::new(0));
         loop {
             if let Some(opener) = self.next_opener() {
                 match self.open(opener) {
@@ -210,7 +215,7 @@ impl Listener {
                     }
                 }
             }
-            if in_flight.load(Ordering::Acquire) as usize >= MAX_CONCURRENT_HANDSHAKES {
+            if self.handshakes.full(&self.config.limits) {
                 std::thread::sleep(ACCEPT_POLL);
                 continue;
             }
@@ -220,35 +225,44 @@ impl Listener {
             // An opener that authenticates after we returned waits for the next call.
             self.spawn_handshake(
                 conn,
-                &in_flight,
                 "dwcp-handshake",
                 "refused a connection that did not authenticate; still waiting",
             );
         }
     }
 
+    /// Handshakes in progress at this listener now (strangers included).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.in_use()
+    }
+
+    /// Connections closed at once since the listener started because their address already had
+    /// `max_handshakes_per_peer` handshakes in progress.
+    pub fn connections_refused_by_limits(&self) -> u64 {
+        self.handshakes.refused()
+    }
+
     /// Authenticates `conn` on a thread of its own (a stranger's handshake may take until its
     /// time-out, and nobody waits for it) and routes it: to the running session it joins, or to the
-    /// openers' queue as the opener of a new session. `in_flight` counts the handshakes running;
-    /// `refused` is logged for a connection that does not authenticate.
+    /// openers' queue as the opener of a new session. A connection whose address has all its
+    /// handshake slots is closed at once; `refused` is logged for one that does not authenticate.
     pub(super) fn spawn_handshake(
         &self,
         conn: Box<dyn dwcp_core::transport::Conn>,
-        in_flight: &Arc<AtomicU64>,
         thread_name: &str,
         refused: &'static str,
     ) {
-        in_flight.fetch_add(1, Ordering::AcqRel);
+        let peer = conn.peer_addr().ok().map(|a| a.ip());
+        let Some(slot) = self.handshakes.acquire(peer, &self.config.limits) else {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            return;
+        };
         let (security, timeout, io_timeout) = (
             self.security.clone(),
             self.config.connect_timeout,
             self.config.io_timeout,
         );
-        let (openers, sessions, handshakes) = (
-            self.openers_tx.clone(),
-            self.sessions.clone(),
-            Arc::clone(in_flight),
-        );
+        let (openers, sessions) = (self.openers_tx.clone(), self.sessions.clone());
         let spawned = std::thread::Builder::new()
             .name(thread_name.into())
             .spawn(move || {
@@ -262,10 +276,9 @@ impl Listener {
                     }
                     Err(e) => tracing::warn!(error = %e, "{refused}"),
                 }
-                handshakes.fetch_sub(1, Ordering::AcqRel);
+                drop(slot);
             });
         if let Err(e) = spawned {
-            in_flight.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "could not start a handshake thread");
         }
     }
@@ -409,6 +422,19 @@ impl Listener {
             report_error(&mut writer, &e);
             return Err(e);
         }
+        let limits = &self.config.limits;
+        let (running, from_peer) = self.sessions.count(peer.ip());
+        if running >= limits.max_sessions.max(1) || from_peer >= limits.max_sessions_per_peer.max(1)
+        {
+            let e = Error::Busy(format!(
+                "{running} sessions running here ({from_peer} from {}), the limits are {} and {} per address",
+                peer.ip(),
+                limits.max_sessions,
+                limits.max_sessions_per_peer
+            ));
+            report_error(&mut writer, &e);
+            return Err(e);
+        }
         tracing::info!(session = %format!("{session_id:x}"), %peer, bytes = init.layout.total_bytes(), streams = init.stream_count, "source authenticated");
         Ok(Incoming {
             listener: self,
@@ -524,7 +550,10 @@ impl<'l> Incoming<'l> {
         // Registered before SessionReady: the source opens its other streams as soon as it reads it,
         // and whichever thread accepts them must find the session.
         let (tx, events) = unbounded();
-        let registration = listener.sessions.register(self.session_id, tx.clone());
+        let registration =
+            listener
+                .sessions
+                .register(self.session_id, tx.clone(), Some(self.peer.ip()));
         self.writer
             .write_frame(FrameType::SessionReady, &self.ready_payload)?;
         self.writer.bind_session(self.session_id);

@@ -6,6 +6,7 @@
 //! naming a session that is not running here is refused in the handshake.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,10 @@ use crate::session::{StreamReader, StreamWriter, report_error};
 
 /// The running sessions of one listener, by id. Cheap to clone.
 #[derive(Clone, Default)]
-pub(super) struct Sessions(Arc<Mutex<HashMap<u64, Sender<Event>>>>);
+pub(super) struct Sessions(Arc<Mutex<HashMap<u64, Running>>>);
+
+/// Where a running session's streams go, and the address that opened it.
+type Running = (Sender<Event>, Option<IpAddr>);
 
 /// Where an authenticated stream went.
 pub(super) enum Routed {
@@ -46,8 +50,13 @@ impl Drop for Registration {
 
 impl Sessions {
     /// Routes streams naming `id` to `tx` until the registration is dropped.
-    pub(super) fn register(&self, id: u64, tx: Sender<Event>) -> Registration {
-        self.0.lock().insert(id, tx);
+    pub(super) fn register(
+        &self,
+        id: u64,
+        tx: Sender<Event>,
+        peer: Option<IpAddr>,
+    ) -> Registration {
+        self.0.lock().insert(id, (tx, peer));
         Registration {
             sessions: self.clone(),
             id,
@@ -57,6 +66,13 @@ impl Sessions {
     /// Running sessions.
     pub(super) fn len(&self) -> usize {
         self.0.lock().len()
+    }
+
+    /// Running sessions, and those of them opened from `peer`.
+    pub(super) fn count(&self, peer: IpAddr) -> (usize, usize) {
+        let sessions = self.0.lock();
+        let from_peer = sessions.values().filter(|(_, p)| *p == Some(peer)).count();
+        (sessions.len(), from_peer)
     }
 
     /// The handshake's decision on the session a stream asks for: 0 opens a new one, a running
@@ -85,7 +101,7 @@ impl Sessions {
         if opens {
             return Routed::Opener(neg, reader, writer);
         }
-        let target = self.0.lock().get(&neg.session_id).cloned();
+        let target = self.0.lock().get(&neg.session_id).map(|(tx, _)| tx.clone());
         let Some(tx) = target else {
             let e = Error::Handshake(HandshakeError::UnknownSession(neg.session_id));
             report_error(&mut writer, &e);
@@ -105,7 +121,11 @@ impl Sessions {
         (join, mut reader, writer): (JoinMessage, StreamReader, SharedWriter),
         io_timeout: Duration,
     ) {
-        let target = self.0.lock().get(&join.session_id).cloned();
+        let target = self
+            .0
+            .lock()
+            .get(&join.session_id)
+            .map(|(tx, _)| tx.clone());
         let Some(tx) = target else {
             let e = Error::Handshake(HandshakeError::UnknownSession(join.session_id));
             report_error(&mut writer.lock(), &e);

@@ -2,7 +2,7 @@
 //! loop that carries out what `dwcp_proto::dest::DestMachine` decides.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -19,8 +19,6 @@ use super::apply::{Event, Shared, SharedWriter, StreamEnd, apply_stream, panic_m
 use crate::config::{ReceiverConfig, threads_or_cores};
 use crate::session::{StreamReader, StreamWriter, report_error};
 
-/// Handshakes of joining streams run at once, at most (a flood of connections waits in the backlog).
-pub(super) const MAX_CONCURRENT_HANDSHAKES: usize = 16;
 /// How often an acceptor looks for new connections.
 pub(super) const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// Longest single wait of the session's loop for an event.
@@ -124,14 +122,13 @@ impl<'a> Session<'a> {
     /// turned away without ending the session. A stream goes to the running session it names (this
     /// one or another) through the listener's session registry (`router::Sessions`).
     pub(super) fn accept_joins(&self) {
-        let in_flight = Arc::new(AtomicU64::new(0));
         while !self.stop_accepting.load(Ordering::Acquire) {
             while let Ok(join) = self.listener.joins_rx.try_recv() {
                 self.listener
                     .sessions
                     .route_parked(join, self.cfg.io_timeout);
             }
-            if in_flight.load(Ordering::Acquire) as usize >= MAX_CONCURRENT_HANDSHAKES {
+            if self.listener.handshakes.full(&self.cfg.limits) {
                 std::thread::sleep(ACCEPT_POLL);
                 continue;
             }
@@ -147,7 +144,6 @@ impl<'a> Session<'a> {
             // The session does not wait for a stranger's handshake to end.
             self.listener.spawn_handshake(
                 conn,
-                &in_flight,
                 "amst-join",
                 "refused a stream that does not belong to the session",
             );
