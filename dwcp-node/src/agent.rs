@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use dwcp::{Listener, Migration, MigrationConfig, ReceiverConfig};
 use dwcp_acp::{AcpError, Fence, Holding, NodeId, NodeRecord, Ownership, Registry, VmId};
-use dwcp_core::handshake::Psk;
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 use dwcp_core::{GuestRam, MemoryLayout, VmControl};
+use dwcp_tls::Security;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -28,8 +28,10 @@ pub struct AgentConfig {
     pub id: NodeId,
     /// A name for people.
     pub name: String,
-    /// The cluster's pre-shared key (control requests and migration streams).
-    pub psk: Psk,
+    /// How control connections (both ways) and migration streams are secured: TLS 1.3 keyed by
+    /// the cluster's pre-shared key (`Security::psk`, what [`crate::RunningNode`] uses by
+    /// default), mutual certificates, or, by explicit choice only, plain text.
+    pub security: Security,
     /// Where the control server listens.
     pub control_listen: SocketAddr,
     /// The address migration listeners bind (a fresh port per incoming migration).
@@ -215,16 +217,24 @@ fn serve(inner: Arc<Inner>, listener: TcpListener) {
         if inner.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut stream) = stream else { continue };
+        let Ok(stream) = stream else { continue };
         let inner = inner.clone();
         let spawned = std::thread::Builder::new()
             .name("agent-request".into())
             .spawn(move || {
                 let peer = stream.peer_addr().ok();
-                // A slow or silent client may hold the request line only this long.
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-                let request = match protocol::accept_request(&mut stream, &inner.config.psk) {
+                // Bounded in time inside: a client that stalls its TLS handshake or its request
+                // line holds this thread only so long.
+                let secured = match protocol::secure_accepted(stream, &inner.config.security) {
+                    Ok(secured) => secured,
+                    Err(e) => {
+                        // No session to answer in: the peer learns by the closed connection.
+                        tracing::warn!(?peer, error = %e, "control connection refused");
+                        return;
+                    }
+                };
+                let mut stream = secured.conn;
+                let request = match protocol::accept_request(&mut stream, &secured.handshake_key) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(?peer, error = %e, "control request refused");
@@ -343,6 +353,7 @@ impl Inner {
             "node": self.id(),
             "name": self.config.name,
             "control_addr": self.control_addr.to_string(),
+            "security": self.config.security.mode().name(),
             "draining": self.draining.load(Ordering::SeqCst),
             "memory_capacity": self.config.memory_capacity,
             "memory_free": self.free_memory(),
@@ -568,9 +579,9 @@ impl Inner {
             let started = Instant::now();
             let begun = self.registry_call(self.registry.begin_handoff(vm, me, fence, to))?;
             let handoff_begun = started.elapsed();
-            let prepared = protocol::call(
+            let prepared = protocol::call_with(
                 dest_agent,
-                &self.config.psk,
+                &self.config.security,
                 &Request::Prepare {
                     vm: vm.clone(),
                     from: me,
@@ -613,8 +624,9 @@ impl Inner {
             to,
             recorded: recorded.clone(),
         };
-        let migration = Migration::new(SocketAddr::new(dest_ip, port), self.config.psk.clone())
-            .config(self.config.migration.clone());
+        let migration =
+            Migration::new(SocketAddr::new(dest_ip, port), self.config.security.clone())
+                .config(self.config.migration.clone());
         let outcome = migration.run(&**guest, &mut guest.dirty_log(), &mut control);
         match outcome {
             Ok(report) => {
@@ -801,7 +813,7 @@ impl Inner {
             let ram = GuestRam::anonymous(layout)?;
             let listener = Listener::bind(
                 SocketAddr::new(self.config.migration_ip, 0),
-                self.config.psk.clone(),
+                self.config.security.clone(),
                 ReceiverConfig::default(),
             )?;
             Ok((listener, ram))

@@ -1,7 +1,7 @@
 //! Entry points for the `node_control` fuzz target (`fuzz/fuzz_targets/node_control.rs`) and its
 //! corpus replay test (`tests/fuzz_corpus.rs`): the parsing and verification steps of the agent's
-//! control protocol (`protocol.rs`), which are not public and run on a `TcpStream` there. Not part
-//! of the crate's API.
+//! control protocol (`protocol.rs`), which are not public and run inside a TLS session there. Not
+//! part of the crate's API.
 //!
 //! [`verify_request`] is the part of `protocol::accept_request` after the challenge was sent (the
 //! same calls in the same order); the client's parsing of a challenge and of an answer is that of

@@ -11,6 +11,7 @@ use dwcp::MigrationConfig;
 use dwcp_acp::raft::{RaftConfig, RaftNode};
 use dwcp_acp::{NodeId, Registry};
 use dwcp_core::handshake::Psk;
+use dwcp_tls::Security;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +113,11 @@ impl ClusterFile {
     pub fn psk(&self) -> Result<Psk, NodeError> {
         Psk::from_file(&self.psk_file).map_err(NodeError::Engine)
     }
+
+    /// The members' default security: TLS 1.3 keyed by the cluster key.
+    pub fn security(&self) -> Result<Security, NodeError> {
+        Ok(Security::psk(self.psk()?))
+    }
 }
 
 /// Options of one node's start.
@@ -121,6 +127,11 @@ pub struct NodeOptions {
     pub bootstrap: bool,
     /// How migrations from this node run.
     pub migration: MigrationConfig,
+    /// How all of this node's connections (registry RPC, control requests, migration streams)
+    /// are secured. `None`: TLS 1.3 keyed by the cluster key ([`ClusterFile::security`]), which
+    /// every member and the `dwcp cluster` commands use by default. Every member must use the
+    /// same mode; in certificate mode each member's certificate must name its addresses.
+    pub security: Option<Security>,
 }
 
 /// A running node: its runtime, registry backend and agent. Dropping it stops everything.
@@ -141,6 +152,10 @@ impl RunningNode {
     ) -> Result<Self, NodeError> {
         let me = cluster.node(id)?.clone();
         let psk = cluster.psk()?;
+        let security = options
+            .security
+            .clone()
+            .unwrap_or_else(|| Security::psk(psk.clone()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(format!("node-{id}"))
@@ -151,8 +166,13 @@ impl RunningNode {
             BackendChoice::Raft => {
                 let peers: BTreeMap<NodeId, SocketAddr> =
                     cluster.nodes.iter().map(|n| (n.id, n.raft_addr)).collect();
-                let mut config =
-                    RaftConfig::new(id, me.data_dir.clone(), me.raft_addr, peers, psk.clone());
+                let mut config = RaftConfig::new(
+                    id,
+                    me.data_dir.clone(),
+                    me.raft_addr,
+                    peers,
+                    security.clone(),
+                );
                 config.bootstrap = options.bootstrap;
                 let node = runtime.block_on(RaftNode::start(config))?;
                 let registry = node.registry();
@@ -189,7 +209,7 @@ impl RunningNode {
             AgentConfig {
                 id,
                 name: me.name.clone(),
-                psk,
+                security,
                 control_listen: me.agent_addr,
                 migration_ip: me.migration_ip,
                 memory_capacity: me.memory_capacity,

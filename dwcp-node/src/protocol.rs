@@ -1,20 +1,31 @@
-//! The agent's control protocol: one authenticated JSON request per TCP connection.
+//! The agent's control protocol: one authenticated JSON request per TCP connection, inside TLS 1.3.
 //!
 //! ```text
-//! agent  -> client   {"nonce": "<32 random bytes, hex>"}\n
-//! client -> agent    {"mac": "<hex>", "request": {...}}\n
-//! agent  -> client   {"ok": true, "result": ...}\n   or   {"ok": false, "error": "..."}\n
-//! mac = HMAC-SHA256(key, "dwcp agent request" ‖ nonce ‖ request as sent)
+//! client <══ TLS 1.3 handshake (within HANDSHAKE_TIMEOUT) ══> agent
+//! ┌─ inside the TLS session ────────────────────────────────────────────────────────┐
+//! │ agent  -> client   {"nonce": "<32 random bytes, hex>"}\n
+//! │ client -> agent    {"mac": "<hex>", "request": {...}}\n
+//! │ agent  -> client   {"ok": true, "result": ...}\n   or   {"ok": false, "error": "..."}\n
+//! └─────────────────────────────────────────────────────────────────────────────────┘
+//! exporter = TLS-Exporter(Security::exporter_label(), no context, 32 bytes)
+//! key      = security.handshake_key(exporter)     (PSK mode: Psk::bound_to_channel(exporter))
+//! mac      = HMAC-SHA256(key, "dwcp agent request" ‖ nonce ‖ request as sent)
 //! ```
-//! The key is the cluster's pre-shared key; the nonce is fresh per connection, so a recorded
-//! request cannot be replayed. Lines are bounded ([`MAX_LINE`]) and read with a deadline.
+//! The key is the cluster's pre-shared key bound to the TLS session, so a MAC verifies only in
+//! the session it was made in: a man in the middle holding one session with each side cannot
+//! relay it. In certificate mode both ends are authenticated by their certificates and the key is
+//! the exporter value alone; only the explicit insecure plain-text mode uses the cluster key
+//! itself, without TLS. The nonce is fresh per connection, so a recorded request cannot be
+//! replayed. Lines are bounded ([`MAX_LINE`]) and read with a deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use dwcp_acp::{Fence, NodeId, VmId};
 use dwcp_core::handshake::Psk;
+use dwcp_core::transport::Conn;
+use dwcp_tls::{Secured, Security};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -23,6 +34,10 @@ use crate::NodeError;
 
 /// Longest request or answer line, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// Longest a control connection may take for its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the agent waits for a request line, and for writing its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a migration should go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,8 +157,28 @@ fn write_json(stream: &mut impl Write, value: &impl Serialize) -> Result<(), Nod
         .map_err(|e| NodeError::Control(format!("writing: {e}")))
 }
 
-/// Server side: challenges, authenticates and parses one request.
-pub(crate) fn accept_request(stream: &mut TcpStream, psk: &Psk) -> Result<Request, NodeError> {
+/// Server side: the TLS handshake of an accepted control connection (none in plain text), then
+/// the read and write limits of the exchange. A peer that does not finish TLS within
+/// [`HANDSHAKE_TIMEOUT`], or speaks plain text to a TLS agent, is refused here.
+pub(crate) fn secure_accepted(
+    stream: TcpStream,
+    security: &Security,
+) -> Result<Secured, NodeError> {
+    let secured = security
+        .accept(Box::new(stream), Instant::now() + HANDSHAKE_TIMEOUT)
+        .map_err(NodeError::Security)?;
+    // The TLS handshake left its own (shrinking) limits on the socket.
+    secured
+        .conn
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| secured.conn.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| NodeError::Control(e.to_string()))?;
+    Ok(secured)
+}
+
+/// Server side: challenges, authenticates (with the session's handshake key) and parses one
+/// request.
+pub(crate) fn accept_request(stream: &mut Box<dyn Conn>, key: &Psk) -> Result<Request, NodeError> {
     let nonce = hex(&random_nonce());
     write_json(
         stream,
@@ -153,23 +188,24 @@ pub(crate) fn accept_request(stream: &mut TcpStream, psk: &Psk) -> Result<Reques
     )?;
     let mut reader = BufReader::new(
         stream
-            .try_clone()
+            .try_clone_conn()
             .map_err(|e| NodeError::Control(e.to_string()))?,
     );
     let line = read_line(&mut reader)?;
     let envelope: Envelope = serde_json::from_str(&line)
         .map_err(|e| NodeError::Control(format!("a malformed request: {e}")))?;
     let tag = unhex(&envelope.mac).ok_or(NodeError::Unauthenticated)?;
-    mac(psk, &nonce, envelope.request.get())
+    mac(key, &nonce, envelope.request.get())
         .verify_slice(&tag)
         .map_err(|_| NodeError::Unauthenticated)?;
     serde_json::from_str(envelope.request.get())
         .map_err(|e| NodeError::Control(format!("an unknown request: {e}")))
 }
 
-/// Server side: writes the answer.
+/// Server side: writes the answer, then ends the session (a TLS close_notify: the client sees a
+/// clean end rather than a truncated stream).
 pub(crate) fn answer(
-    stream: &mut TcpStream,
+    stream: &mut Box<dyn Conn>,
     result: Result<serde_json::Value, NodeError>,
 ) -> Result<(), NodeError> {
     let answer = match result {
@@ -184,7 +220,9 @@ pub(crate) fn answer(
             error: Some(e.to_string()),
         },
     };
-    write_json(stream, &answer)
+    let written = write_json(stream, &answer);
+    let _ = stream.shutdown(Shutdown::Write);
+    written
 }
 
 fn random_nonce() -> [u8; 32] {
@@ -193,28 +231,51 @@ fn random_nonce() -> [u8; 32] {
     nonce
 }
 
-/// Sends `request` to the agent at `addr` and waits up to `timeout` for its answer.
+/// Sends `request` to the agent at `addr` and waits up to `timeout` for its answer, over TLS 1.3
+/// keyed by the cluster key `psk` (the agents' default, [`Security::psk`]). For agents secured
+/// otherwise (certificates, explicit plain text), [`call_with`].
 pub fn call(
     addr: SocketAddr,
     psk: &Psk,
     request: &Request,
     timeout: Duration,
 ) -> Result<serde_json::Value, NodeError> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5).min(timeout))
+    call_with(addr, &Security::psk(psk.clone()), request, timeout)
+}
+
+/// [`call`] over a connection secured by `security`, which must match the agent's mode.
+pub fn call_with(
+    addr: SocketAddr,
+    security: &Security,
+    request: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, NodeError> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5).min(timeout))
         .map_err(|e| NodeError::Control(format!("connecting to the agent at {addr}: {e}")))?;
+    let Secured {
+        conn: mut stream,
+        handshake_key: key,
+        ..
+    } = security
+        .connect(
+            Box::new(stream),
+            addr,
+            Instant::now() + HANDSHAKE_TIMEOUT.min(timeout),
+        )
+        .map_err(NodeError::Security)?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| NodeError::Control(e.to_string()))?;
     let mut reader = BufReader::new(
         stream
-            .try_clone()
+            .try_clone_conn()
             .map_err(|e| NodeError::Control(e.to_string()))?,
     );
     let challenge: Challenge = serde_json::from_str(&read_line(&mut reader)?)
         .map_err(|e| NodeError::Control(format!("the agent at {addr} sent no challenge: {e}")))?;
     let body = serde_json::to_string(request).map_err(|e| NodeError::Control(e.to_string()))?;
-    let tag = mac(psk, &challenge.nonce, &body).finalize().into_bytes();
+    let tag = mac(&key, &challenge.nonce, &body).finalize().into_bytes();
     // The MAC covers the request's exact bytes: send them as they were signed.
     let line = format!("{{\"mac\":\"{}\",\"request\":{}}}", hex(&tag), body);
     stream

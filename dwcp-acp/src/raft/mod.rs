@@ -6,9 +6,10 @@
 //!   the latest snapshot, synced before anything is acknowledged; the [`RegistryState`] in memory,
 //!   rebuilt from the snapshot plus the log on restart; a snapshot every
 //!   [`RaftConfig::snapshot_every`] entries, the log purged behind it;
-//! - a network (`rpc`, `network`): postcard frames over TCP with a hard size limit, each
-//!   connection opened by a mutual HMAC-SHA256 challenge-response over the cluster key, and only
-//!   to and from the configured node ids;
+//! - a network (`rpc`, `network`): postcard frames over TLS 1.3 on TCP with a hard size limit,
+//!   each connection opened by a mutual HMAC-SHA256 challenge-response inside the TLS session
+//!   (keyed by the cluster key bound to the session's exporter value, see
+//!   [`RaftConfig::security`]), and only to and from the configured node ids;
 //! - group commit (`batcher`): a raft entry is a batch of [`Command`]s, up to
 //!   [`RaftConfig::max_batch`]. **Fences**: the k-th command (from 0) of the entry at log index i
 //!   is applied at `Fence(i << 16 | k)`; batches hold at most 65 535 commands, so fences are
@@ -49,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dwcp_core::handshake::Psk;
+use dwcp_tls::Security;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use parking_lot::RwLock;
@@ -96,8 +97,11 @@ pub struct RaftConfig {
     /// The initial voters, this node included, and their RPC addresses. Only these ids may
     /// connect.
     pub peers: BTreeMap<NodeId, SocketAddr>,
-    /// The cluster key every member holds.
-    pub psk: Psk,
+    /// How the RPC connections are secured. From the cluster key alone (`Psk` converts into it):
+    /// TLS 1.3, every member proving the key inside the session; with certificates
+    /// ([`Security::from_cert_dir`]): mutual X.509 of one CA, whose names must include each
+    /// member's RPC address. Plain text only by [`Security::insecure_plaintext`].
+    pub security: Security,
     /// First start of a new cluster: an empty `data_dir` is accepted, and the lowest id of
     /// `peers` initializes the membership. Leave it false on every later start.
     pub bootstrap: bool,
@@ -121,19 +125,20 @@ pub struct RaftConfig {
 impl RaftConfig {
     /// A configuration with the defaults: not bootstrapping, timing from the RTT, a snapshot
     /// every 10 000 entries keeping 1 000 behind it, 5 s per call, batches of 1 024.
+    /// `security` is a [`Security`] or the cluster key (`Psk`), which means TLS 1.3 keyed by it.
     pub fn new(
         id: NodeId,
         data_dir: impl Into<PathBuf>,
         listen: SocketAddr,
         peers: BTreeMap<NodeId, SocketAddr>,
-        psk: Psk,
+        security: impl Into<Security>,
     ) -> Self {
         Self {
             id,
             data_dir: data_dir.into(),
             listen,
             peers,
-            psk,
+            security: security.into(),
             bootstrap: false,
             join: false,
             timeouts: None,
@@ -315,7 +320,7 @@ impl RaftNode {
 
         let net = Arc::new(Net {
             me: id,
-            auth: rpc::Auth::new(&config.psk),
+            security: config.security.clone(),
             peers: parking_lot::RwLock::new(config.peers.clone()),
             isolation: tokio::sync::watch::channel(BTreeSet::new()).0,
             stop: tokio::sync::watch::channel(false).0,
@@ -378,7 +383,8 @@ impl RaftNode {
             tasks: vec![server, batcher_task, peer_sync],
             db_closed: Some(db_closed),
         };
-        info!(node = id, addr = %local_addr, ?rtt, ?timeouts, "raft node started");
+        let security = node.core.config.security.mode();
+        info!(node = id, addr = %local_addr, %security, ?rtt, ?timeouts, "raft node started");
 
         let lowest = node.core.config.peers.keys().next().copied();
         let initialized = node

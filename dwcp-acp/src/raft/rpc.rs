@@ -1,17 +1,28 @@
-//! The agents' RPC: length-prefixed postcard frames over TCP, opened by a mutual HMAC-SHA256
-//! challenge-response over the cluster's pre-shared key, then multiplexed (each request carries
+//! The agents' RPC: length-prefixed postcard frames over TLS 1.3 on TCP, opened by a mutual
+//! HMAC-SHA256 challenge-response inside the TLS session, then multiplexed (each request carries
 //! an id its answer echoes, so one connection per peer carries many calls at once).
 //!
 //! ```text
 //! client                                           server
-//! Hello { magic, version, from, to, Nc }         ─►  from must be a configured peer, to = us
-//!                                                ◄─  Challenge { id, Ns, MACs }
-//! Proof { MACc }                                 ─►
-//!                                                ◄─  Welcome
+//! ══ TLS 1.3 handshake (rustls) ══════════════════════  both within HANDSHAKE_TIMEOUT
+//! ┌─ inside the TLS session ───────────────────────────────────────────────────┐
+//! │ Hello { magic, version, from, to, Nc }    ─►  from must be a configured peer, to = us
+//! │                                           ◄─  Challenge { Ns, MACs }
+//! │ Proof { MACc }                            ─►
+//! │                                           ◄─  Welcome
+//! │ request/answer frames …                   ◄─►
+//! └────────────────────────────────────────────────────────────────────────────┘
+//! exporter   = TLS-Exporter(Security::exporter_label(), no context, 32 bytes)
+//! key        = security.handshake_key(exporter)   (PSK mode: Psk::bound_to_channel(exporter))
 //! transcript = magic ‖ version ‖ from ‖ to ‖ Nc ‖ Ns
-//! MACs = HMAC-SHA256(psk, "dwcp-acp server" ‖ transcript)
-//! MACc = HMAC-SHA256(psk, "dwcp-acp client" ‖ transcript)
+//! MACs = HMAC-SHA256(key, "dwcp-acp server" ‖ transcript)
+//! MACc = HMAC-SHA256(key, "dwcp-acp client" ‖ transcript)
 //! ```
+//! The key is bound to the TLS session: a man in the middle who terminates TLS towards each side
+//! holds two sessions with two exporter values, so neither side's proof verifies on the other
+//! and relaying the exchange fails. In certificate mode the peers are authenticated by their
+//! certificates (one CA) and the key is the exporter value alone; in the explicit
+//! `insecure-plaintext` mode there is no TLS and the key is the cluster key itself.
 //! Both nonces are fresh per connection, so a recorded exchange cannot be replayed; the distinct
 //! labels stop one side's proof being reflected as the other's; the claimed ids are inside the
 //! transcript, so a peer cannot authenticate as one node and then be taken for another. Until the
@@ -25,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dwcp_core::handshake::Psk;
+use dwcp_tls::Security;
 use hmac::{Hmac, Mac};
 use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
@@ -35,6 +47,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::rustls::ConnectionCommon;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use super::wire::{Envelope, Request, Response};
@@ -46,10 +60,10 @@ use crate::NodeId;
 pub(crate) const MAX_FRAME: usize = 16 << 20;
 /// Largest frame before the peer has proven the key: nothing big is read from a stranger.
 pub(crate) const MAX_HANDSHAKE_FRAME: usize = 256;
-/// How long a connection may take to authenticate.
+/// How long a connection may take to authenticate, its TLS handshake included.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connections allowed to be authenticating at once: strangers cannot hold more than this many
-/// sockets and tasks (each for at most [`HANDSHAKE_TIMEOUT`]).
+/// Connections allowed to be authenticating (TLS handshake or HMAC exchange) at once: strangers
+/// cannot hold more than this many sockets and tasks (each for at most [`HANDSHAKE_TIMEOUT`]).
 const MAX_HANDSHAKES: usize = 64;
 /// How long sent data may stay unacknowledged before the kernel gives up on a connection
 /// (`TCP_USER_TIMEOUT`). Without it a connection across a partition stays open with its
@@ -89,6 +103,10 @@ pub(crate) enum RpcError {
     UnknownPeer(NodeId),
     #[error("refused by the peer: {0}")]
     Refused(String),
+    /// The TLS handshake failed, or the session gave no key (a plain-text peer, a certificate
+    /// of another CA, an alert).
+    #[error("TLS ({mode}): {why}")]
+    Tls { mode: &'static str, why: String },
 }
 
 /// Reads one frame of at most `max` bytes.
@@ -262,6 +280,76 @@ fn nonce() -> [u8; NONCE_LEN] {
     n
 }
 
+/// A connection after its security layer: a TLS session in the TLS modes, the socket itself in
+/// plain text. Boxed so that both, and the in-memory streams of the tests, take one code path.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+fn tls_error(security: &Security, why: impl std::fmt::Display) -> RpcError {
+    RpcError::Tls {
+        mode: security.mode().name(),
+        why: why.to_string(),
+    }
+}
+
+/// The HMAC key of one TLS session, from its exporter value (the cluster key bound to it; in
+/// certificate mode the value alone), so the proofs made with it verify only inside this very
+/// session.
+fn session_auth<D>(security: &Security, session: &ConnectionCommon<D>) -> Result<Auth, RpcError> {
+    let exporter = session
+        .export_keying_material([0u8; 32], Security::exporter_label(), None)
+        .map_err(|e| tls_error(security, e))?;
+    let key = security
+        .handshake_key(&exporter)
+        .map_err(|e| tls_error(security, e))?;
+    Ok(Auth::new(&key))
+}
+
+/// The plain-text mode's key: the cluster key itself (there is no session to bind to).
+fn plaintext_auth(security: &Security) -> Result<Auth, RpcError> {
+    let key = security
+        .handshake_key(&[])
+        .map_err(|e| tls_error(security, e))?;
+    Ok(Auth::new(&key))
+}
+
+/// Secures a connection this node opened to `addr`: the TLS handshake as the client (unless
+/// plain text was chosen), then the key [`client_handshake`] proves inside the session.
+pub(crate) async fn secure_client<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+    security: &Security,
+    addr: SocketAddr,
+) -> Result<(Box<dyn Stream>, Auth), RpcError> {
+    let Some(config) = security.client_config() else {
+        return Ok((Box::new(io), plaintext_auth(security)?));
+    };
+    let tls = TlsConnector::from(config)
+        .connect(security.server_name_for(addr), io)
+        .await
+        .map_err(|e| tls_error(security, e))?;
+    let auth = session_auth(security, tls.get_ref().1)?;
+    Ok((Box::new(tls), auth))
+}
+
+/// Secures a connection a peer opened: the TLS handshake as the server (unless plain text was
+/// chosen), then the key [`server_handshake`] checks inside the session. A peer that speaks
+/// plain text to a TLS node fails here, before any of its bytes is parsed as a frame.
+pub(crate) async fn secure_server<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+    security: &Security,
+) -> Result<(Box<dyn Stream>, Auth), RpcError> {
+    let Some(config) = security.server_config() else {
+        return Ok((Box::new(io), plaintext_auth(security)?));
+    };
+    let tls = TlsAcceptor::from(config)
+        .accept(io)
+        .await
+        .map_err(|e| tls_error(security, e))?;
+    let auth = session_auth(security, tls.get_ref().1)?;
+    Ok((Box::new(tls), auth))
+}
+
 /// The client side of the handshake: proves the key to `to` as `me` and checks `to`'s proof.
 pub(crate) async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
@@ -359,12 +447,12 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(hello.from)
 }
 
-/// What the client and the server share: who we are, the key, the peers' addresses, the
-/// partition set (the fault-injection hook) and the stop signal.
+/// What the client and the server share: who we are, how connections are secured, the peers'
+/// addresses, the partition set (the fault-injection hook) and the stop signal.
 #[derive(Debug)]
 pub(crate) struct Net {
     pub me: NodeId,
-    pub auth: Auth,
+    pub security: Security,
     pub peers: RwLock<BTreeMap<NodeId, SocketAddr>>,
     pub isolation: watch::Sender<BTreeSet<NodeId>>,
     pub stop: watch::Sender<bool>,
@@ -453,18 +541,24 @@ fn tune(stream: &TcpStream) {
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     net: Arc<Net>,
     service: Arc<dyn Service>,
     handshake_permit: OwnedSemaphorePermit,
 ) {
     tune(&stream);
-    let handshake = server_handshake(&mut stream, &net.auth, net.me, |peer| net.admit(peer));
-    let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+    // TLS first, under the same bound and permit as the HMAC exchange: a stranger that never
+    // finishes its TLS handshake holds a slot for at most HANDSHAKE_TIMEOUT.
+    let handshake = async {
+        let (mut stream, auth) = secure_server(stream, &net.security).await?;
+        let peer = server_handshake(&mut stream, &auth, net.me, |peer| net.admit(peer)).await?;
+        Ok::<_, RpcError>((stream, peer))
+    };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
     drop(handshake_permit);
-    let peer = match peer {
-        Ok(Ok(peer)) => peer,
+    let (stream, peer) = match accepted {
+        Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
             warn!(node = net.me, %addr, error = %e, "refused an RPC connection");
             return;
@@ -474,8 +568,8 @@ async fn serve_connection(
             return;
         }
     };
-    debug!(node = net.me, peer, %addr, "RPC connection accepted");
-    let (mut reader, writer) = stream.into_split();
+    debug!(node = net.me, peer, %addr, security = %net.security.mode(), "RPC connection accepted");
+    let (mut reader, writer) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
     let writer_task = tokio::spawn(write_loop(writer, rx));
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_KIB));
@@ -624,9 +718,10 @@ impl RpcClient {
             CallError::NotSent(format!("node {peer} is not in the configuration"))
         })?;
         let connect = async {
-            let mut stream = TcpStream::connect(addr).await?;
+            let stream = TcpStream::connect(addr).await?;
             tune(&stream);
-            client_handshake(&mut stream, &self.net.auth, self.net.me, peer).await?;
+            let (mut stream, auth) = secure_client(stream, &self.net.security, addr).await?;
+            client_handshake(&mut stream, &auth, self.net.me, peer).await?;
             Ok::<_, RpcError>(stream)
         };
         let deadline = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
@@ -635,7 +730,10 @@ impl RpcClient {
             Ok(Err(e)) => {
                 if matches!(
                     e,
-                    RpcError::Auth(_) | RpcError::Refused(_) | RpcError::Malformed { .. }
+                    RpcError::Auth(_)
+                        | RpcError::Refused(_)
+                        | RpcError::Malformed { .. }
+                        | RpcError::Tls { .. }
                 ) {
                     warn!(node = self.net.me, peer, %addr, error = %e, "RPC connection refused");
                 }
@@ -654,8 +752,8 @@ impl RpcClient {
         Ok(conn)
     }
 
-    fn spawn_connection(&self, peer: NodeId, stream: TcpStream) -> Conn {
-        let (mut reader, writer) = stream.into_split();
+    fn spawn_connection(&self, peer: NodeId, stream: Box<dyn Stream>) -> Conn {
+        let (mut reader, writer) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Default::default();
         let dead = Arc::new(AtomicBool::new(false));
@@ -763,8 +861,18 @@ impl RpcClient {
 mod tests {
     use super::*;
 
+    use dwcp_tls::certs::CertificateAuthority;
+    use tokio::io::DuplexStream;
+
+    use crate::VmId;
+    use crate::raft::wire::ReadRequest;
+
+    fn key(b: u8) -> Psk {
+        Psk::new(vec![b; 32]).unwrap()
+    }
+
     fn auth(b: u8) -> Auth {
-        Auth::new(&Psk::new(vec![b; 32]).unwrap())
+        Auth::new(&key(b))
     }
 
     #[tokio::test]
@@ -924,5 +1032,353 @@ mod tests {
             ),
             "{s:?}"
         );
+    }
+
+    /// Answers pings, and anything else with the request itself (so a request's content also
+    /// travels back on the wire).
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl Service for Echo {
+        async fn handle(&self, _from: NodeId, request: Request) -> Response {
+            match request {
+                Request::Ping => Response::Pong,
+                other => Response::NotReady(format!("{other:?}")),
+            }
+        }
+    }
+
+    fn net(me: NodeId, security: Security, peers: BTreeMap<NodeId, SocketAddr>) -> Arc<Net> {
+        Arc::new(Net {
+            me,
+            security,
+            peers: RwLock::new(peers),
+            isolation: watch::channel(BTreeSet::new()).0,
+            stop: watch::channel(false).0,
+        })
+    }
+
+    /// Node 1 serving on a loopback port. Stops with the value.
+    struct Server {
+        net: Arc<Net>,
+        addr: SocketAddr,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.net.stop.send_replace(true);
+        }
+    }
+
+    async fn server(security: Security) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let net = net(1, security, BTreeMap::from([(1, addr), (2, unused)]));
+        spawn_server(listener, net.clone(), Arc::new(Echo));
+        Server { net, addr }
+    }
+
+    /// Node 2's client, reaching node 1 at `addr`.
+    fn client(security: Security, addr: SocketAddr) -> RpcClient {
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        RpcClient::new(net(2, security, BTreeMap::from([(1, addr), (2, unused)])))
+    }
+
+    async fn ping(client: &RpcClient) -> Result<Response, CallError> {
+        client.call(1, Request::Ping, Duration::from_secs(5)).await
+    }
+
+    /// A TCP relay on loopback to `target`; keeps a copy of the bytes each way (client to
+    /// server, server to client).
+    type Captured = Arc<Mutex<Vec<u8>>>;
+
+    async fn relay(target: SocketAddr) -> (SocketAddr, Captured, Captured) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, down) = (Captured::default(), Captured::default());
+        let (up_r, down_r) = (up.clone(), down.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let (ci, co) = inbound.into_split();
+                let (si, so) = outbound.into_split();
+                tokio::spawn(pipe(ci, so, up_r.clone()));
+                tokio::spawn(pipe(si, co, down_r.clone()));
+            }
+        });
+        (addr, up, down)
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        seen: Captured,
+    ) {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.lock().extend_from_slice(&buf[..n]);
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn tls_psk_rpc_keeps_requests_off_the_wire_and_plain_text_does_not() {
+        const MARKER: &str = "wire-marker-vm-4f1c9e";
+        for (security, clear) in [
+            (Security::psk(key(5)), false),
+            (Security::insecure_plaintext(key(5)), true),
+        ] {
+            let mode = security.mode();
+            let node1 = server(security.clone()).await;
+            let (via, up, down) = relay(node1.addr).await;
+            let node2 = client(security, via);
+            let request = Request::Read {
+                read: ReadRequest::Ownership(VmId::new(MARKER).unwrap()),
+                timeout_ms: 1000,
+            };
+            let answer = node2.call(1, request, Duration::from_secs(5)).await;
+            // The request really crossed the relay: its content came back in the answer.
+            match answer {
+                Ok(Response::NotReady(echo)) => assert!(echo.contains(MARKER), "{echo}"),
+                other => panic!("{mode}: {other:?}"),
+            }
+            let (up, down) = (up.lock().clone(), down.lock().clone());
+            assert!(
+                !up.is_empty() && !down.is_empty(),
+                "{mode}: nothing relayed"
+            );
+            for (what, bytes) in [("client to server", &up), ("server to client", &down)] {
+                assert_eq!(
+                    contains(bytes, MARKER.as_bytes()),
+                    clear,
+                    "{mode}: the marker on the wire {what}"
+                );
+            }
+            // Even the handshake's magic is hidden inside TLS.
+            assert_eq!(
+                contains(&up, &MAGIC),
+                clear,
+                "{mode}: the Hello on the wire"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_key_is_refused_over_tls_and_real_peers_still_get_in() {
+        let node1 = server(Security::psk(key(5))).await;
+        let impostor = client(Security::psk(key(6)), node1.addr);
+        match ping(&impostor).await {
+            Err(CallError::NotSent(why)) => {
+                assert!(why.contains("did not prove the cluster key"), "{why}")
+            }
+            other => panic!("an impostor got through: {other:?}"),
+        }
+        let member = client(Security::psk(key(5)), node1.addr);
+        assert!(matches!(ping(&member).await, Ok(Response::Pong)));
+    }
+
+    #[tokio::test]
+    async fn a_plain_text_peer_is_refused_by_a_tls_node_and_the_listener_keeps_serving() {
+        let node1 = server(Security::psk(key(5))).await;
+        // Same key, but no TLS: its Hello is not a TLS ClientHello.
+        let plain = client(Security::insecure_plaintext(key(5)), node1.addr);
+        for _ in 0..3 {
+            let refused = ping(&plain).await;
+            assert!(matches!(refused, Err(CallError::NotSent(_))), "{refused:?}");
+        }
+        // A raw stranger writing a well-formed plain-text Hello gets neither a challenge nor a
+        // refusal it could read: the node hangs up.
+        let mut raw = TcpStream::connect(node1.addr).await.unwrap();
+        let hello = Hello {
+            magic: MAGIC,
+            version: VERSION,
+            from: 2,
+            to: 1,
+            nonce: nonce(),
+        };
+        send(&mut raw, "Hello", &hello).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, raw.read_to_end(&mut answer))
+            .await
+            .expect("the node hangs up")
+            .ok();
+        assert!(
+            recv::<_, ServerHello>(&mut answer.as_slice(), "Challenge")
+                .await
+                .is_err(),
+            "a plain-text answer: {answer:?}"
+        );
+        let member = client(Security::psk(key(5)), node1.addr);
+        assert!(matches!(ping(&member).await, Ok(Response::Pong)));
+    }
+
+    fn certified(ca: &CertificateAuthority, names: &[&str]) -> Security {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let issued = ca.issue(&names).unwrap();
+        Security::from_pem(
+            ca.cert_pem().as_bytes(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn certificates_authenticate_rpc_and_strangers_to_the_ca_are_refused() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let node1 = server(certified(&ca, &["127.0.0.1"])).await;
+        let member = client(certified(&ca, &["127.0.0.1"]), node1.addr);
+        assert!(matches!(ping(&member).await, Ok(Response::Pong)));
+
+        let other_ca = CertificateAuthority::generate().unwrap();
+        let refused = [
+            (
+                "a certificate of another CA",
+                certified(&other_ca, &["127.0.0.1"]),
+            ),
+            ("no certificate (PSK mode)", Security::psk(key(5))),
+            ("plain text", Security::insecure_plaintext(key(5))),
+        ];
+        for (who, security) in refused {
+            let stranger = client(security, node1.addr);
+            let r = ping(&stranger).await;
+            assert!(matches!(r, Err(CallError::NotSent(_))), "{who}: {r:?}");
+        }
+        // The client checks the server's name too: a certificate of the right CA for another
+        // address is refused.
+        let elsewhere = server(certified(&ca, &["10.11.12.13"])).await;
+        let member = client(certified(&ca, &["127.0.0.1"]), elsewhere.addr);
+        match ping(&member).await {
+            Err(CallError::NotSent(why)) => assert!(why.contains("TLS"), "{why}"),
+            other => panic!("a server with another name was trusted: {other:?}"),
+        }
+        let member = client(certified(&ca, &["127.0.0.1"]), node1.addr);
+        assert!(matches!(ping(&member).await, Ok(Response::Pong)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strangers_stalling_in_tls_hold_a_handshake_slot_only_until_the_timeout() {
+        let node1 = server(Security::psk(key(5))).await;
+        let mut strangers = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            strangers.push(TcpStream::connect(node1.addr).await.unwrap());
+        }
+        // Let the listener take them all (each takes a slot and waits for a ClientHello).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let member = client(Security::psk(key(5)), node1.addr);
+        let turned_away = ping(&member).await;
+        assert!(
+            matches!(turned_away, Err(CallError::NotSent(_))),
+            "every slot is held: {turned_away:?}"
+        );
+        let started = Instant::now();
+        for mut s in strangers {
+            let mut byte = [0u8; 1];
+            let closed = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, s.read(&mut byte)).await;
+            assert!(
+                matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+                "a stalled stranger is still connected"
+            );
+        }
+        assert!(started.elapsed() <= HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+        assert!(matches!(ping(&member).await, Ok(Response::Pong)));
+    }
+
+    /// A man in the middle between node 2 and node 1 who terminates TLS towards each (any client
+    /// is accepted in PSK mode, and the client does not check the server's certificate) and
+    /// relays the bytes inside. `bind` says whether the ends key their HMAC by the session
+    /// (what the RPC does) or by the bare cluster key.
+    async fn through_a_man_in_the_middle(bind: bool) -> Result<(), RpcError> {
+        let security = Security::psk(key(5));
+        let mitm = Security::psk(key(9));
+        let (client_io, mitm_front): (DuplexStream, DuplexStream) = tokio::io::duplex(64 << 10);
+        let (mitm_back, server_io) = tokio::io::duplex(64 << 10);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let bare = auth(5);
+        let (c_sec, s_sec, c_bare, s_bare) =
+            (security.clone(), security, bare.clone(), bare.clone());
+        let client = async move {
+            let (mut stream, session) = secure_client(client_io, &c_sec, addr).await?;
+            let key = if bind { session } else { c_bare };
+            client_handshake(&mut stream, &key, 2, 1).await
+        };
+        let server = async move {
+            let (mut stream, session) = secure_server(server_io, &s_sec).await?;
+            let key = if bind { session } else { s_bare };
+            server_handshake(&mut stream, &key, 1, |_| Ok(())).await
+        };
+        let relay = async move {
+            let acceptor = TlsAcceptor::from(mitm.server_config().unwrap());
+            let connector = TlsConnector::from(mitm.client_config().unwrap());
+            let (front, back) = tokio::join!(
+                acceptor.accept(mitm_front),
+                connector.connect(mitm.server_name_for(addr), mitm_back)
+            );
+            let (mut front, mut back) = (front.unwrap(), back.unwrap());
+            let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
+        };
+        let relay = tokio::spawn(relay);
+        let (c, s) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(client, server)
+        })
+        .await
+        .expect("the exchange ends");
+        relay.abort();
+        c.and(s.map(|_| ()))
+    }
+
+    #[tokio::test]
+    async fn a_relayed_handshake_fails_because_the_key_is_bound_to_the_tls_session() {
+        // Keyed by the bare cluster key, the relay is invisible: the exchange succeeds.
+        through_a_man_in_the_middle(false).await.unwrap();
+        // Keyed by each session's exporter, the two sessions have two keys.
+        let err = through_a_man_in_the_middle(true).await.unwrap_err();
+        assert!(matches!(err, RpcError::Auth(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_mode_authenticates_over_an_in_memory_stream() {
+        let ca = CertificateAuthority::generate().unwrap();
+        for (server_sec, client_sec) in [
+            (Security::psk(key(5)), Security::psk(key(5))),
+            (
+                certified(&ca, &["127.0.0.1"]),
+                certified(&ca, &["127.0.0.1"]),
+            ),
+            (
+                Security::insecure_plaintext(key(5)),
+                Security::insecure_plaintext(key(5)),
+            ),
+        ] {
+            let mode = server_sec.mode();
+            let (a, b) = tokio::io::duplex(64 << 10);
+            let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+            let client = async move {
+                let (mut s, auth) = secure_client(a, &client_sec, addr).await?;
+                client_handshake(&mut s, &auth, 2, 1).await
+            };
+            let server = async move {
+                let (mut s, auth) = secure_server(b, &server_sec).await?;
+                server_handshake(&mut s, &auth, 1, |_| Ok(())).await
+            };
+            let (c, s) = tokio::join!(client, server);
+            c.unwrap_or_else(|e| panic!("{mode}: {e}"));
+            assert_eq!(s.unwrap_or_else(|e| panic!("{mode}: {e}")), 2);
+        }
     }
 }
