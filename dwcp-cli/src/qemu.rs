@@ -6,8 +6,10 @@
 //! destination host:  qemu-system-x86_64 … -incoming tcp:127.0.0.1:4445
 //!                    dwcp qemu recv --listen 0.0.0.0:7800 --qemu 127.0.0.1:4445 --psk-file key
 //! ```
+//!
+//! The tunnel is TLS 1.3 as `dwcp send`/`recv` are: keyed by `--psk-file`, or with certificates
+//! (`--tls-dir`); plain text only with `--insecure-plaintext` on both proxies.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +17,8 @@ use clap::{Args, Subcommand};
 use dwcp_hde::Codec;
 use dwcp_qemu::{DestinationProxy, SourceProxy, TunnelConfig, TunnelReport};
 
-use crate::transfer::{load_psk, resolve};
+use crate::args::SecurityOpts;
+use crate::transfer::{load_security, resolve};
 
 /// `dwcp qemu`.
 #[derive(Debug, Args)]
@@ -37,9 +40,9 @@ pub enum QemuCommand {
 /// Options both proxies share.
 #[derive(Debug, Args)]
 pub struct TunnelOpts {
-    /// File holding the pre-shared key (see `dwcp keygen`).
-    #[arg(long, value_name = "PATH")]
-    pub psk_file: PathBuf,
+    /// How the tunnel's streams are secured (both proxies alike).
+    #[command(flatten)]
+    pub security: SecurityOpts,
     /// Compressor of the segments this side sends: none, lz4, zstd or zstd:LEVEL (1..19). Default: lz4,
     /// but none when the tunnel's round trip is under 1 ms (there compressing costs the QEMUs CPU
     /// and saves no time).
@@ -126,6 +129,15 @@ fn print_report(report: &TunnelReport, json: bool) -> anyhow::Result<()> {
             report.wire_bytes_received,
             report.duration_ms
         );
+        if report.security.is_encrypted() {
+            let tls = report.tls_session.as_deref().unwrap_or("TLS 1.3");
+            println!("  security: {} ({tls}, encrypted)", report.security);
+        } else {
+            println!(
+                "  security: {}: NOT ENCRYPTED, QEMU's memory crossed the network in clear text",
+                report.security
+            );
+        }
     }
     Ok(())
 }
@@ -134,7 +146,7 @@ fn print_report(report: &TunnelReport, json: bool) -> anyhow::Result<()> {
 pub fn run(args: QemuArgs) -> anyhow::Result<()> {
     match args.command {
         QemuCommand::Send(a) => {
-            let psk = load_psk(&a.tunnel.psk_file)?;
+            let security = load_security(&a.tunnel.security)?;
             let (listen, peer) = (resolve(&a.listen)?, resolve(&a.to)?);
             let defaults = a.tunnel.config();
             let config = TunnelConfig {
@@ -142,7 +154,7 @@ pub fn run(args: QemuArgs) -> anyhow::Result<()> {
                 local_streams: a.streams.unwrap_or(defaults.local_streams),
                 ..defaults
             };
-            let proxy = SourceProxy::bind(listen, peer, psk, config)?;
+            let proxy = SourceProxy::bind(listen, peer, security, config)?;
             eprintln!("dwcp: QEMU may migrate to tcp:{}", proxy.local_addr()?);
             let report = proxy
                 .run()
@@ -150,9 +162,9 @@ pub fn run(args: QemuArgs) -> anyhow::Result<()> {
             print_report(&report, a.tunnel.json)
         }
         QemuCommand::Recv(a) => {
-            let psk = load_psk(&a.tunnel.psk_file)?;
+            let security = load_security(&a.tunnel.security)?;
             let (listen, qemu) = (resolve(&a.listen)?, resolve(&a.qemu)?);
-            let proxy = DestinationProxy::bind(listen, qemu, psk, a.tunnel.config())?;
+            let proxy = DestinationProxy::bind(listen, qemu, security, a.tunnel.config())?;
             eprintln!("dwcp: listening on {}", proxy.local_addr()?);
             let report = proxy
                 .run()

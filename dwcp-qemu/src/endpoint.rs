@@ -23,8 +23,10 @@ use parking_lot::{Condvar, Mutex};
 
 use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, HEADER_LEN};
+use dwcp_core::transport::Conn;
 use dwcp_hde::Codec;
 
+use crate::secure::{Stream, cut};
 use crate::segment::{self, RawSegment};
 use crate::state::{Event, Role, Tunnel};
 use crate::wire::{DATA_HEADER_LEN, Encoding, MAX_SEGMENT, Message, data_header};
@@ -36,7 +38,7 @@ const SPARE_BUFFERS: usize = 64;
 /// How often waiting threads look at the session's health.
 const TICK: Duration = Duration::from_millis(200);
 
-pub(crate) type StreamReader = FrameReader<BufReader<TcpStream>>;
+pub(crate) type StreamReader = FrameReader<BufReader<Box<dyn Conn>>>;
 
 /// What a proxy's main thread hears from the tunnel.
 #[derive(Debug)]
@@ -84,7 +86,8 @@ pub(crate) struct Shared {
     pub state: Mutex<Tunnel>,
     credit: Condvar,
     lanes: Vec<Lane>,
-    sockets: Vec<TcpStream>,
+    /// A handle to each tunnel stream, to shut it down with.
+    streams: Vec<Box<dyn Conn>>,
     locals: Mutex<HashMap<u32, Local>>,
     failed: AtomicBool,
     closing: AtomicBool,
@@ -115,24 +118,24 @@ pub(crate) struct EndpointSettings {
 
 impl Endpoint {
     /// Starts the stream threads over authenticated, session-bound streams.
-    pub fn start(
-        settings: EndpointSettings,
-        streams: Vec<(StreamReader, FrameWriter<TcpStream>, TcpStream)>,
-    ) -> Self {
+    pub fn start(settings: EndpointSettings, streams: Vec<Stream>) -> Self {
         let (notice_tx, notices) = unbounded();
         let mut lane_rx = Vec::new();
         let mut lanes = Vec::new();
-        let mut sockets = Vec::new();
-        for (_, _, socket) in &streams {
+        let mut handles = Vec::new();
+        let mut halves = Vec::new();
+        for (reader, writer, handle) in streams {
             let (tx, rx) = bounded(LANE_QUEUE_FRAMES);
             lanes.push(Lane {
                 tx,
                 queued: AtomicU64::new(0),
             });
             lane_rx.push(rx);
-            let _ = socket.set_read_timeout(Some(settings.io_timeout));
-            let _ = socket.set_write_timeout(Some(settings.io_timeout));
-            sockets.push(socket.try_clone().expect("cloning a stream socket"));
+            // The socket's own limits, so they hold for every handle of the stream.
+            let _ = handle.set_read_timeout(Some(settings.io_timeout));
+            let _ = handle.set_write_timeout(Some(settings.io_timeout));
+            handles.push(handle);
+            halves.push((reader, writer));
         }
         let shared = Arc::new(Shared {
             role: settings.role,
@@ -146,7 +149,7 @@ impl Endpoint {
             )),
             credit: Condvar::new(),
             lanes,
-            sockets,
+            streams: handles,
             locals: Mutex::new(HashMap::new()),
             failed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -157,7 +160,7 @@ impl Endpoint {
             streams_closed: AtomicUsize::new(0),
         });
         let (mut writers, mut readers) = (Vec::new(), Vec::new());
-        for (i, ((reader, writer, _), rx)) in streams.into_iter().zip(lane_rx).enumerate() {
+        for (i, ((reader, writer), rx)) in halves.into_iter().zip(lane_rx).enumerate() {
             let s = Arc::clone(&shared);
             writers.push(
                 std::thread::Builder::new()
@@ -202,8 +205,8 @@ impl Endpoint {
             std::thread::sleep(Duration::from_millis(2));
         }
         let closed = self.shared.streams_closed.load(Ordering::Acquire) == self.shared.lanes.len();
-        for s in &self.shared.sockets {
-            let _ = s.shutdown(Shutdown::Both);
+        for s in &self.shared.streams {
+            cut(&**s, Shutdown::Both);
         }
         for t in self.readers.drain(..) {
             let _ = t.join();
@@ -247,8 +250,8 @@ impl Shared {
         }
         tracing::warn!(error = %error, "QEMU tunnel failed");
         *self.failure.lock() = Some(error);
-        for s in &self.sockets {
-            let _ = s.shutdown(Shutdown::Both);
+        for s in &self.streams {
+            cut(&**s, Shutdown::Both);
         }
         for local in self.locals.lock().values() {
             if let Some(s) = &local.socket {
@@ -467,7 +470,7 @@ impl Shared {
 fn lane_writer(
     shared: &Shared,
     i: usize,
-    mut writer: FrameWriter<TcpStream>,
+    mut writer: FrameWriter<Box<dyn Conn>>,
     rx: Receiver<(FrameType, Vec<u8>)>,
 ) {
     loop {
@@ -491,7 +494,7 @@ fn lane_writer(
             .sent
             .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
         if frame_type == FrameType::Close {
-            let _ = writer.get_ref().shutdown(Shutdown::Write);
+            cut(&**writer.get_ref(), Shutdown::Write);
             return;
         }
         shared.give_buffer(payload);

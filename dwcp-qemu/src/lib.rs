@@ -11,15 +11,21 @@
 //! so each connection's byte stream arrives exactly as sent. Per-channel windows bound the memory of
 //! both proxies, and a channel that QEMU closes or breaks on one side is closed or reset on the other.
 //!
+//! Every stream of the tunnel is TLS 1.3 by default ([`Security`], from `dwcp-tls`): a pre-shared
+//! key alone keys TLS, certificates authenticate both proxies mutually, and plain text takes an
+//! explicit [`Security::insecure_plaintext`], which the reports say.
+//!
 //! The pieces: [`wire`] (message payloads), [`segment`] (segment encoding) and [`state`] (the
-//! channel state machine) do no I/O; `endpoint` is the thread-per-socket shell around them;
-//! [`SourceProxy`] and [`DestinationProxy`] set the tunnel up and serve one migration. The protocol
-//! is specified in `docs/qemu.md`.
+//! channel state machine) do no I/O; `endpoint` is the thread-per-socket shell around them; `secure`
+//! opens and accepts the streams (TCP, TLS, then the DWCP handshake inside it); [`SourceProxy`] and
+//! [`DestinationProxy`] set the tunnel up and serve one migration. The protocol is specified in
+//! `docs/qemu.md`.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod endpoint;
 mod proxy;
+mod secure;
 pub mod segment;
 pub mod state;
 pub mod wire;
@@ -30,6 +36,7 @@ use dwcp_core::error::Error;
 use dwcp_hde::Codec;
 use dwcp_tcp::SocketProfile;
 
+pub use dwcp_tls::{Security, SecurityMode};
 pub use proxy::{DestinationProxy, SourceProxy};
 
 /// Settings of a tunnel. The source's `streams` and `window` are proposals the destination may
@@ -52,7 +59,8 @@ pub struct TunnelConfig {
     pub window: u32,
     /// QEMU connections open at once (1 + multifd channels).
     pub max_channels: usize,
-    /// Limit of connecting and authenticating the tunnel, and of connecting to the destination QEMU.
+    /// Limit of connecting, securing (TLS) and authenticating each tunnel stream, and of connecting to
+    /// the destination QEMU.
     pub connect_timeout: Duration,
     /// Limit of any blocked read or write on the tunnel, of a wait for credit, and of a channel
     /// half-closed on one side only.
@@ -120,6 +128,12 @@ pub struct TunnelReport {
     pub streams: usize,
     /// Compressor of the segments this side sent.
     pub codec: String,
+    /// How the tunnel's streams were protected (`tls-certificates`, `tls-psk`, or
+    /// `insecure-plaintext`: QEMU's memory crossed the network in clear text).
+    pub security: SecurityMode,
+    /// The negotiated TLS protocol, cipher suite and key exchange (of the first stream; all streams
+    /// negotiate alike), e.g. `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519MLKEM768`; `None` in plain text.
+    pub tls_session: Option<String>,
     /// QEMU connections carried.
     pub channels: u64,
     /// Channels reset by either side.
@@ -128,9 +142,9 @@ pub struct TunnelReport {
     pub raw_bytes_sent: u64,
     /// QEMU bytes received and written on this side.
     pub raw_bytes_received: u64,
-    /// Tunnel bytes written (frame headers included).
+    /// Tunnel bytes written (frame headers included; not the TLS records' 22 bytes per 16 KiB).
     pub wire_bytes_sent: u64,
-    /// Tunnel bytes read.
+    /// Tunnel bytes read (counted as written).
     pub wire_bytes_received: u64,
     /// From the start of the tunnel (source: before connecting; destination: after the handshake)
     /// to its orderly close.

@@ -4,59 +4,38 @@
 //! tunnel and connects to the destination QEMU once per channel, in the order the source accepted them
 //! (QEMU 7.2 takes its first incoming connection as the main channel).
 //!
-//! Kept whole (about 680 lines): the two proxies share their set-up, the QEMU-side acceptor and the
+//! Kept whole (about 760 lines): the two proxies share their set-up, the QEMU-side acceptor and the
 //! shutdown order, which is easier to keep symmetric in one file.
 
 use std::collections::BTreeSet;
-use std::io::{BufReader, ErrorKind};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, bounded, select, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, bounded, select};
 
-use dwcp_core::error::Error;
-use dwcp_core::error::HandshakeError;
-use dwcp_core::frame::{FrameReader, FrameType, FrameWriter};
-use dwcp_core::handshake::{
-    Negotiated, Offer, Psk, client_handshake, new_session_id, send_error, server_handshake,
-};
+use dwcp_core::error::{Error, HandshakeError, SecurityError};
+use dwcp_core::frame::FrameType;
+use dwcp_core::handshake::{new_session_id, send_error};
 use dwcp_hde::Codec;
+use dwcp_tls::Security;
 
 use crate::endpoint::{Endpoint, EndpointSettings, Notice, StreamReader};
+use crate::secure::{self, Handshakes, Joined, Stream};
 use crate::state::Role;
 use crate::wire::{MAX_SEGMENT, Message, TUNNEL_VERSION, TunnelInit, TunnelReady};
 use crate::{TunnelConfig, TunnelReport};
 
-/// Read buffer of each tunnel stream: it serves the frame headers and small frames. A payload
-/// larger than it is read straight into the payload's buffer; a large read buffer would instead hold
-/// most of each segment, which then took one more copy out of it (measured: 15 % of the destination
-/// proxy's CPU with 256 KiB).
-const READ_BUFFER: usize = 16 * 1024;
 /// Receive buffer of the source proxy's QEMU connections.
 const QEMU_RECV_BUFFER: usize = 1 << 20;
 /// Largest number of streams a tunnel may announce.
 const MAX_STREAMS: u16 = 64;
-
-type Stream = (StreamReader, FrameWriter<TcpStream>, TcpStream);
-
-fn split(socket: TcpStream) -> Result<Stream, Error> {
-    let r = socket
-        .try_clone()
-        .map_err(|e| Error::io("cloning a tunnel socket", e))?;
-    let w = socket
-        .try_clone()
-        .map_err(|e| Error::io("cloning a tunnel socket", e))?;
-    Ok((
-        FrameReader::new(BufReader::with_capacity(READ_BUFFER, r)),
-        FrameWriter::new(w),
-        socket,
-    ))
-}
-
-fn set_timeouts(socket: &TcpStream, t: Duration) {
-    let _ = socket.set_read_timeout(Some(t));
-    let _ = socket.set_write_timeout(Some(t));
-}
+/// Most handshakes the destination runs at once while it waits for a tunnel; it stops accepting
+/// while that many are in progress, so a flood of strangers costs threads only up to this.
+const MAX_HANDSHAKES: usize = 32;
+/// How long the destination's acceptor waits for a connection before it looks at the handshakes in
+/// progress again.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 fn read_message(reader: &mut StreamReader, buf: &mut Vec<u8>) -> Result<Message<'static>, Error> {
     let h = reader.read_frame(buf)?;
@@ -81,21 +60,27 @@ fn settings(role: Role, config: &TunnelConfig, codec: Codec, window: u64) -> End
     }
 }
 
-fn report(
-    endpoint: &Endpoint,
+/// What a report says besides the endpoint's counters.
+struct ReportContext<'a> {
     role: Role,
     streams: usize,
     started: Instant,
     codec: Codec,
-) -> TunnelReport {
+    security: &'a Security,
+    tls: Option<String>,
+}
+
+fn report(endpoint: &Endpoint, cx: ReportContext<'_>) -> TunnelReport {
     let counters = endpoint.shared.state.lock().counters();
     TunnelReport {
-        role: match role {
+        role: match cx.role {
             Role::Source => "source",
             Role::Destination => "destination",
         },
-        streams,
-        codec: format!("{codec:?}"),
+        streams: cx.streams,
+        codec: format!("{:?}", cx.codec),
+        security: cx.security.mode(),
+        tls_session: cx.tls,
         channels: counters.channels,
         resets: counters.resets,
         raw_bytes_sent: counters.raw_sent,
@@ -110,7 +95,7 @@ fn report(
             .wire
             .received
             .load(std::sync::atomic::Ordering::Relaxed),
-        duration_ms: started.elapsed().as_secs_f64() * 1e3,
+        duration_ms: cx.started.elapsed().as_secs_f64() * 1e3,
     }
 }
 
@@ -119,16 +104,19 @@ fn report(
 pub struct SourceProxy {
     listener: TcpListener,
     peer: SocketAddr,
-    psk: Psk,
+    security: Security,
     config: TunnelConfig,
 }
 
 impl SourceProxy {
-    /// Binds the address QEMU will migrate to. Nothing is connected yet.
+    /// Binds the address QEMU will migrate to. Nothing is connected yet. `security` protects the
+    /// tunnel's streams: a [`Psk`](dwcp_core::handshake::Psk) alone means TLS 1.3 keyed by it, and
+    /// plain text takes an explicit [`Security::insecure_plaintext`]; the destination proxy must use
+    /// the same mode.
     pub fn bind(
         listen: SocketAddr,
         peer: SocketAddr,
-        psk: Psk,
+        security: impl Into<Security>,
         config: TunnelConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
@@ -137,7 +125,7 @@ impl SourceProxy {
         Ok(Self {
             listener,
             peer,
-            psk,
+            security: security.into(),
             config,
         })
     }
@@ -149,13 +137,9 @@ impl SourceProxy {
             .map_err(|e| Error::io("reading the QEMU listener's address", e))
     }
 
-    /// Connects and authenticates one stream; also returns how long the handshake took (two round
-    /// trips).
-    fn connect_stream(
-        &self,
-        session_id: u64,
-        index: u16,
-    ) -> Result<(Stream, Negotiated, Duration), Error> {
+    /// Connects, secures and authenticates one stream; also returns how long the DWCP handshake took
+    /// (two round trips).
+    fn connect_stream(&self, session_id: u64, index: u16) -> Result<(Joined, Duration), Error> {
         // The destination proxy may start a moment after this one: retry while it refuses.
         let deadline = Instant::now() + self.config.connect_timeout;
         let socket = loop {
@@ -170,18 +154,16 @@ impl SourceProxy {
                 Err(e) => return Err(e),
             }
         };
-        set_timeouts(&socket, self.config.connect_timeout);
-        let (mut r, mut w, socket) = split(socket)?;
-        let handshake_started = Instant::now();
-        let negotiated = client_handshake(
-            &mut r,
-            &mut w,
-            &self.psk,
-            Offer::default(),
+        // The TLS handshake within the same deadline as connecting.
+        secure::connect(
+            socket,
+            self.peer,
+            &self.security,
+            deadline,
+            self.config.connect_timeout,
             session_id,
             index,
-        )?;
-        Ok(((r, w, socket), negotiated, handshake_started.elapsed()))
+        )
     }
 
     /// Sets the tunnel up (every stream connected and authenticated), then carries one migration:
@@ -190,7 +172,12 @@ impl SourceProxy {
     pub fn run(self) -> Result<TunnelReport, Error> {
         let started = Instant::now();
         let cfg = &self.config;
-        let (mut first, negotiated, handshake) = self.connect_stream(0, 0)?;
+        let (first, handshake) = self.connect_stream(0, 0)?;
+        let Joined {
+            stream: mut first,
+            negotiated,
+            tls,
+        } = first;
         let stream_count = streams_for(handshake / 2, cfg.streams, cfg.local_streams);
         let init = Message::Init(TunnelInit {
             version: TUNNEL_VERSION,
@@ -217,7 +204,8 @@ impl SourceProxy {
         let send_window = send_window_for(rtt);
         let session = negotiated.session_id;
         let mut streams = vec![first];
-        // The other streams join in parallel: on a long path each costs three round trips.
+        // The other streams join in parallel: on a long path each costs four round trips (TCP, TLS,
+        // two for the DWCP handshake).
         let this = &self;
         let joined: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (1..stream_count)
@@ -232,9 +220,9 @@ impl SourceProxy {
                 .collect()
         });
         for j in joined {
-            streams.push(j?.0);
+            streams.push(j?.0.stream);
         }
-        tracing::info!(peer = %self.peer, streams = streams.len(), window, send_window, rtt_us = rtt.as_micros() as u64, "QEMU tunnel up");
+        tracing::info!(peer = %self.peer, streams = streams.len(), window, send_window, rtt_us = rtt.as_micros() as u64, security = %self.security.mode(), tls = tls.as_deref().unwrap_or("none"), "QEMU tunnel up");
         // On a local path the link is not what limits QEMU, the CPU is, and the compressor takes it
         // from the QEMUs (measured: QEMU's plain migration through the tunnel on loopback, 3 rounds,
         // 485 ms raw against 626 ms with LZ4).
@@ -246,7 +234,17 @@ impl SourceProxy {
         let endpoint = Endpoint::start(settings(Role::Source, cfg, codec, window.into()), streams);
         endpoint.shared.state.lock().set_send_window(send_window);
         let outcome = self.serve(&endpoint);
-        let report = report(&endpoint, Role::Source, stream_count.into(), started, codec);
+        let report = report(
+            &endpoint,
+            ReportContext {
+                role: Role::Source,
+                streams: stream_count.into(),
+                started,
+                codec,
+                security: &self.security,
+                tls,
+            },
+        );
         match outcome {
             Ok(()) => {
                 endpoint.close(cfg.io_timeout)?;
@@ -361,16 +359,17 @@ const SERVE_TICK: Duration = Duration::from_millis(100);
 pub struct DestinationProxy {
     listener: TcpListener,
     qemu: SocketAddr,
-    psk: Psk,
+    security: Security,
     config: TunnelConfig,
 }
 
 impl DestinationProxy {
-    /// Binds the address the source proxy connects to.
+    /// Binds the address the source proxy connects to. `security` protects the tunnel's streams, as
+    /// in [`SourceProxy::bind`]; a source in another mode is refused.
     pub fn bind(
         listen: SocketAddr,
         qemu: SocketAddr,
-        psk: Psk,
+        security: impl Into<Security>,
         config: TunnelConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
@@ -378,7 +377,7 @@ impl DestinationProxy {
         Ok(Self {
             listener,
             qemu,
-            psk,
+            security: security.into(),
             config,
         })
     }
@@ -400,7 +399,7 @@ impl DestinationProxy {
                     s.set_nonblocking(false)
                         .map_err(|e| Error::io("accepting a tunnel stream", e))?;
                     let _ = dwcp_tcp::apply(&s, &self.config.socket);
-                    set_timeouts(&s, self.config.connect_timeout);
+                    secure::set_timeouts(&s, self.config.connect_timeout);
                     return Ok(s);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -418,75 +417,35 @@ impl DestinationProxy {
     /// destination QEMU until the source closes the tunnel.
     pub fn run(self) -> Result<TunnelReport, Error> {
         let cfg = &self.config;
-        let deadline = Instant::now() + cfg.accept_timeout;
-        // Strangers (failed handshakes) are dropped and the wait goes on, within the deadline.
-        let (first, session, announced) = loop {
-            let socket = self.accept_until(deadline)?;
-            let (mut r, mut w, socket) = split(socket)?;
-            let session = new_session_id();
-            let hs = server_handshake(&mut r, &mut w, &self.psk, Offer::default(), |req| {
-                if req == 0 {
-                    Ok(session)
-                } else {
-                    Err(HandshakeError::UnknownSession(req).into())
-                }
-            });
-            match hs {
-                Ok(n) if n.stream_index == 0 => {}
-                Ok(n) => {
-                    let e = Error::Protocol(format!("first stream has index {}", n.stream_index));
-                    send_error(&mut w, &e);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "refused a tunnel connection");
-                    continue;
-                }
-            }
-            let mut buf = Vec::new();
-            let init = match read_message(&mut r, &mut buf) {
-                Ok(Message::Init(i)) => i,
-                Ok(other) => {
-                    let e = Error::Protocol(format!("expected TunnelInit, got {other:?}"));
-                    send_error(&mut w, &e);
-                    return Err(e);
-                }
-                Err(e) => {
-                    send_error(&mut w, &e);
-                    return Err(e);
-                }
-            };
-            if init.version != TUNNEL_VERSION || !(1..=MAX_STREAMS).contains(&init.streams) {
-                let e = Error::Protocol(format!(
-                    "tunnel version {} with {} streams (this build: version {TUNNEL_VERSION}, 1..={MAX_STREAMS} streams)",
-                    init.version, init.streams
-                ));
-                send_error(&mut w, &e);
-                return Err(e);
-            }
-            let window = init.window.clamp(MAX_SEGMENT as u32, cfg.window);
-            w.write_frame(
-                FrameType::TunnelReady,
-                &Message::Ready(TunnelReady { window }).encode(),
-            )?;
-            break ((r, w, socket), session, (init.streams, window));
-        };
+        let (first, (streams, window)) = self.accept_tunnel(Instant::now() + cfg.accept_timeout)?;
         let started = Instant::now();
-        let (count, window) = (announced.0 as usize, announced.1);
+        let session = first.negotiated.session_id;
+        let tls = first.tls;
+        let count = usize::from(streams);
         let mut slots: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
-        slots[0] = Some(first);
+        slots[0] = Some(first.stream);
         self.join_streams(session, &mut slots, Instant::now() + cfg.connect_timeout)?;
-        let streams: Vec<Stream> = slots
-            .into_iter()
-            .map(|s| s.expect("every stream joined"))
-            .collect();
-        tracing::info!(streams = count, window, "QEMU tunnel accepted");
+        let streams: Vec<Stream> = slots.into_iter().flatten().collect();
+        if streams.len() != count {
+            return Err(Error::Protocol("a tunnel stream is missing".into()));
+        }
+        tracing::info!(streams = count, window, security = %self.security.mode(), tls = tls.as_deref().unwrap_or("none"), "QEMU tunnel accepted");
         let endpoint = Endpoint::start(
             settings(Role::Destination, cfg, cfg.codec, window.into()),
             streams,
         );
         let outcome = self.serve(&endpoint, count);
-        let report = report(&endpoint, Role::Destination, count, started, cfg.codec);
+        let report = report(
+            &endpoint,
+            ReportContext {
+                role: Role::Destination,
+                streams: count,
+                started,
+                codec: cfg.codec,
+                security: &self.security,
+                tls,
+            },
+        );
         match outcome {
             Ok(()) => {
                 endpoint.close(cfg.io_timeout)?;
@@ -494,6 +453,105 @@ impl DestinationProxy {
             }
             Err(e) => Err(endpoint.abort(e)),
         }
+    }
+
+    /// Accepts connections until one authenticates as stream 0 of a new tunnel and announces it;
+    /// returns that stream and the tunnel's stream count and window. Strangers (failed handshakes)
+    /// are dropped and the wait goes on until `deadline`; handshakes run on their own threads, so a
+    /// stranger that never finishes one does not hold the source's stream up.
+    fn accept_tunnel(&self, deadline: Instant) -> Result<(Joined, (u16, u32)), Error> {
+        let cfg = &self.config;
+        let mut handshakes = Handshakes::new(self.security.clone(), cfg.connect_timeout);
+        let mut refused: Option<Error> = None;
+        loop {
+            let accepting = Instant::now() < deadline && handshakes.pending() < MAX_HANDSHAKES;
+            // While accepting, the listener's poll is the wait.
+            let wait = if accepting {
+                Duration::ZERO
+            } else {
+                ACCEPT_POLL
+            };
+            if let Some(result) = handshakes.next(wait) {
+                match result {
+                    Ok(mut first) if first.negotiated.stream_index == 0 => {
+                        let announced = self.announce(&mut first)?;
+                        return Ok((first, announced));
+                    }
+                    Ok(mut other) => {
+                        let e = Error::Protocol(format!(
+                            "first stream has index {}",
+                            other.negotiated.stream_index
+                        ));
+                        send_error(&mut other.stream.1, &e);
+                        tracing::warn!(error = %e, "refused a tunnel connection");
+                        refused = Some(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refused a tunnel connection");
+                        refused = Some(e);
+                    }
+                }
+                continue;
+            }
+            if Instant::now() >= deadline {
+                // A handshake under way when the wait ended may still finish (each is cut off at
+                // its own deadline, within the connect timeout).
+                if handshakes.pending() == 0 {
+                    return Err(no_tunnel(refused));
+                }
+                continue;
+            }
+            if !accepting {
+                continue;
+            }
+            match self.accept_until((Instant::now() + ACCEPT_POLL).min(deadline)) {
+                Ok(socket) => {
+                    let session = new_session_id();
+                    handshakes.start(socket, move |req| {
+                        if req == 0 {
+                            Ok(session)
+                        } else {
+                            Err(HandshakeError::UnknownSession(req).into())
+                        }
+                    })?;
+                }
+                Err(Error::Timeout(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the tunnel's announcement on its authenticated first stream and answers it; returns the
+    /// stream count and the window.
+    fn announce(&self, first: &mut Joined) -> Result<(u16, u32), Error> {
+        let (r, w, _) = &mut first.stream;
+        let mut buf = Vec::new();
+        let init = match read_message(r, &mut buf) {
+            Ok(Message::Init(i)) => i,
+            Ok(other) => {
+                let e = Error::Protocol(format!("expected TunnelInit, got {other:?}"));
+                send_error(w, &e);
+                return Err(e);
+            }
+            Err(e) => {
+                send_error(w, &e);
+                return Err(e);
+            }
+        };
+        if init.version != TUNNEL_VERSION || !(1..=MAX_STREAMS).contains(&init.streams) {
+            let e = Error::Protocol(format!(
+                "tunnel version {} with {} streams (this build: version {TUNNEL_VERSION}, 1..={MAX_STREAMS} streams)",
+                init.version, init.streams
+            ));
+            send_error(w, &e);
+            return Err(e);
+        }
+        let window = init.window.clamp(MAX_SEGMENT as u32, self.config.window);
+        w.write_frame(
+            FrameType::TunnelReady,
+            &Message::Ready(TunnelReady { window }).encode(),
+        )?;
+        Ok((init.streams, window))
     }
 
     /// Accepts streams 1..N; each handshake runs on its own thread so a silent stranger cannot hold
@@ -504,22 +562,21 @@ impl DestinationProxy {
         slots: &mut [Option<Stream>],
         deadline: Instant,
     ) -> Result<(), Error> {
-        let (tx, rx) = unbounded();
+        let mut handshakes = Handshakes::new(self.security.clone(), self.config.connect_timeout);
         let mut missing = slots.len() - 1;
         let mut attempts = 0;
         let max_attempts = 4 * slots.len() + 16;
         while missing > 0 {
-            while let Ok(joined) = rx.try_recv() {
+            while let Some(joined) = handshakes.next(Duration::ZERO) {
                 match joined {
-                    Ok((n, stream)) => {
-                        let n: Negotiated = n;
-                        let idx = n.stream_index as usize;
+                    Ok(j) => {
+                        let idx = usize::from(j.negotiated.stream_index);
                         if idx == 0 || idx >= slots.len() || slots[idx].is_some() {
                             return Err(Error::Protocol(format!(
                                 "stream index {idx} is invalid or taken"
                             )));
                         }
-                        slots[idx] = Some(stream);
+                        slots[idx] = Some(j.stream);
                         missing -= 1;
                     }
                     Err(e) => tracing::warn!(error = %e, "refused a tunnel connection"),
@@ -528,7 +585,7 @@ impl DestinationProxy {
             if missing == 0 {
                 break;
             }
-            match self.accept_until((Instant::now() + Duration::from_millis(5)).min(deadline)) {
+            match self.accept_until((Instant::now() + ACCEPT_POLL).min(deadline)) {
                 Ok(socket) => {
                     attempts += 1;
                     if attempts > max_attempts {
@@ -536,29 +593,13 @@ impl DestinationProxy {
                             "too many failed attempts to join the tunnel".into(),
                         ));
                     }
-                    let (tx, psk) = (tx.clone(), self.psk.clone());
-                    std::thread::Builder::new()
-                        .name("tunnel-join".into())
-                        .spawn(move || {
-                            let joined = split(socket).and_then(|(mut r, mut w, s)| {
-                                let n = server_handshake(
-                                    &mut r,
-                                    &mut w,
-                                    &psk,
-                                    Offer::default(),
-                                    |req| {
-                                        if req == session {
-                                            Ok(session)
-                                        } else {
-                                            Err(HandshakeError::UnknownSession(req).into())
-                                        }
-                                    },
-                                )?;
-                                Ok((n, (r, w, s)))
-                            });
-                            let _ = tx.send(joined);
-                        })
-                        .map_err(|e| Error::io("spawning a join thread", e))?;
+                    handshakes.start(socket, move |req| {
+                        if req == session {
+                            Ok(session)
+                        } else {
+                            Err(HandshakeError::UnknownSession(req).into())
+                        }
+                    })?;
                 }
                 Err(Error::Timeout(_)) if Instant::now() < deadline => {}
                 Err(Error::Timeout(_)) => {
@@ -628,6 +669,19 @@ impl DestinationProxy {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Why no tunnel arrived in time. A source in the other security mode is named as such: a peer that
+/// speaks DWCP, or TLS, to the wrong mode is almost certainly the misconfigured source proxy. Other
+/// refusals (a scanner, a wrong key) only add their reason to the time-out.
+fn no_tunnel(refused: Option<Error>) -> Error {
+    match refused {
+        Some(e) if matches!(e.security(), Some(SecurityError::ModeMismatch { .. })) => e,
+        Some(e) => Error::Timeout(format!(
+            "no tunnel arrived in time (the last attempt was refused: {e})"
+        )),
+        None => Error::Timeout("no tunnel stream arrived in time".into()),
     }
 }
 
