@@ -25,6 +25,14 @@ use crate::process::{Io, Proc, run};
 
 /// Kernel modules, in load order.
 const MODULES: &[&str] = &[
+    // A virtio RNG first: TLS needs random numbers at once, and without a source of entropy the
+    // guest's getrandom() blocked tests for tens of seconds after boot.
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_rng",
     "crc32_generic",
     "ib_core",
     "ib_uverbs",
@@ -387,6 +395,7 @@ fn boot(
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
+        .args(["-device", "virtio-rng-pci"])
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
