@@ -105,7 +105,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let listener = Listener::bind(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             psk.clone(),
-            ReceiverConfig::default(),
+            fleet_receiver(args.vms),
         )
         .context("binding the destination listener")?;
         Destination::InProcess { listener, dests }
@@ -358,6 +358,27 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A destination that expects `vms` migrations at once from one address (this host): the
+/// per-address limits, meant for strangers, scale with them.
+fn fleet_receiver(vms: u32) -> ReceiverConfig {
+    let d = dwcp::ListenerLimits::default();
+    let vms = vms as usize;
+    // Every stream a source may open, and as many reconnects.
+    let per_vm = 2 * dwcp::MigrationConfig::default().max_streams.max(1);
+    ReceiverConfig {
+        limits: dwcp::ListenerLimits {
+            max_handshakes: d.max_handshakes.max(vms * per_vm),
+            max_handshakes_per_peer: d.max_handshakes_per_peer.max(vms * per_vm),
+            connection_rate_per_peer: d
+                .connection_rate_per_peer
+                .max(u32::try_from(vms * per_vm).unwrap_or(u32::MAX)),
+            max_sessions: d.max_sessions.max(vms),
+            max_sessions_per_peer: d.max_sessions_per_peer.max(vms),
+        },
+        ..ReceiverConfig::default()
+    }
+}
+
 /// Receives `n` migrations on `listener` at once, each on its own thread through `receive`, and
 /// returns what arrived and what failed.
 fn receive_all<F>(
@@ -404,7 +425,7 @@ pub fn receive_process(args: FleetReceiveArgs) -> anyhow::Result<()> {
     let listener = Listener::bind(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         psk,
-        ReceiverConfig::default(),
+        fleet_receiver(args.sessions),
     )
     .context("binding the destination listener")?;
     {

@@ -239,6 +239,9 @@ fn send_image(
 /// 127.0.0.2 to 127.0.0.9 (never from the real source's 127.0.0.1), and each connection that
 /// is closed or lives [`HOSTILE_LIFETIME`] is replaced, so the pressure stays on.
 struct Hostile {
+    /// This process's CPU time when the load started (it is nearly all the hostile threads').
+    cpu_at_start: Option<f64>,
+    started: Instant,
     stop: Arc<AtomicBool>,
     established: Arc<AtomicU64>,
     opened: Arc<AtomicU64>,
@@ -289,6 +292,8 @@ impl Hostile {
             })
             .collect();
         Self {
+            cpu_at_start: own_cpu_seconds(),
+            started,
             stop,
             established,
             opened,
@@ -311,11 +316,26 @@ impl Hostile {
         for t in self.threads {
             let _ = t.join();
         }
+        let cpu = own_cpu_seconds()
+            .zip(self.cpu_at_start)
+            .map(|(now, then)| now - then);
         json!({
             "connections_opened": self.opened.load(Ordering::Relaxed),
             "closed_by_the_receiver": self.closed_by_peer.load(Ordering::Relaxed),
+            "seconds": self.started.elapsed().as_secs_f64(),
+            "attacker_cpu_seconds": cpu,
         })
     }
+}
+
+/// User + system CPU seconds of this process (`/proc/self/stat`, clock ticks of 1/100 s).
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after its closing parenthesis.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn connect_from(source: std::net::Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpStream> {

@@ -24,6 +24,10 @@ pub struct ListenerLimits {
     /// Connections one peer address may have handshaking at once; more from it are closed at once.
     /// Above the streams a source opens at once (a closed one would cost it a reconnect).
     pub max_handshakes_per_peer: usize,
+    /// New connections per second one peer address may open (a burst of twice as many is
+    /// allowed); more are closed at accept, before a thread or a TLS session is spent on them.
+    /// A source opens at most `max_streams` streams at once, plus reconnects.
+    pub connection_rate_per_peer: u32,
     /// Sessions receiving at once on the listener; a source over it is refused with
     /// [`Error::Busy`](dwcp_core::error::Error::Busy) before anything is written.
     pub max_sessions: usize,
@@ -36,8 +40,9 @@ impl Default for ListenerLimits {
         Self {
             max_handshakes: 256,
             max_handshakes_per_peer: 32,
-            max_sessions: 16,
-            max_sessions_per_peer: 4,
+            connection_rate_per_peer: 64,
+            max_sessions: 64,
+            max_sessions_per_peer: 16,
         }
     }
 }
@@ -54,8 +59,55 @@ pub(super) struct HandshakeSlots(Arc<Mutex<SlotState>>);
 struct SlotState {
     total: usize,
     per_peer: HashMap<IpAddr, usize>,
+    /// Token buckets of new connections, by address.
+    rate: HashMap<IpAddr, Bucket>,
     refused: u64,
     refused_logged: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Addresses whose connection rate is remembered before full buckets are forgotten.
+const RATE_TABLE_PRUNE: usize = 4096;
+
+impl SlotState {
+    /// Takes a token of `ip`'s bucket (refilled at `rate` per second up to twice that), or says
+    /// the address is over its rate.
+    fn admit_rate(&mut self, ip: IpAddr, rate: u32, now: Instant) -> bool {
+        let rate = f64::from(rate.max(1));
+        let burst = 2.0 * rate;
+        if self.rate.len() >= RATE_TABLE_PRUNE {
+            self.rate
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let b = self.rate.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refuse(&mut self, ip: IpAddr, why: &'static str, now: Instant) {
+        self.refused += 1;
+        if self
+            .refused_logged
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(peer = %ip, refused_so_far = self.refused, "closed a connection: {why}");
+            self.refused_logged = Some(now);
+        }
+    }
 }
 
 /// One handshake's slot, given back when dropped.
@@ -76,8 +128,9 @@ impl HandshakeSlots {
         self.0.lock().total
     }
 
-    /// Takes a slot for a connection from `peer`, or `None` when that address already has its
-    /// share (the refusal is counted, and logged at most once a second).
+    /// Takes a slot for a connection from `peer`, or `None` when that address opens connections
+    /// faster than `connection_rate_per_peer` or already has its share of slots (the refusal is
+    /// counted, and logged at most once a second).
     pub(super) fn acquire(
         &self,
         peer: Option<IpAddr>,
@@ -85,21 +138,18 @@ impl HandshakeSlots {
     ) -> Option<HandshakeSlot> {
         let mut s = self.0.lock();
         if let Some(ip) = peer {
+            let now = Instant::now();
+            if !s.admit_rate(ip, limits.connection_rate_per_peer, now) {
+                s.refuse(ip, "this address opens connections faster than it may", now);
+                return None;
+            }
             let held = s.per_peer.get(&ip).copied().unwrap_or(0);
             if held >= limits.max_handshakes_per_peer.max(1) {
-                s.refused += 1;
-                let now = Instant::now();
-                if s.refused_logged
-                    .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
-                {
-                    tracing::warn!(
-                        peer = %ip,
-                        limit = limits.max_handshakes_per_peer,
-                        refused_so_far = s.refused,
-                        "closed a connection: this address already has as many handshakes in progress as it may"
-                    );
-                    s.refused_logged = Some(now);
-                }
+                s.refuse(
+                    ip,
+                    "this address already has as many handshakes in progress as it may",
+                    now,
+                );
                 return None;
             }
             *s.per_peer.entry(ip).or_default() += 1;
@@ -112,7 +162,7 @@ impl HandshakeSlots {
         })
     }
 
-    /// Connections closed so far because their address had all its slots.
+    /// Connections closed so far because their address was over its rate or had all its slots.
     pub(super) fn refused(&self) -> u64 {
         self.0.lock().refused
     }
@@ -146,9 +196,34 @@ mod tests {
     }
 
     #[test]
+    fn an_address_opening_connections_too_fast_is_refused_and_others_are_not() {
+        let slots = HandshakeSlots::default();
+        let l = ListenerLimits {
+            connection_rate_per_peer: 10,
+            ..ListenerLimits::default()
+        };
+        let a: IpAddr = [127, 0, 0, 2].into();
+        // A burst of twice the rate passes (each slot given back at once), the next is refused.
+        for i in 0..20 {
+            assert!(slots.acquire(Some(a), &l).is_some(), "connection {i}");
+        }
+        assert!(slots.acquire(Some(a), &l).is_none());
+        assert_eq!(slots.refused(), 1);
+        assert!(slots.acquire(Some([127, 0, 0, 3].into()), &l).is_some());
+        // The bucket refills at the rate: 10 per second.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert!(slots.acquire(Some(a), &l).is_some());
+    }
+
+    #[test]
     fn one_address_cannot_take_every_slot() {
         let slots = HandshakeSlots::default();
         let l = limits(4, 2);
+        // Not about the rate here.
+        let l = ListenerLimits {
+            connection_rate_per_peer: 1000,
+            ..l
+        };
         let a: IpAddr = [127, 0, 0, 2].into();
         let b: IpAddr = [127, 0, 0, 3].into();
         let a1 = slots.acquire(Some(a), &l).unwrap();
