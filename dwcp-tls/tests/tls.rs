@@ -385,3 +385,86 @@ fn a_silent_or_trickling_peer_is_dropped_at_the_handshake_deadline() {
     assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
+
+/// Relays one connection to `upstream` and keeps every byte the client sent.
+fn recording_relay(upstream: SocketAddr) -> (SocketAddr, thread::JoinHandle<Vec<u8>>) {
+    let (l, addr) = listener();
+    let recorder = thread::spawn(move || {
+        let (down, _) = l.accept().unwrap();
+        let up = TcpStream::connect(upstream).unwrap();
+        let (mut down_r, mut up_w) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+        let (mut up_r, mut down_w) = (up, down);
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut up_r, &mut down_w);
+            let _ = down_w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut sent = Vec::new();
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            match down_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    sent.extend_from_slice(&buf[..n]);
+                    if up_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = up_w.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        sent
+    });
+    (addr, recorder)
+}
+
+#[test]
+fn a_recorded_session_replayed_to_the_server_is_refused() {
+    for (name, security) in [
+        ("tls-psk", Security::psk(psk(5))),
+        ("tls-certificates", {
+            let ca = CertificateAuthority::generate().unwrap();
+            // One certificate on both ends is enough here: both trust the CA.
+            node(&ca, &["127.0.0.1"])
+        }),
+    ] {
+        let (l, addr) = listener();
+        let server = security.clone();
+        let srv = thread::spawn(move || {
+            let mut results = Vec::new();
+            for _ in 0..2 {
+                let (s, _) = l.accept().unwrap();
+                results.push(
+                    server
+                        .accept(Box::new(s), deadline())
+                        .and_then(dwcp_handshake_server),
+                );
+            }
+            results
+        });
+        let (relay, recorded) = recording_relay(addr);
+        let conn = TcpStream::connect(relay).unwrap();
+        let first = security
+            .connect(Box::new(conn), addr, deadline())
+            .and_then(dwcp_handshake_client);
+        assert!(
+            first.is_ok(),
+            "{name}: the recorded session itself failed: {first:?}"
+        );
+        let recorded = recorded.join().unwrap();
+        assert!(recorded.len() > 200, "{name}: nothing was recorded");
+        // Everything the client said, sent again as is to a new connection.
+        let mut replay = TcpStream::connect(addr).unwrap();
+        replay.write_all(&recorded).unwrap();
+        let _ = replay.shutdown(std::net::Shutdown::Write);
+        let results = srv.join().unwrap();
+        assert!(results[0].is_ok(), "{name}: {:?}", results[0]);
+        let e = results[1]
+            .as_ref()
+            .expect_err("a replayed session was accepted");
+        assert!(
+            matches!(security_of(e), Some(SecurityError::Handshake { .. })),
+            "{name}: {e}"
+        );
+    }
+}
