@@ -136,6 +136,10 @@ pub struct BenchWanOpts {
     /// dwcp streams (the library's default when absent).
     #[arg(long)]
     pub streams: Option<u32>,
+    /// Also send every image in plain text (`--insecure-plaintext` on both ends), alternating
+    /// with the encrypted run, and print the TLS / plain ratios.
+    #[arg(long)]
+    pub plaintext_too: bool,
 }
 
 pub(crate) fn require_root() -> Result<()> {
@@ -882,7 +886,17 @@ pub fn bench(
     } else {
         dir.clone()
     };
-    let dwcp_row = |dwcp: &Path, label: &str, mix: &str, img: &Path| -> Result<BenchRow> {
+    let dwcp_row = |dwcp: &Path,
+                    label: &str,
+                    mix: &str,
+                    img: &Path,
+                    plain: bool|
+     -> Result<BenchRow> {
+        let plain_flag: &[&str] = if plain {
+            &["--insecure-plaintext"]
+        } else {
+            &[]
+        };
         let out = out_dir.join(format!("dwcp-wan-bench-{}.img", std::process::id()));
         let _ = std::fs::remove_file(&out);
         let listen = format!("{DST_ADDR}:{DWCP_PORT}");
@@ -894,6 +908,7 @@ pub fn bench(
                 .arg(&out)
                 .arg("--psk-file")
                 .arg(&key)
+                .args(plain_flag)
                 .arg("--json"),
             Io::Capture,
         )?;
@@ -907,6 +922,7 @@ pub fn bench(
             .arg(img)
             .arg("--psk-file")
             .arg(&key)
+            .args(plain_flag)
             .args(["--json", "--no-progress"]);
         if let Some(n) = opts.streams {
             send.args(["--streams", &n.to_string()]);
@@ -958,17 +974,35 @@ pub fn bench(
     };
     // With a baseline, each image is sent by both builds (both ends), the first one alternating.
     let mut pairs: Vec<(String, f64, f64)> = Vec::new();
+    let mut plain_pairs: Vec<(String, f64, f64)> = Vec::new();
     for (i, (mix, img)) in images.iter().enumerate() {
+        if baseline.is_none() && opts.plaintext_too {
+            let (tls, plain) = if i % 2 == 0 {
+                let t = dwcp_row(&dwcp, "dwcp", mix, img, false)?;
+                (t, dwcp_row(&dwcp, "dwcp plain", mix, img, true)?)
+            } else {
+                let p = dwcp_row(&dwcp, "dwcp plain", mix, img, true)?;
+                (dwcp_row(&dwcp, "dwcp", mix, img, false)?, p)
+            };
+            plain_pairs.push((
+                format!("{mix} {image_size}"),
+                tls.time_s / plain.time_s,
+                tls.logical.unwrap_or(0.0) / plain.logical.unwrap_or(f64::NAN),
+            ));
+            rows.push(tls);
+            rows.push(plain);
+            continue;
+        }
         let Some(b) = &baseline else {
-            rows.push(dwcp_row(&dwcp, "dwcp", mix, img)?);
+            rows.push(dwcp_row(&dwcp, "dwcp", mix, img, false)?);
             continue;
         };
         let (current, base) = if i % 2 == 0 {
-            let c = dwcp_row(&dwcp, "dwcp", mix, img)?;
-            (c, dwcp_row(b, "baseline dwcp", mix, img)?)
+            let c = dwcp_row(&dwcp, "dwcp", mix, img, false)?;
+            (c, dwcp_row(b, "baseline dwcp", mix, img, false)?)
         } else {
-            let base = dwcp_row(b, "baseline dwcp", mix, img)?;
-            (dwcp_row(&dwcp, "dwcp", mix, img)?, base)
+            let base = dwcp_row(b, "baseline dwcp", mix, img, false)?;
+            (dwcp_row(&dwcp, "dwcp", mix, img, false)?, base)
         };
         pairs.push((
             format!("{mix} {image_size}"),
@@ -1001,6 +1035,11 @@ pub fn bench(
     }
     for (image, time, logical) in &pairs {
         println!("dwcp / baseline, {image}: time {time:.2} x, logical throughput {logical:.2} x");
+    }
+    for (image, time, logical) in &plain_pairs {
+        println!(
+            "TLS / plain text, {image}: time {time:.2} x, logical throughput {logical:.2} x (target >= 0.97 x)"
+        );
     }
     let best_iperf = rows
         .iter()
