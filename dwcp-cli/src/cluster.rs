@@ -111,6 +111,10 @@ pub struct UpArgs {
     /// Use this etcd cluster (comma-separated client URLs) instead of the embedded registry.
     #[arg(long, value_name = "URLS")]
     pub etcd: Option<String>,
+    /// A new cluster authenticates with certificates: a CA and one certificate per member (and
+    /// one for these commands) in DIR/tls, instead of TLS keyed by the cluster key.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// Runs `dwcp node` until SIGINT or SIGTERM.
@@ -249,9 +253,28 @@ fn up(dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let tls_dir = if args.tls {
+            let tls = dir.join("tls");
+            let mut names: Vec<(String, Vec<String>)> = nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        vec![n.name.clone(), n.migration_ip.to_string()],
+                    )
+                })
+                .collect();
+            names.push(("client".into(), vec!["client".into()]));
+            dwcp_tls::certs::init_dir(&tls, &names)
+                .with_context(|| format!("creating certificates in {}", tls.display()))?;
+            Some(tls)
+        } else {
+            None
+        };
         ClusterFile {
             backend,
             psk_file,
+            tls_dir,
             nodes,
         }
         .save(&path)?;
@@ -300,16 +323,20 @@ fn up(dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
     }
     // Placement needs the gossiped view: wait until every member sees every other alive.
     let members = file.nodes.len();
-    let psk = file.psk()?;
+    let security = file.security()?;
     while Instant::now() < deadline {
         let converged = file.nodes.iter().all(|n| {
-            dwcp_node::call(n.agent_addr, &psk, &Request::Status, Duration::from_secs(2)).is_ok_and(
-                |s| {
-                    s["gossip"]
-                        .as_array()
-                        .is_some_and(|g| g.iter().filter(|p| p["alive"] == true).count() == members)
-                },
+            dwcp_node::call_with(
+                n.agent_addr,
+                &security,
+                &Request::Status,
+                Duration::from_secs(2),
             )
+            .is_ok_and(|s| {
+                s["gossip"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().filter(|p| p["alive"] == true).count() == members)
+            })
         });
         if converged {
             break;
@@ -325,10 +352,12 @@ fn up(dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
 }
 
 fn agent_answers(file: &ClusterFile, node: &NodeEntry) -> bool {
-    let Ok(psk) = file.psk() else { return false };
-    dwcp_node::call(
+    let Ok(security) = file.security() else {
+        return false;
+    };
+    dwcp_node::call_with(
         node.agent_addr,
-        &psk,
+        &security,
         &Request::Status,
         Duration::from_secs(2),
     )
@@ -365,19 +394,19 @@ fn call_node_with(
     timeout: Duration,
 ) -> anyhow::Result<Value> {
     let node = file.node(id)?;
-    let psk = file.psk()?;
-    dwcp_node::call(node.agent_addr, &psk, request, timeout)
+    let security = file.security()?;
+    dwcp_node::call_with(node.agent_addr, &security, request, timeout)
         .with_context(|| format!("node {id} ({})", node.agent_addr))
 }
 
 /// The first agent that answers a status request.
 fn any_status(file: &ClusterFile) -> anyhow::Result<Value> {
-    let psk = file.psk()?;
+    let security = file.security()?;
     let mut last = None;
     for n in &file.nodes {
-        match dwcp_node::call(
+        match dwcp_node::call_with(
             n.agent_addr,
-            &psk,
+            &security,
             &Request::Status,
             Duration::from_secs(15),
         ) {
@@ -401,10 +430,15 @@ fn owner_of(file: &ClusterFile, vm: &VmId) -> anyhow::Result<NodeId> {
 
 fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
     let file = load(dir)?;
-    let psk = file.psk()?;
+    let security = file.security()?;
     let mut nodes = Vec::new();
     for n in &file.nodes {
-        let answer = dwcp_node::call(n.agent_addr, &psk, &Request::Status, Duration::from_secs(5));
+        let answer = dwcp_node::call_with(
+            n.agent_addr,
+            &security,
+            &Request::Status,
+            Duration::from_secs(5),
+        );
         nodes.push((n, answer));
     }
     let registry = nodes

@@ -138,3 +138,56 @@ fn a_three_node_cluster_migrates_survives_a_lost_member_and_restarts_it_from_dis
     assert_eq!(moved["to"], 2);
     assert_eq!(owner(&dir, "vm-1"), Some(2));
 }
+
+#[test]
+fn a_cluster_with_certificates_migrates_and_refuses_a_client_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("cluster");
+    let base = (50_000 + (std::process::id() % 1_000) * 10).to_string();
+    let up = dwcp(
+        &dir,
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--tls",
+            "--base-port",
+            &base,
+            "--capacity",
+            "256M",
+        ],
+    );
+    let _down = Down(&dir);
+    assert!(up.status.success());
+    assert!(dir.join("tls/node1/node.key").is_file());
+    assert!(dir.join("tls/client/node.pem").is_file());
+    let status = ok_json(&dir, &["status", "--json"]);
+    let text = status.to_string();
+    assert!(
+        text.contains("tls-certificates") && !text.contains("tls-psk"),
+        "the members do not say they use certificates: {status}"
+    );
+    ok_json(&dir, &["create-vm", "vm-t", "--node", "1", "--size", "8M"]);
+    let moved = ok_json(&dir, &["migrate", "vm-t", "--to", "2"]);
+    assert_eq!(moved["to"], 2);
+
+    // The same cluster file without the certificates: these commands fall back to the cluster
+    // key, which the members no longer take.
+    let file = dir.join("cluster.json");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let tls_dir = json
+        .as_object_mut()
+        .unwrap()
+        .remove("tls_dir")
+        .expect("the cluster file names its certificates");
+    std::fs::write(&file, json.to_string()).unwrap();
+    assert!(
+        !dwcp(&dir, &["migrate", "vm-t", "--to", "1"])
+            .status
+            .success(),
+        "a client with the key but no certificate was served"
+    );
+    json["tls_dir"] = tls_dir;
+    std::fs::write(&file, json.to_string()).unwrap();
+    assert_eq!(owner(&dir, "vm-t"), Some(2));
+}

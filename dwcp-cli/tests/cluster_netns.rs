@@ -352,6 +352,7 @@ impl Cluster {
         let file = ClusterFile {
             backend: BackendChoice::Raft,
             psk_file,
+            tls_dir: None,
             nodes: (1..=net.nodes)
                 .map(|id| {
                     let addr = net.ip(id as u8);

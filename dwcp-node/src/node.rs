@@ -63,6 +63,11 @@ pub struct ClusterFile {
     pub backend: BackendChoice,
     /// The file holding the cluster's pre-shared key.
     pub psk_file: PathBuf,
+    /// Certificates instead of the key for TLS: a directory made by `dwcp certs init` holding,
+    /// for each member, `<name>/` (`ca.pem`, `node.pem`, `node.key`) and `client/` for the
+    /// `dwcp cluster` commands. Absent: TLS 1.3 keyed by the cluster key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     /// The members.
     pub nodes: Vec<NodeEntry>,
 }
@@ -114,9 +119,31 @@ impl ClusterFile {
         Psk::from_file(&self.psk_file).map_err(NodeError::Engine)
     }
 
-    /// The members' default security: TLS 1.3 keyed by the cluster key.
+    /// The members' default security: TLS 1.3 keyed by the cluster key, or by certificates
+    /// when the file names a `tls_dir` (then see [`security_of`](Self::security_of)).
     pub fn security(&self) -> Result<Security, NodeError> {
-        Ok(Security::psk(self.psk()?))
+        match &self.tls_dir {
+            None => Ok(Security::psk(self.psk()?)),
+            Some(_) => self.certificates("client"),
+        }
+    }
+
+    /// How the member `id` secures its connections: its certificate under `tls_dir`, or the
+    /// cluster key.
+    pub fn security_of(&self, id: NodeId) -> Result<Security, NodeError> {
+        match &self.tls_dir {
+            None => self.security(),
+            Some(_) => self.certificates(&self.node(id)?.name),
+        }
+    }
+
+    fn certificates(&self, who: &str) -> Result<Security, NodeError> {
+        let dir = self
+            .tls_dir
+            .as_ref()
+            .ok_or_else(|| NodeError::Refused("the cluster file has no tls_dir".into()))?
+            .join(who);
+        Security::from_cert_dir(&dir).map_err(NodeError::Security)
     }
 }
 
@@ -128,8 +155,9 @@ pub struct NodeOptions {
     /// How migrations from this node run.
     pub migration: MigrationConfig,
     /// How all of this node's connections (registry RPC, control requests, migration streams)
-    /// are secured. `None`: TLS 1.3 keyed by the cluster key ([`ClusterFile::security`]), which
-    /// every member and the `dwcp cluster` commands use by default. Every member must use the
+    /// are secured. `None`: what the cluster file says ([`ClusterFile::security_of`]: TLS 1.3
+    /// keyed by the cluster key, or the member's certificate), as every member and the
+    /// `dwcp cluster` commands do by default. Every member must use the
     /// same mode; in certificate mode each member's certificate must name its addresses.
     pub security: Option<Security>,
 }
@@ -152,10 +180,10 @@ impl RunningNode {
     ) -> Result<Self, NodeError> {
         let me = cluster.node(id)?.clone();
         let psk = cluster.psk()?;
-        let security = options
-            .security
-            .clone()
-            .unwrap_or_else(|| Security::psk(psk.clone()));
+        let security = match options.security.clone() {
+            Some(s) => s,
+            None => cluster.security_of(id)?,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(format!("node-{id}"))

@@ -43,6 +43,7 @@ fn cluster_file(dir: &Path, nodes: u64) -> ClusterFile {
     ClusterFile {
         backend: BackendChoice::Raft,
         psk_file,
+        tls_dir: None,
         nodes: (1..=nodes)
             .map(|id| NodeEntry {
                 id,
