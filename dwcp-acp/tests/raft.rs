@@ -482,13 +482,7 @@ async fn strangers_and_wrong_keys_are_refused() {
 }
 
 fn certified(ca: &CertificateAuthority) -> Security {
-    let issued = ca.issue(&["127.0.0.1".to_string()]).unwrap();
-    Security::from_pem(
-        ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap()
+    ca.security_for(&["127.0.0.1"]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

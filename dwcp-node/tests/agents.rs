@@ -596,13 +596,7 @@ fn control_requests_cross_the_wire_encrypted_and_plain_text_clients_are_refused(
 }
 
 fn certified(ca: &CertificateAuthority) -> Security {
-    let issued = ca.issue(&["127.0.0.1".to_string()]).unwrap();
-    Security::from_pem(
-        ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap()
+    ca.security_for(&["127.0.0.1"]).unwrap()
 }
 
 #[test]

@@ -345,14 +345,7 @@ fn a_long_stream_over_many_streams_arrives_in_order() {
 
 /// Certificate-mode security of a node whose certificate names `names`.
 fn node(ca: &CertificateAuthority, names: &[&str]) -> Security {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let issued = ca.issue(&names).unwrap();
-    Security::from_pem(
-        ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap()
+    ca.security_for(names).unwrap()
 }
 
 /// A destination "QEMU" that records its first connection's bytes; `None` if no connection came

@@ -133,6 +133,19 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a certificate naming `names` and returns the [`Security`](crate::Security) of the
+    /// endpoint holding it: in-process clusters and tests, where no files are wanted (for files,
+    /// [`issue_into`]).
+    pub fn security_for(&self, names: &[&str]) -> Result<crate::Security, Error> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let issued = self.issue(&names)?;
+        crate::Security::from_pem(
+            self.cert_pem().as_bytes(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+    }
+
     /// [`issue_with_validity`](Self::issue_with_validity) from an hour ago for [`DEFAULT_VALIDITY`].
     pub fn issue(&self, names: &[String]) -> Result<IssuedCertificate, Error> {
         let now = SystemTime::now();

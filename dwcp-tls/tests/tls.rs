@@ -26,14 +26,7 @@ fn listener() -> (TcpListener, SocketAddr) {
 }
 
 fn node(ca: &CertificateAuthority, names: &[&str]) -> Security {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let issued = ca.issue(&names).unwrap();
-    Security::from_pem(
-        ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap()
+    ca.security_for(names).unwrap()
 }
 
 /// Runs `server.accept` on one side and `client.connect` on the other, then the DWCP stream

@@ -14,15 +14,7 @@ use dwcp_core::sim::ContentMix;
 use dwcp_tls::certs::CertificateAuthority;
 
 fn node(ca: &CertificateAuthority, name: &str) -> Security {
-    let issued = ca
-        .issue(&[name.to_string(), "127.0.0.1".to_string()])
-        .unwrap();
-    Security::from_pem(
-        ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap()
+    ca.security_for(&[name, "127.0.0.1"]).unwrap()
 }
 
 fn bind(security: Security) -> (Listener, SocketAddr) {

@@ -1228,14 +1228,7 @@ mod tests {
     }
 
     fn certified(ca: &CertificateAuthority, names: &[&str]) -> Security {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let issued = ca.issue(&names).unwrap();
-        Security::from_pem(
-            ca.cert_pem().as_bytes(),
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-        )
-        .unwrap()
+        ca.security_for(names).unwrap()
     }
 
     #[tokio::test]
