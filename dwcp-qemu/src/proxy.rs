@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, bounded, select};
 use dwcp_core::error::{Error, HandshakeError, SecurityError};
 use dwcp_core::frame::FrameType;
 use dwcp_core::handshake::{new_session_id, send_error};
+use dwcp_core::transport::Conn;
 use dwcp_hde::Codec;
 use dwcp_tls::Security;
 
@@ -178,7 +179,11 @@ impl SourceProxy {
             negotiated,
             tls,
         } = first;
-        let stream_count = streams_for(handshake / 2, cfg.streams, cfg.local_streams);
+        let stream_count = streams_for(
+            path_rtt(first.2.as_ref(), handshake / 2),
+            cfg.streams,
+            cfg.local_streams,
+        );
         let init = Message::Init(TunnelInit {
             version: TUNNEL_VERSION,
             streams: stream_count,
@@ -200,7 +205,7 @@ impl SourceProxy {
             }
         };
         // One round trip, with next to no work on the other side.
-        let rtt = asked.elapsed();
+        let rtt = path_rtt(first.2.as_ref(), asked.elapsed());
         let send_window = send_window_for(rtt);
         let session = negotiated.session_id;
         let mut streams = vec![first];
@@ -683,6 +688,19 @@ fn no_tunnel(refused: Option<Error>) -> Error {
         )),
         None => Error::Timeout("no tunnel stream arrived in time".into()),
     }
+}
+
+/// The path's round trip: the kernel's minimum RTT of the stream's TCP connection where it has one,
+/// else `measured` (a round trip timed in user space). A user-space timing also counts the time both
+/// proxies' threads waited for a CPU: with two TCG QEMUs busy on two cores, a loopback round trip
+/// was timed at 4.4 ms, which made the tunnel take loopback for a remote path and compress.
+fn path_rtt(conn: &dyn Conn, measured: Duration) -> Duration {
+    conn.as_tcp()
+        .and_then(|tcp| dwcp_tcp::telemetry::sample(tcp).ok())
+        .filter(|s| s.min_rtt_s > 0.0)
+        .map_or(measured, |s| {
+            Duration::from_secs_f64(s.min_rtt_s).min(measured)
+        })
 }
 
 /// Round trips below this are a local path (loopback, one switch), which one stream fills.
