@@ -174,6 +174,10 @@ pub struct DemoArgs {
     /// Do not show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Write every migration event (phase, progress after each batch, pass, completed or failed
+    /// with its reason) to FILE as one JSON object per line; `-` for standard output.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
     /// Do NOT encrypt the loopback streams (for comparing with the default, TLS 1.3).
     #[arg(long)]
     pub insecure_plaintext: bool,
@@ -232,6 +236,10 @@ pub struct SendArgs {
     /// Do not show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Write every migration event (phase, progress after each batch, pass, completed or failed
+    /// with its reason) to FILE as one JSON object per line; `-` for standard output.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
     /// Record every stream's kernel telemetry (acknowledged bytes, RTT, delivery rate, app-limited
     /// flag; about every 250 ms) as CSV in FILE: a link trace for PBA (docs/pba.md).
     #[arg(long, value_name = "FILE")]

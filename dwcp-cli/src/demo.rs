@@ -4,12 +4,13 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use dwcp::{Listener, Migration, Progress, ReceiveReport, ReceiverConfig};
+use dwcp::{Listener, Migration, MigrationEvent, ReceiveReport, ReceiverConfig};
 use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{GuestRam, MemorySource, PAGE_SIZE};
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 
 use crate::args::DemoArgs;
+use crate::events::EventLog;
 use crate::output::{self, JsonReport};
 use crate::progress::ProgressView;
 use crate::rss::RssSampler;
@@ -56,7 +57,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, bytes = args.size, mix = args.mix.name(), dirty_rate_mib_s = args.dirty_rate, "demo starting");
 
     let progress = ProgressView::new(!args.output.json && !args.no_progress);
-    let on_progress = |p: &Progress| progress.update(p);
+    let events = args
+        .events
+        .as_deref()
+        .map(|path| EventLog::open(path, args.output.json))
+        .transpose()?;
+    let on_event = |e: &MigrationEvent| {
+        if let MigrationEvent::Progress(p) = e {
+            progress.update(p);
+        }
+        if let Some(log) = &events {
+            log.record(e);
+        }
+    };
     let (sent, received) = std::thread::scope(|s| {
         let receiver = std::thread::Builder::new()
             .name("demo-destination".into())
@@ -67,10 +80,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         guest.start_workload(dirty_bytes_per_sec, args.seed);
         let mut migration = Migration::new(addr, security)
             .config(args.migrate.config())
-            .on_progress(&on_progress);
+            .on_event(&on_event);
         if let Some(m) = &metrics {
             migration = migration.metrics(m.clone());
         }
+        crate::events::cancel_on_signals(&migration.cancel_handle())?;
         let sent = migration.run(&*guest, &mut guest.dirty_log(), &mut guest.control());
         if sent.is_err() && !receiver.is_finished() {
             // The source may have failed before it connected; wake a destination still waiting to accept.

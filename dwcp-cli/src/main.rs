@@ -16,6 +16,7 @@ mod args;
 mod cluster;
 mod control;
 mod demo;
+mod events;
 mod fleet;
 mod metrics;
 mod output;

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
-use dwcp::{Listener, Migration, Progress, ReceiverConfig};
+use dwcp::{Listener, Migration, MigrationEvent, ReceiverConfig};
 use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{GuestRam, NoDirtyLog, NoVmControl};
 
 use crate::args::{RecvArgs, SendArgs};
+use crate::events::EventLog;
 use crate::output::{self, JsonReport};
 use crate::progress::ProgressView;
 use crate::rss::RssSampler;
@@ -74,13 +75,26 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, image = %args.image.display(), bytes = image.layout().total_bytes(), "sending");
 
     let progress = ProgressView::new(!args.output.json && !args.no_progress);
-    let on_progress = |p: &Progress| progress.update(p);
+    let events = args
+        .events
+        .as_deref()
+        .map(|path| EventLog::open(path, args.output.json))
+        .transpose()?;
+    let on_event = |e: &MigrationEvent| {
+        if let MigrationEvent::Progress(p) = e {
+            progress.update(p);
+        }
+        if let Some(log) = &events {
+            log.record(e);
+        }
+    };
     let mut migration = Migration::new(addr, security)
         .config(args.migrate.config())
-        .on_progress(&on_progress);
+        .on_event(&on_event);
     if let Some(m) = metrics {
         migration = migration.metrics(m);
     }
+    crate::events::cancel_on_signals(&migration.cancel_handle())?;
     let _control = args
         .control
         .as_deref()

@@ -337,5 +337,103 @@ impl Error {
     }
 }
 
+/// Why a migration ended without a handover, in a few words a person (and a metric label) can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// An operation did not complete in time (the peer went silent, a deadline passed).
+    Timeout,
+    /// The peer refused or ended the session (its reason is in the error).
+    PeerRefused,
+    /// Authentication or encryption failed: wrong key, certificate, tampered data.
+    Authentication,
+    /// Cancelled on this side (the caller, the CLI, the control socket).
+    Cancelled,
+    /// The peer cancelled.
+    CancelledByPeer,
+    /// Every stream failed and reconnecting did not succeed.
+    LinkLost,
+    /// The destination's copy is not bit-exact.
+    DigestMismatch,
+    /// The destination cannot hold this guest's memory layout.
+    Layout,
+    /// The destination is at a limit; try later.
+    Busy,
+    /// The cluster refused to record the new owner.
+    HandoverRefused,
+    /// The handover decision was sent but not confirmed: either side may own the VM.
+    HandoverUnconfirmed,
+    /// The hypervisor callback failed.
+    VmControl,
+    /// The configuration is invalid.
+    Config,
+    /// The peer broke the protocol (or a version mismatch).
+    Protocol,
+    /// Local or socket I/O failed.
+    Io,
+}
+
+impl FailureReason {
+    /// The name used in events, reports and the `reason` label of metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "timeout",
+            FailureReason::PeerRefused => "peer_refused",
+            FailureReason::Authentication => "authentication",
+            FailureReason::Cancelled => "cancelled",
+            FailureReason::CancelledByPeer => "cancelled_by_peer",
+            FailureReason::LinkLost => "link_lost",
+            FailureReason::DigestMismatch => "digest_mismatch",
+            FailureReason::Layout => "layout",
+            FailureReason::Busy => "busy",
+            FailureReason::HandoverRefused => "handover_refused",
+            FailureReason::HandoverUnconfirmed => "handover_unconfirmed",
+            FailureReason::VmControl => "vm_control",
+            FailureReason::Config => "config",
+            FailureReason::Protocol => "protocol",
+            FailureReason::Io => "io",
+        }
+    }
+}
+
+impl Error {
+    /// The category of this failure, for reports, events and metric labels.
+    pub fn reason(&self) -> FailureReason {
+        if self.security().is_some() {
+            return FailureReason::Authentication;
+        }
+        match self {
+            Error::Timeout(_) => FailureReason::Timeout,
+            Error::Cancelled => FailureReason::Cancelled,
+            Error::Peer { code, .. } => match code {
+                ErrorCode::Cancelled => FailureReason::CancelledByPeer,
+                ErrorCode::Authentication => FailureReason::Authentication,
+                ErrorCode::Layout => FailureReason::Layout,
+                ErrorCode::DigestMismatch => FailureReason::DigestMismatch,
+                ErrorCode::Busy => FailureReason::Busy,
+                ErrorCode::Version | ErrorCode::Protocol => FailureReason::Protocol,
+                _ => FailureReason::PeerRefused,
+            },
+            Error::Handshake(
+                HandshakeError::AuthenticationFailed | HandshakeError::WeakKey { .. },
+            ) => FailureReason::Authentication,
+            Error::Frame(_) | Error::Chunk(_) | Error::Protocol(_) | Error::Handshake(_) => {
+                FailureReason::Protocol
+            }
+            Error::Layout(_) => FailureReason::Layout,
+            Error::DigestMismatch { .. } => FailureReason::DigestMismatch,
+            Error::Busy(_) => FailureReason::Busy,
+            Error::StreamsLost { .. } => FailureReason::LinkLost,
+            Error::HandoverRefused(_) => FailureReason::HandoverRefused,
+            Error::HandoverUnconfirmed(_) => FailureReason::HandoverUnconfirmed,
+            Error::VmControl(_) => FailureReason::VmControl,
+            Error::Config(_) => FailureReason::Config,
+            Error::Security(_) => FailureReason::Authentication,
+            Error::Io { .. } => FailureReason::Io,
+        }
+    }
+}
+
 /// Result alias used throughout DWCP.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

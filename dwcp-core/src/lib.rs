@@ -21,7 +21,7 @@ pub mod pool;
 pub mod sim;
 pub mod transport;
 
-pub use error::{ChunkError, Error, ErrorCode, FrameError, HandshakeError, Result};
+pub use error::{ChunkError, Error, ErrorCode, FailureReason, FrameError, HandshakeError, Result};
 pub use memory::{
     DirtyLog, GuestRam, HandoverDecision, MemoryLayout, MemorySink, MemorySource, PAGE_SIZE,
     Region, VmControl,

@@ -21,4 +21,4 @@ pub mod dest;
 pub mod report;
 pub mod source;
 
-pub use report::{IterationReport, Progress, ResilienceReport};
+pub use report::{IterationReport, MigrationPhase, Progress, ResilienceReport};

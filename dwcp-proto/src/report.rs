@@ -39,9 +39,47 @@ pub struct ResilienceReport {
     pub resent_bytes: u64,
 }
 
+/// What a migration is doing, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MigrationPhase {
+    /// Opening and authenticating the first stream, agreeing on the session.
+    Connecting,
+    /// Pre-copy: the guest runs while passes send its memory.
+    Precopy,
+    /// The guest is paused; the final pass and the digest run.
+    StopAndCopy,
+    /// The digests are compared and the destination takes the VM over.
+    Handover,
+    /// The destination runs the VM.
+    Completed,
+    /// The migration ended without a handover (see the failure's reason).
+    Failed,
+}
+
+impl MigrationPhase {
+    /// The name used in events, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Connecting => "connecting",
+            MigrationPhase::Precopy => "precopy",
+            MigrationPhase::StopAndCopy => "stop_and_copy",
+            MigrationPhase::Handover => "handover",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+        }
+    }
+}
+
 /// A progress event, emitted after every batch of chunks.
+///
+/// `done_bytes` never decreases; `remaining_bytes` may grow (a guest that dirties faster than the
+/// link sends). `percent` is defined on the first alone: see [`Progress::percent`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Progress {
+    /// What the migration is doing.
+    pub phase: MigrationPhase,
     /// Current pass.
     pub iteration: u32,
     /// Whether the guest is paused (stop-and-copy).
@@ -58,4 +96,24 @@ pub struct Progress {
     pub memory_bytes: u64,
     /// Logical send rate of the current pass, bytes per second.
     pub rate_bps: f64,
+    /// Guest bytes still to send as far as the source knows now: the rest of this pass, plus (in
+    /// pre-copy) what the guest is estimated to have dirtied since the pass began, at the dirty rate
+    /// of the last pass; at most the guest's memory.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirtied memory during the last pre-copy pass, bytes per second (0 before
+    /// the first pass ended).
+    pub dirty_rate_bps: f64,
+    /// Predicted seconds to the end of the transfer: in pre-copy `remaining / (rate - dirty rate)`,
+    /// in stop-and-copy `remaining / rate`. `None` while the guest dirties at least as fast as the
+    /// pass sends: pre-copy does not converge on its own.
+    pub eta_s: Option<f64>,
+    /// The downtime a pause now is predicted to cost: the remaining bytes at the current rate, the
+    /// digest and the handover's round trips, milliseconds.
+    pub predicted_downtime_ms: f64,
+    /// Completion in percent, never decreasing. `logical_bytes` is the only quantity of a
+    /// migration that never decreases but its final value is unknown until the end, so the
+    /// percentage is the largest `logical_bytes / (logical_bytes + remaining_bytes)` seen so far:
+    /// it stands still while the guest dirties faster than the link sends, and stays below 100
+    /// until the handover.
+    pub percent: f64,
 }

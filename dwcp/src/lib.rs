@@ -32,6 +32,9 @@ pub use dwcp_core::{Error, Result};
 pub use dwcp_tls::{Security, SecurityMode};
 pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;
-pub use report::{IterationReport, MigrationReport, Progress, ReceiveReport};
+pub use report::{
+    FailureReason, IterationReport, MigrationEvent, MigrationPhase, MigrationReport, Progress,
+    ReceiveReport,
+};
 pub use source::{BandwidthHandle, Migration, TelemetryFeed, TelemetrySnapshot};
 pub use uplink::{Deadline, HostUplink, UplinkShare};

@@ -1,8 +1,12 @@
 //! Prometheus metrics of migrations. Names are stable and documented in docs/architecture.md.
 
-use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use dwcp_core::error::Error;
+
+use crate::report::{MigrationPhase, Progress};
 
 /// Metrics a migration updates; register once per registry and share.
 #[derive(Debug, Clone)]
@@ -34,6 +38,19 @@ pub struct MigrationMetrics {
     /// `rtt_seconds`, `min_rtt_seconds`, `delivery_rate_bytes_per_second`, `retransmits_total`,
     /// `cwnd_segments`, `unsent_bytes`.
     pub stream_tcp: GaugeVec,
+    /// `dwcp_migration_progress_percent`: completion of the running migration, never decreasing
+    /// (see [`crate::Progress::percent`]).
+    pub progress_percent: Gauge,
+    /// `dwcp_migration_progress{field}`: the running migration's last progress figures; fields
+    /// `remaining_bytes`, `done_bytes`, `dirty_rate_bytes_per_second`, `eta_seconds` (NaN while
+    /// pre-copy does not converge on its own), `predicted_downtime_seconds`, `pass`.
+    pub progress: GaugeVec,
+    /// `dwcp_migration_phase{phase}`: 1 for the phase the last migration is in (or ended in),
+    /// 0 for the others.
+    pub phase: IntGaugeVec,
+    /// `dwcp_migration_failures_total{reason}`: migrations that ended without a handover, by
+    /// [`crate::FailureReason`].
+    pub failures: IntCounterVec,
 }
 
 impl MigrationMetrics {
@@ -91,9 +108,42 @@ impl MigrationMetrics {
                 &["stream", "field"],
             )
             .map_err(prom)?,
+            progress_percent: Gauge::new(
+                "dwcp_migration_progress_percent",
+                "Completion of the running migration, never decreasing",
+            )
+            .map_err(prom)?,
+            progress: GaugeVec::new(
+                Opts::new(
+                    "dwcp_migration_progress",
+                    "The running migration's last progress figures",
+                ),
+                &["field"],
+            )
+            .map_err(prom)?,
+            phase: IntGaugeVec::new(
+                Opts::new(
+                    "dwcp_migration_phase",
+                    "1 for the phase the last migration is in or ended in",
+                ),
+                &["phase"],
+            )
+            .map_err(prom)?,
+            failures: IntCounterVec::new(
+                Opts::new(
+                    "dwcp_migration_failures_total",
+                    "Migrations ended without a handover, by reason",
+                ),
+                &["reason"],
+            )
+            .map_err(prom)?,
         };
         for c in [
-            Box::new(m.streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.progress_percent.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.progress.clone()),
+            Box::new(m.phase.clone()),
+            Box::new(m.failures.clone()),
+            Box::new(m.streams.clone()),
             Box::new(m.stream_events.clone()),
             Box::new(m.stream_tcp.clone()),
         ] {
@@ -127,7 +177,41 @@ impl MigrationMetrics {
     }
 }
 
+/// Every phase, for the one-hot phase gauge.
+const PHASES: [MigrationPhase; 6] = [
+    MigrationPhase::Connecting,
+    MigrationPhase::Precopy,
+    MigrationPhase::StopAndCopy,
+    MigrationPhase::Handover,
+    MigrationPhase::Completed,
+    MigrationPhase::Failed,
+];
+
 impl MigrationMetrics {
+    /// Publishes a progress event.
+    pub fn publish_progress(&self, p: &Progress) {
+        self.progress_percent.set(p.percent);
+        for (field, v) in [
+            ("remaining_bytes", p.remaining_bytes as f64),
+            ("done_bytes", p.logical_bytes as f64),
+            ("dirty_rate_bytes_per_second", p.dirty_rate_bps),
+            ("eta_seconds", p.eta_s.unwrap_or(f64::NAN)),
+            ("predicted_downtime_seconds", p.predicted_downtime_ms / 1e3),
+            ("pass", f64::from(p.iteration)),
+        ] {
+            self.progress.with_label_values(&[field]).set(v);
+        }
+    }
+
+    /// Marks `phase` as the current one.
+    pub fn set_phase(&self, phase: MigrationPhase) {
+        for p in PHASES {
+            self.phase
+                .with_label_values(&[p.as_str()])
+                .set(i64::from(p == phase));
+        }
+    }
+
     /// Publishes one stream's `TCP_INFO` sample.
     pub fn publish_tcp(&self, stream: u16, t: &dwcp_tcp::TcpSample) {
         let id = stream.to_string();

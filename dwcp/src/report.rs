@@ -5,7 +5,53 @@ use serde::Serialize;
 use dwcp_core::pool::PoolStats;
 use dwcp_hde::EncodeStats;
 
-pub use dwcp_proto::report::{IterationReport, Progress, ResilienceReport};
+pub use dwcp_core::error::FailureReason;
+pub use dwcp_proto::report::{IterationReport, MigrationPhase, Progress, ResilienceReport};
+
+/// What a running migration tells its observer ([`crate::Migration::on_event`]), in order: the
+/// phase it enters, progress after every batch, each finished pass, and how it ended. Serialised
+/// (`serde`) with an `event` field naming the variant: one line each of `dwcp send --events`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MigrationEvent {
+    /// The migration entered `phase`.
+    Phase {
+        /// The phase entered.
+        phase: MigrationPhase,
+    },
+    /// A batch was sent.
+    Progress(Progress),
+    /// A pre-copy pass ended (the final pass is in the report).
+    Pass(IterationReport),
+    /// The destination runs the VM.
+    Completed {
+        /// Wall time from connecting to the confirmed handover, milliseconds.
+        total_ms: f64,
+        /// Guest pause, milliseconds.
+        downtime_ms: f64,
+        /// Guest bytes sent over all passes.
+        logical_bytes: u64,
+        /// Bytes written to the sockets.
+        wire_bytes: u64,
+        /// Passes made, the final one included.
+        iterations: u32,
+        /// Always 100: the percentage of the last progress event, completed.
+        percent: f64,
+    },
+    /// The migration ended without a handover.
+    Failed {
+        /// The failure's category.
+        reason: FailureReason,
+        /// The phase it failed in.
+        phase: MigrationPhase,
+        /// What went wrong, for a person.
+        message: String,
+        /// Whether the guest runs on the source again (false only if the handover may have
+        /// happened: [`FailureReason::HandoverUnconfirmed`]).
+        source_running: bool,
+    },
+}
 
 /// Result of a completed migration, as seen by the source.
 #[derive(Debug, Clone, Serialize)]

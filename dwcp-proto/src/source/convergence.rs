@@ -86,11 +86,16 @@ impl Convergence {
     /// the digest and the handover's round trips: the final pass's acknowledgements (when it has
     /// pages to send), the digest's verdict and the commit.
     pub fn predicted_downtime(&self, pass: &PassMeasurement) -> Duration {
-        let round_trips = if pass.dirtied > 0 { 3.0 } else { 2.0 };
         let secs = pass.dirtied as f64 * per_page(pass)
-            + self.policy.digest_estimate.as_secs_f64()
-            + round_trips * self.policy.rtt.as_secs_f64();
+            + self.pause_overhead(pass.dirtied > 0).as_secs_f64();
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+
+    /// What a pause costs besides sending pages: the digest and the handover's round trips (three
+    /// when the final pass has pages to send, whose acknowledgements are one of them).
+    pub fn pause_overhead(&self, pages_to_send: bool) -> Duration {
+        let round_trips = if pages_to_send { 3 } else { 2 };
+        self.policy.digest_estimate + self.policy.rtt * round_trips
     }
 
     /// How long sending the pages `pass` dirtied is predicted to take (the next pass, or the final

@@ -9,7 +9,7 @@ use dwcp_core::memory::PAGE_SIZE;
 use super::convergence::{LinkSample, PassMeasurement, StopReason};
 use super::events::{Flow, PassPages, SourceAction};
 use super::machine::{PassState, Phase, Recovery, SourceMachine, Stall};
-use crate::report::{IterationReport, Progress};
+use crate::report::IterationReport;
 use dwcp_pba::sample::StreamSample;
 
 /// Link observations PBA needs before the convergence decision trusts its forecast (about a
@@ -46,20 +46,8 @@ impl SourceMachine {
         self.chunk_bytes += wire_bytes;
         self.pass.wire_bytes += wire_bytes;
         self.pass.content_pages += content_pages;
-        let total = self.pass.pages.len();
-        let elapsed = now
-            .saturating_duration_since(self.pass.started)
-            .as_secs_f64();
-        self.actions.push_back(SourceAction::Progress(Progress {
-            iteration: self.pass.iteration,
-            paused: self.paused_at.is_some(),
-            pass_pages_sent: self.pass.requested,
-            pass_pages_total: total,
-            logical_bytes: self.logical_bytes,
-            wire_bytes: self.chunk_bytes,
-            memory_bytes: self.p.total_pages * PAGE_SIZE as u64,
-            rate_bps: (self.pass.requested * PAGE_SIZE as u64) as f64 / elapsed.max(1e-9),
-        }));
+        let progress = self.progress(now);
+        self.actions.push_back(SourceAction::Progress(progress));
     }
 
     /// PBA's forecast of the link's goodput over the next second, bytes per second, once it has
@@ -131,6 +119,7 @@ impl SourceMachine {
                     link_forecast: self.link_forecast(),
                 };
                 let (reason, predicted) = self.convergence.observe(&m);
+                self.meter.pass_measured(&m);
                 let report = IterationReport {
                     iteration: m.iteration,
                     pages: m.pages,

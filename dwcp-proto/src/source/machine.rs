@@ -114,6 +114,7 @@ pub struct SourceMachine {
     pub(super) pass_prediction: Duration,
     /// The downtime predicted when pre-copy ended.
     pub(super) predicted_downtime: Duration,
+    pub(super) meter: super::progress::ProgressMeter,
 }
 
 impl SourceMachine {
@@ -170,6 +171,7 @@ impl SourceMachine {
             commit_sent: false,
             pass_prediction: Duration::ZERO,
             predicted_downtime: Duration::ZERO,
+            meter: Default::default(),
             cap: params.max_bandwidth.and_then(|rate| {
                 Cap::new(rate, now)
                     .inspect_err(|e| tracing::warn!(error = %e, "bandwidth cap ignored"))

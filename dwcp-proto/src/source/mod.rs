@@ -21,6 +21,7 @@ mod convergence;
 mod datapath;
 mod events;
 mod machine;
+mod progress;
 mod recovery;
 mod streams;
 

@@ -29,7 +29,7 @@ use super::links::{LinkEvent, lane_error};
 use super::publish::{Published, sample_streams};
 use super::{Migration, TELEMETRY_INTERVAL};
 use crate::config::{Verification, threads_or_cores};
-use crate::report::MigrationReport;
+use crate::report::{MigrationEvent, MigrationReport};
 use crate::session::{error_payload, hex};
 
 /// Longest single wait for acknowledgements: the loop then looks at failures, joins and cancel.
@@ -148,6 +148,11 @@ impl<'m, 'a> Driver<'m, 'a> {
                 if batch {
                     break;
                 }
+            }
+            // Announced after the actions that led to it (the pass that ended pre-copy), before
+            // the progress of the new phase.
+            if let Some(phase) = machine.migration_phase() {
+                self.m.enter(phase);
             }
             if !machine.has_actions() {
                 self.wait(machine);
@@ -314,11 +319,13 @@ impl<'m, 'a> Driver<'m, 'a> {
                     predicted_downtime_ms = pass.predicted_downtime_ms,
                     "pass done"
                 );
+                self.m.emit(&MigrationEvent::Pass(pass));
                 None
             }
             SourceAction::Progress(p) => {
                 if let Some(mt) = &self.m.metrics {
                     mt.throughput.set(p.rate_bps);
+                    mt.publish_progress(&p);
                     mt.pool_in_use.set(self.s.pool.stats().in_use_bytes as i64);
                     self.published.publish(
                         mt,
@@ -331,6 +338,7 @@ impl<'m, 'a> Driver<'m, 'a> {
                 if let Some(f) = self.m.progress {
                     f(&p);
                 }
+                self.m.emit(&MigrationEvent::Progress(p));
                 None
             }
             SourceAction::TakeDirty => {

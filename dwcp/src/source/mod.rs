@@ -28,7 +28,7 @@ use dwcp_tls::Security;
 use crate::config::MigrationConfig;
 use crate::metrics::MigrationMetrics;
 use crate::pool::ConnectionPool;
-use crate::report::{MigrationReport, Progress, StreamTelemetry};
+use crate::report::{MigrationEvent, MigrationPhase, MigrationReport, Progress, StreamTelemetry};
 
 /// A live migration of one VM's memory to a destination [`crate::Listener`].
 ///
@@ -50,6 +50,9 @@ pub struct Migration<'a> {
     security: Security,
     config: MigrationConfig,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
+    events: Option<&'a (dyn Fn(&MigrationEvent) + Sync)>,
+    /// The phase last announced, for the failure event and the phase gauge.
+    phase: parking_lot::Mutex<MigrationPhase>,
     metrics: Option<MigrationMetrics>,
     cancel: Arc<AtomicBool>,
     telemetry: TelemetryFeed,
@@ -277,6 +280,8 @@ impl<'a> Migration<'a> {
             security: security.into(),
             config: MigrationConfig::default(),
             progress: None,
+            events: None,
+            phase: parking_lot::Mutex::new(MigrationPhase::Connecting),
             metrics: None,
             cancel: Arc::default(),
             telemetry: TelemetryFeed::default(),
@@ -318,6 +323,14 @@ impl<'a> Migration<'a> {
         self
     }
 
+    /// Calls `f` with every [`MigrationEvent`]: each phase entered, progress after every batch,
+    /// each pass, and the end (completed, or failed with its reason). Called on the migration's own
+    /// thread: keep it short.
+    pub fn on_event(mut self, f: &'a (dyn Fn(&MigrationEvent) + Sync)) -> Self {
+        self.events = Some(f);
+        self
+    }
+
     /// Updates `metrics` as the migration runs.
     pub fn metrics(mut self, metrics: MigrationMetrics) -> Self {
         self.metrics = Some(metrics);
@@ -348,15 +361,71 @@ impl<'a> Migration<'a> {
         if self.bandwidth.generation() == 0 && self.config.max_bandwidth.is_some() {
             self.bandwidth.set(self.config.max_bandwidth)?;
         }
+        self.emit(&MigrationEvent::Phase {
+            phase: MigrationPhase::Connecting,
+        });
+        if let Some(m) = &self.metrics {
+            m.set_phase(MigrationPhase::Connecting);
+        }
         let result = establish::Established::open(&self, source)
             .and_then(|session| driver::Driver::new(&self, source, session).run(dirty, vm));
         // Handed over or resumed: no final pass is waiting for bandwidth any more.
         self.bandwidth.set_guest_paused(false);
+        let failed_in = *self.phase.lock();
+        let end = match &result {
+            Ok(r) => MigrationEvent::Completed {
+                total_ms: r.total_ms,
+                downtime_ms: r.downtime_ms,
+                logical_bytes: r.logical_bytes,
+                wire_bytes: r.wire_bytes,
+                iterations: r.iterations,
+                percent: 100.0,
+            },
+            Err(e) => MigrationEvent::Failed {
+                reason: e.reason(),
+                phase: failed_in,
+                message: e.to_string(),
+                source_running: !matches!(e, Error::HandoverUnconfirmed(_)),
+            },
+        };
         if let Some(m) = &self.metrics {
             m.migrations
                 .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
                 .inc();
+            match &result {
+                Ok(_) => {
+                    m.progress_percent.set(100.0);
+                    m.set_phase(MigrationPhase::Completed);
+                }
+                Err(e) => {
+                    m.failures.with_label_values(&[e.reason().as_str()]).inc();
+                    m.set_phase(MigrationPhase::Failed);
+                }
+            }
         }
+        self.emit(&end);
         result
+    }
+
+    fn emit(&self, event: &MigrationEvent) {
+        if let Some(f) = self.events {
+            f(event);
+        }
+    }
+
+    /// Announces `phase` if the migration was not in it already.
+    fn enter(&self, phase: MigrationPhase) {
+        {
+            let mut current = self.phase.lock();
+            if *current == phase {
+                return;
+            }
+            *current = phase;
+        }
+        tracing::debug!(phase = phase.as_str(), "migration phase");
+        if let Some(m) = &self.metrics {
+            m.set_phase(phase);
+        }
+        self.emit(&MigrationEvent::Phase { phase });
     }
 }
