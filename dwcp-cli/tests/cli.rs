@@ -141,6 +141,17 @@ impl Proc {
             .is_some_and(|c| c.try_wait().expect("polling a child").is_none())
     }
 
+    /// Sends `signal` (a name `kill` knows: INT, TERM) to the process.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {}", self.name);
+    }
+
     /// Waits for the process to exit; kills it and fails the test after `timeout`.
     fn wait(&mut self, timeout: Duration) -> Finished {
         let deadline = Instant::now() + timeout;
@@ -860,4 +871,97 @@ fn plain_text_is_only_by_flag_and_said_out_loud() {
     assert_eq!(sent.json()["security"], "insecure-plaintext");
     assert_eq!(received.json()["security"], "insecure-plaintext");
     assert!(sent.stderr.contains("unencrypted"), "{}", sent.stderr);
+}
+
+/// The lines of an `--events` file, each one JSON object.
+fn read_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn demo_writes_its_events_as_ndjson() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.ndjson");
+    let f = run(
+        "demo",
+        &[
+            "demo",
+            "--size",
+            "32M",
+            "--dirty-rate",
+            "50",
+            "--no-progress",
+            "--events",
+            s(&events),
+        ],
+        MIGRATION_TIMEOUT,
+    );
+    f.assert_success("demo");
+    let events = read_events(&events);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events[0]["phase"], "connecting", "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"progress") && kinds.contains(&"pass"),
+        "{kinds:?}"
+    );
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "phase")
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["connecting", "precopy", "stop_and_copy", "handover"]
+    );
+    let mut last = (0.0, 0.0);
+    for e in events.iter().filter(|e| e["event"] == "progress") {
+        let now = (e["t_ms"].as_f64().unwrap(), e["percent"].as_f64().unwrap());
+        assert!(now.0 >= last.0 && now.1 >= last.1, "{last:?} then {now:?}");
+        assert!(e["remaining_bytes"].as_u64().is_some(), "{e}");
+        last = now;
+    }
+    assert_eq!(events.last().unwrap()["percent"], 100.0);
+}
+
+#[test]
+fn sigint_cancels_a_migration_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.ndjson");
+    // 256 MiB at 16 MiB/s: 16 s, far longer than the test waits before the signal.
+    let mut demo = Proc::spawn(
+        "demo",
+        &[
+            "demo",
+            "--size",
+            "256M",
+            "--max-bandwidth",
+            "16M",
+            "--no-progress",
+            "--events",
+            s(&events),
+        ],
+    );
+    let deadline = Instant::now() + SHORT_TIMEOUT;
+    while !std::fs::read_to_string(&events).is_ok_and(|t| t.contains("\"progress\"")) {
+        assert!(Instant::now() < deadline, "no progress event");
+        thread::sleep(Duration::from_millis(20));
+    }
+    demo.signal("INT");
+    let f = demo.wait(SHORT_TIMEOUT);
+    assert!(!f.status.success(), "a cancelled demo succeeded");
+    assert!(f.stderr.contains("cancelled"), "{}", f.stderr);
+    let events = read_events(&events);
+    let end = events.last().unwrap();
+    assert_eq!(end["event"], "failed", "{end}");
+    assert_eq!(end["reason"], "cancelled", "{end}");
+    assert_eq!(end["phase"], "precopy", "{end}");
+    assert_eq!(end["source_running"], true, "{end}");
 }

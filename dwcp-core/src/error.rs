@@ -437,3 +437,52 @@ impl Error {
 
 /// Result alias used throughout DWCP.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_has_the_reason_a_person_would_give() {
+        let tampered = Error::io(
+            "reading a stream",
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                SecurityError::Integrity {
+                    peer: "p".into(),
+                    reason: "bad record mac".into(),
+                },
+            ),
+        );
+        let peer = |code| Error::Peer {
+            code,
+            message: String::new(),
+        };
+        for (error, reason) in [
+            (Error::Cancelled, FailureReason::Cancelled),
+            (peer(ErrorCode::Cancelled), FailureReason::CancelledByPeer),
+            (peer(ErrorCode::Internal), FailureReason::PeerRefused),
+            (peer(ErrorCode::Busy), FailureReason::Busy),
+            (tampered, FailureReason::Authentication),
+            (
+                Error::io("connecting", io::Error::other("refused")),
+                FailureReason::Io,
+            ),
+            (
+                Error::StreamsLost {
+                    attempts: 3,
+                    last: "reset".into(),
+                },
+                FailureReason::LinkLost,
+            ),
+            (Error::Timeout("acks".into()), FailureReason::Timeout),
+            (
+                Error::Handshake(HandshakeError::AuthenticationFailed),
+                FailureReason::Authentication,
+            ),
+        ] {
+            assert_eq!(error.reason(), reason, "{error}");
+        }
+        assert_eq!(FailureReason::CancelledByPeer.as_str(), "cancelled_by_peer");
+    }
+}
