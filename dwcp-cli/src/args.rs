@@ -110,6 +110,18 @@ pub struct MigrateOpts {
     /// e.g. 100M); default: no cap.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
+    /// The largest pause accepted, milliseconds: when pre-copy stalls (after throttling the
+    /// guest), the downtime limit steps up to it, and a migration that cannot pause within it
+    /// fails with the figures, the guest running on (default: pause whatever it costs).
+    #[arg(long, value_name = "MS")]
+    pub downtime_ceiling_ms: Option<u64>,
+    /// Pre-copy seconds after which a migration that has not converged fails (guest running).
+    #[arg(long, value_name = "SECS")]
+    pub precopy_deadline: Option<f64>,
+    /// Never throttle the guest's vCPUs when pre-copy stalls (default: QEMU's steps, 20 % then
+    /// +10 % up to 99 %, where the hypervisor can).
+    #[arg(long)]
+    pub no_throttle: bool,
 }
 
 /// A rate in bytes per second: a size, and not zero.
@@ -134,6 +146,16 @@ impl MigrateOpts {
             max_iterations: self.max_iterations,
             codec: self.codec,
             max_bandwidth: self.max_bandwidth,
+            downtime_ceiling: self.downtime_ceiling_ms.map(Duration::from_millis),
+            precopy_deadline: self
+                .precopy_deadline
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64),
+            throttle: if self.no_throttle {
+                None
+            } else {
+                MigrationConfig::default().throttle
+            },
             ..MigrationConfig::default()
         }
     }

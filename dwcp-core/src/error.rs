@@ -285,6 +285,29 @@ pub enum Error {
     /// nothing was written. The source may try again later.
     #[error("destination busy: {0}")]
     Busy(String),
+    /// Pre-copy could not bring the pause within the operator's ceiling (every aid tried), or its
+    /// deadline passed: the guest keeps running on the source, unthrottled.
+    #[error(
+        "pre-copy did not converge ({why}) after {passes} passes: a pause now would take {predicted_downtime_ms} ms \
+         against a ceiling of {ceiling_ms} ms; the guest dirtied {dirty_mb_s:.1} MB/s while the last pass sent \
+         {send_mb_s:.1} MB/s, with the vCPUs throttled {throttle_percent} %"
+    )]
+    NotConverged {
+        /// What ended it: every aid exhausted, or the deadline.
+        why: &'static str,
+        /// Passes made.
+        passes: u32,
+        /// The pause the last pass predicted, milliseconds.
+        predicted_downtime_ms: u64,
+        /// The largest pause the operator accepts, milliseconds.
+        ceiling_ms: u64,
+        /// How fast the guest dirtied memory during the last pass, MB/s.
+        dirty_mb_s: f64,
+        /// How fast the last pass sent, MB/s.
+        send_mb_s: f64,
+        /// The vCPU throttle in force, percent.
+        throttle_percent: u8,
+    },
     /// Every stream to the peer failed and reconnecting did not succeed within the allowed attempts.
     #[error(
         "every stream to the peer failed and {attempts} reconnection attempts did not succeed (last error: {last})"
@@ -360,6 +383,8 @@ pub enum FailureReason {
     Layout,
     /// The destination is at a limit; try later.
     Busy,
+    /// Pre-copy did not converge within the ceiling or the deadline.
+    NotConverged,
     /// The cluster refused to record the new owner.
     HandoverRefused,
     /// The handover decision was sent but not confirmed: either side may own the VM.
@@ -387,6 +412,7 @@ impl FailureReason {
             FailureReason::DigestMismatch => "digest_mismatch",
             FailureReason::Layout => "layout",
             FailureReason::Busy => "busy",
+            FailureReason::NotConverged => "not_converged",
             FailureReason::HandoverRefused => "handover_refused",
             FailureReason::HandoverUnconfirmed => "handover_unconfirmed",
             FailureReason::VmControl => "vm_control",
@@ -425,6 +451,7 @@ impl Error {
             Error::DigestMismatch { .. } => FailureReason::DigestMismatch,
             Error::Busy(_) => FailureReason::Busy,
             Error::StreamsLost { .. } => FailureReason::LinkLost,
+            Error::NotConverged { .. } => FailureReason::NotConverged,
             Error::HandoverRefused(_) => FailureReason::HandoverRefused,
             Error::HandoverUnconfirmed(_) => FailureReason::HandoverUnconfirmed,
             Error::VmControl(_) => FailureReason::VmControl,

@@ -204,6 +204,14 @@ pub trait VmControl: Send {
     fn resume(&mut self);
     /// The destination owns the VM now; the source may discard it.
     fn handed_over(&mut self) {}
+    /// Lets the guest's vCPUs run only `100 - percent` % of the time (QEMU's
+    /// `cpu-throttle-percentage`), so that it dirties memory more slowly and pre-copy converges;
+    /// 0 lifts the throttle. Returns `Ok(false)` if this hypervisor cannot throttle (the default):
+    /// the migration then turns to its next aid.
+    fn throttle(&mut self, percent: u8) -> Result<bool, Error> {
+        let _ = percent;
+        Ok(false)
+    }
     /// Records the change of owner wherever the cluster keeps it (a consensus registry), with the
     /// guest paused and both memory digests equal, before the source tells the destination to
     /// take over. The default records nothing and lets the handover go on.

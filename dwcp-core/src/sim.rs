@@ -2,7 +2,7 @@
 //! chosen rate, with a dirty log and pause/resume like a hypervisor's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -178,6 +178,8 @@ struct Shared {
     run: Mutex<RunState>,
     wake: Condvar,
     pages_written: AtomicU64,
+    /// Percent of the time the vCPUs are held back ([`VmControl::throttle`]).
+    throttle: AtomicU8,
 }
 
 /// An in-process guest for demos, tests and benchmarks.
@@ -223,6 +225,7 @@ impl SimulatedGuest {
                 run: Mutex::new(RunState::default()),
                 wake: Condvar::new(),
                 pages_written: AtomicU64::new(0),
+                throttle: AtomicU8::new(0),
             }),
             workload: Mutex::new(None),
         })
@@ -290,7 +293,9 @@ fn workload(shared: Arc<Shared>, bytes_per_sec: u64, seed: u64) {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let pages = shared.ram.layout().total_pages();
     let mut buf = vec![0u8; PAGE_SIZE];
-    let mut written: u64 = 0;
+    // Bytes the workload may write now: it earns `bytes_per_sec` while its vCPUs run, less the
+    // share a throttle holds back, and nothing while paused.
+    let mut credit = 0.0f64;
     let mut clock = Instant::now();
     loop {
         {
@@ -300,15 +305,17 @@ fn workload(shared: Arc<Shared>, bytes_per_sec: u64, seed: u64) {
             }
             if run.paused {
                 shared.wake.wait(&mut run);
-                // Time spent paused does not count towards the rate.
-                written = 0;
+                credit = 0.0;
                 clock = Instant::now();
                 continue;
             }
-            let due = (clock.elapsed().as_secs_f64() * bytes_per_sec as f64) as u64;
+            let now = Instant::now();
+            let running = 1.0 - f64::from(shared.throttle.load(Ordering::Relaxed).min(100)) / 100.0;
+            credit += now.duration_since(clock).as_secs_f64() * bytes_per_sec as f64 * running;
+            clock = now;
             // Writes happen under the run lock, so `pause` returns only between writes.
             let mut budget_steps = 256;
-            while written < due && budget_steps > 0 {
+            while credit > 0.0 && budget_steps > 0 {
                 let page = rng.random_range(0..pages);
                 let len = [512usize, 1024, 2048, PAGE_SIZE][rng.random_range(0..4)];
                 let offset = rng.random_range(0..=(PAGE_SIZE - len) / 512) * 512;
@@ -318,7 +325,7 @@ fn workload(shared: Arc<Shared>, bytes_per_sec: u64, seed: u64) {
                 // makes a write made just before `start` visible to the first pass that reads the page.
                 shared.dirty.mark(page);
                 shared.pages_written.fetch_add(1, Ordering::Relaxed);
-                written += len as u64;
+                credit -= len as f64;
                 budget_steps -= 1;
             }
         }
@@ -374,6 +381,19 @@ impl VmControl for SimControl {
     }
     fn handed_over(&mut self) {
         stop(&self.shared);
+    }
+    fn throttle(&mut self, percent: u8) -> Result<bool, Error> {
+        self.shared
+            .throttle
+            .store(percent.min(100), Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+impl SimulatedGuest {
+    /// The throttle the migration set, percent (0: none).
+    pub fn throttle_percent(&self) -> u8 {
+        self.shared.throttle.load(Ordering::Relaxed)
     }
 }
 

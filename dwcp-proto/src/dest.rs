@@ -9,6 +9,9 @@
 //!   Done ◀──every stream closed (bounded)── Committed ◀──CommitAck sent── Confirming ◀──flushed── Flushing
 //! ```
 //!
+//! An operator's [`DestEvent::Cancel`] ends the session with [`Error::Cancelled`] until the Verdict
+//! is sent, and is refused afterwards (see there why).
+//!
 //! Pages are applied by the shell, in parallel, one thread per stream; what decides which copy of a
 //! page wins is `dwcp_core::apply::PageVersions` and which chunk copy is applied
 //! `dwcp_core::ledger::ChunkLedger`, both sans-IO already. [`AckPolicy`] decides when a stream
@@ -127,6 +130,13 @@ pub enum DestEvent {
     CommitAckSent,
     /// Something the shell did for the machine failed.
     LocalFailed(Error),
+    /// The operator cancelled the session. Honoured until the Verdict is sent: the session fails
+    /// with [`Error::Cancelled`], which the shell reports to the source (`ErrorCode::Cancelled`)
+    /// before it discards what it received, and the source resumes its guest. From the Verdict on,
+    /// the source may commit at any moment, and a cancel racing its Commit would leave neither side
+    /// running the VM: the cancel is refused ([`DestMachine::cancel_refused`]) and the session runs
+    /// to its end.
+    Cancel,
 }
 
 /// What the shell must do.
@@ -211,6 +221,7 @@ pub struct DestMachine {
     digest: Option<u128>,
     commit_stream: u16,
     committed: bool,
+    cancel_refused: bool,
 }
 
 impl DestMachine {
@@ -230,6 +241,7 @@ impl DestMachine {
             digest: None,
             commit_stream: 0,
             committed: false,
+            cancel_refused: false,
         };
         m.actions.push_back(DestAction::AcceptStream {
             index: 0,
@@ -296,6 +308,11 @@ impl DestMachine {
     /// Whether the source committed and we confirmed (the VM is ours).
     pub fn is_committed(&self) -> bool {
         self.committed
+    }
+
+    /// Whether an operator's cancel came too late (after the Verdict) and was refused.
+    pub fn cancel_refused(&self) -> bool {
+        self.cancel_refused
     }
 
     /// Feeds one event that happened at `now`.
@@ -389,8 +406,23 @@ impl DestMachine {
                 }
             }
             DestEvent::LocalFailed(e) => return self.fail(e),
+            DestEvent::Cancel => return self.on_cancel(),
         }
         self.check_timer(now);
+    }
+
+    fn on_cancel(&mut self) {
+        match self.phase {
+            // The source has no verdict yet, so it cannot have committed: it resumes its guest.
+            Phase::Receiving | Phase::Verifying | Phase::Hashing => self.fail(Error::Cancelled),
+            _ => {
+                tracing::warn!(
+                    state = self.state_name(),
+                    "cancel refused: the verdict was sent and the source may have committed"
+                );
+                self.cancel_refused = true;
+            }
+        }
     }
 
     fn on_joined(&mut self, index: u16, pooled: bool) {

@@ -24,6 +24,11 @@ pub struct IterationReport {
     /// PBA's forecast of the link's goodput over the next second when the pass ended, bytes per
     /// second (0 before PBA had enough samples); the predicted downtime uses it.
     pub link_forecast_bps: f64,
+    /// The downtime limit in force when the pass ended, milliseconds (the configured one, or
+    /// stepped up towards the ceiling after pre-copy stalled).
+    pub downtime_limit_ms: f64,
+    /// The vCPU throttle asked for when the pass ended, percent (0: none).
+    pub throttle_percent: u8,
 }
 
 /// Stream failures survived during a migration and what they cost.

@@ -287,7 +287,7 @@ fn a_failure_after_the_commit_is_unconfirmed_and_the_guest_stays_paused() {
     let r = run(Setup {
         workload: busy(),
         faults: Faults {
-            cancel_in: Some("AwaitingCommitAck"),
+            lose_commit_ack: true,
             ..Faults::default()
         },
         ..Setup::default()

@@ -91,6 +91,18 @@ pub struct MigrationConfig {
     /// Most bytes per second this migration puts on the wire, over TCP and RDMA alike (None: no cap).
     /// Change it while the migration runs with [`crate::Migration::bandwidth_handle`].
     pub max_bandwidth: Option<u64>,
+    /// When pre-copy stalls, throttle the guest's vCPUs in these steps (through
+    /// [`dwcp_core::memory::VmControl::throttle`]; a hypervisor that cannot is skipped). QEMU's
+    /// auto-converge steps by default; `None` never throttles.
+    pub throttle: Option<dwcp_proto::source::ThrottleSteps>,
+    /// The largest pause the operator accepts: once throttling cannot help more, the downtime
+    /// limit doubles towards it, and a migration that cannot pause within it fails with
+    /// [`dwcp_core::Error::NotConverged`] (the guest keeps running). `None`: a stalled pre-copy
+    /// pauses the guest whatever that costs.
+    pub downtime_ceiling: Option<Duration>,
+    /// Pre-copy time after which a migration that has not converged fails with
+    /// [`dwcp_core::Error::NotConverged`] (None: no deadline).
+    pub precopy_deadline: Option<Duration>,
 }
 
 impl Default for MigrationConfig {
@@ -120,6 +132,9 @@ impl Default for MigrationConfig {
             verification: Verification::SentPages,
             stall_passes: 3,
             max_bandwidth: None,
+            throttle: Some(dwcp_proto::source::ThrottleSteps::QEMU),
+            downtime_ceiling: None,
+            precopy_deadline: None,
         }
     }
 }
@@ -131,6 +146,21 @@ impl MigrationConfig {
         if let Some(rate) = self.max_bandwidth {
             if let Err(e) = dwcp_pba::check_rate(rate as f64) {
                 return bad(format!("max_bandwidth: {e}"));
+            }
+        }
+        if let Some(ceiling) = self.downtime_ceiling {
+            if ceiling < self.downtime_limit {
+                return bad(format!(
+                    "downtime_ceiling {ceiling:?} is below downtime_limit {:?}",
+                    self.downtime_limit
+                ));
+            }
+        }
+        if let Some(t) = self.throttle {
+            if !(1..=99).contains(&t.initial) || !(t.initial..=99).contains(&t.max) {
+                return bad(format!(
+                    "throttle steps {t:?}: the initial and the largest step are percentages in 1..=99, the largest at least the initial"
+                ));
             }
         }
         if self.streams > 64 || self.max_streams > 64 {

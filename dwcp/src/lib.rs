@@ -29,6 +29,7 @@ pub use admission::{Admission, AdmissionTicket};
 pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
 pub use dest::{Incoming, Listener, ListenerLimits};
 pub use dwcp_core::{Error, Result};
+pub use dwcp_proto::source::ThrottleSteps;
 pub use dwcp_tls::{Security, SecurityMode};
 pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;

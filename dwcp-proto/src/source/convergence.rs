@@ -19,6 +19,65 @@ pub struct ConvergencePolicy {
     pub rtt: Duration,
 }
 
+/// vCPU throttle steps while pre-copy stalls, as QEMU's auto-converge takes them
+/// (`cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleSteps {
+    /// The first step, percent.
+    pub initial: u8,
+    /// Added at each further step, percent.
+    pub increment: u8,
+    /// The last step, percent (at most 99: the guest never stops entirely).
+    pub max: u8,
+}
+
+impl ThrottleSteps {
+    /// QEMU's defaults: 20 %, then 10 % more per step, up to 99 %.
+    pub const QEMU: ThrottleSteps = ThrottleSteps {
+        initial: 20,
+        increment: 10,
+        max: 99,
+    };
+
+    fn after(self, now: u8) -> u8 {
+        let max = self.max.min(99);
+        if now == 0 {
+            self.initial.clamp(1, max)
+        } else {
+            now.saturating_add(self.increment.max(1)).min(max)
+        }
+    }
+}
+
+/// What pre-copy does when it stops converging on its own, in order: throttle the guest's vCPUs
+/// step by step (when the hypervisor can), then step the downtime limit up to the operator's
+/// ceiling, then fail with the figures. The codec and the stream count are not levers here: they
+/// already follow the link continuously (PBA, the stream-count controller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConvergenceAids {
+    /// Throttle steps; `None` never throttles.
+    pub throttle: Option<ThrottleSteps>,
+    /// The largest pause the operator accepts; the downtime limit doubles towards it once the
+    /// throttle is exhausted. `None`: a pre-copy that stalls pauses the guest whatever the pause
+    /// costs (the migration always completes, its downtime unbounded).
+    pub downtime_ceiling: Option<Duration>,
+    /// Pre-copy time after which a migration that has not converged fails (guest running).
+    pub deadline: Option<Duration>,
+}
+
+/// What to do after a pass.
+#[derive(Debug)]
+pub enum PassDecision {
+    /// Another pre-copy pass.
+    Continue,
+    /// Another pass, with the vCPUs throttled this many percent.
+    Throttle(u8),
+    /// Stop-and-copy, for this reason.
+    Stop(StopReason),
+    /// Give up: the guest keeps running ([`dwcp_core::Error::NotConverged`]).
+    Fail(dwcp_core::Error),
+}
+
 /// Why pre-copy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
@@ -70,16 +129,116 @@ pub struct Convergence {
     policy: ConvergencePolicy,
     smallest_dirty: u64,
     passes_without_progress: u32,
+    aids: ConvergenceAids,
+    /// The downtime limit in force: the policy's, stepped up towards the ceiling.
+    limit: Duration,
+    /// The throttle asked for last, percent.
+    throttle: u8,
+    /// The hypervisor refused to throttle.
+    throttle_unavailable: bool,
+    /// Pre-copy time so far (the passes' durations).
+    precopy: Duration,
 }
 
 impl Convergence {
-    /// A migration with `policy`.
+    /// A migration with `policy`, without aids.
     pub fn new(policy: ConvergencePolicy) -> Self {
         Self {
             policy,
             smallest_dirty: u64::MAX,
             passes_without_progress: 0,
+            aids: ConvergenceAids::default(),
+            limit: policy.downtime_limit,
+            throttle: 0,
+            throttle_unavailable: false,
+            precopy: Duration::ZERO,
         }
+    }
+
+    /// Sets what pre-copy may do when it stops converging on its own.
+    pub fn set_aids(&mut self, aids: ConvergenceAids) {
+        self.aids = aids;
+    }
+
+    /// The hypervisor cannot throttle: the next stall goes to the next aid.
+    pub fn throttle_unavailable(&mut self) {
+        self.throttle_unavailable = true;
+        self.throttle = 0;
+    }
+
+    /// The downtime limit in force now, and the throttle asked for (percent).
+    pub fn aids_in_force(&self) -> (Duration, u8) {
+        (self.limit, self.throttle)
+    }
+
+    /// Records `pass` and decides what follows it, with the aids.
+    pub fn decide(&mut self, pass: &PassMeasurement) -> (PassDecision, Duration) {
+        self.precopy += pass.elapsed;
+        let (reason, predicted) = self.observe(pass);
+        let decision = match reason {
+            Some(r @ (StopReason::Converged | StopReason::Clean)) => PassDecision::Stop(r),
+            None => match self.aids.deadline {
+                Some(d) if self.precopy >= d => self.give_up(pass, predicted, "deadline passed"),
+                _ => PassDecision::Continue,
+            },
+            Some(r @ StopReason::IterationLimit) => match self.aids.downtime_ceiling {
+                Some(ceiling) if predicted > ceiling => {
+                    self.give_up(pass, predicted, "iteration limit")
+                }
+                _ => PassDecision::Stop(r),
+            },
+            Some(r @ StopReason::Stalled) => self.aid(pass, predicted, r),
+        };
+        (decision, predicted)
+    }
+
+    fn aid(&mut self, pass: &PassMeasurement, predicted: Duration, r: StopReason) -> PassDecision {
+        if let Some(steps) = self.aids.throttle.filter(|_| !self.throttle_unavailable) {
+            let next = steps.after(self.throttle);
+            if next > self.throttle {
+                self.throttle = next;
+                self.judge_next_pass_alone(pass);
+                return PassDecision::Throttle(next);
+            }
+        }
+        let Some(ceiling) = self.aids.downtime_ceiling else {
+            return PassDecision::Stop(r);
+        };
+        if self.limit < ceiling {
+            self.limit = (self.limit.max(Duration::from_millis(1)) * 2).min(ceiling);
+            if predicted <= self.limit {
+                return PassDecision::Stop(StopReason::Converged);
+            }
+            self.judge_next_pass_alone(pass);
+            return PassDecision::Continue;
+        }
+        self.give_up(pass, predicted, "every aid exhausted")
+    }
+
+    /// After an aid, the next pass alone shows whether it helped: one that does not shrink the
+    /// dirty set below this one's stalls again.
+    fn judge_next_pass_alone(&mut self, pass: &PassMeasurement) {
+        self.smallest_dirty = pass.dirtied;
+        self.passes_without_progress = self.policy.stall_passes.saturating_sub(1);
+    }
+
+    fn give_up(
+        &self,
+        pass: &PassMeasurement,
+        predicted: Duration,
+        why: &'static str,
+    ) -> PassDecision {
+        let secs = pass.elapsed.as_secs_f64().max(1e-9);
+        let mb_s = |pages: u64| pages as f64 * dwcp_core::memory::PAGE_SIZE as f64 / secs / 1e6;
+        PassDecision::Fail(dwcp_core::Error::NotConverged {
+            why,
+            passes: pass.iteration + 1,
+            predicted_downtime_ms: predicted.as_millis() as u64,
+            ceiling_ms: self.aids.downtime_ceiling.unwrap_or(self.limit).as_millis() as u64,
+            dirty_mb_s: mb_s(pass.dirtied),
+            send_mb_s: mb_s(pass.pages),
+            throttle_percent: self.throttle,
+        })
     }
 
     /// The downtime a pause after `pass` is predicted to cost: its dirty pages at its cost per page,
@@ -108,28 +267,34 @@ impl Convergence {
     pub fn observe(&mut self, pass: &PassMeasurement) -> (Option<StopReason>, Duration) {
         let predicted = self.predicted_downtime(pass);
         let p = &self.policy;
-        let reason = if predicted <= p.downtime_limit {
+        let reason = if predicted <= self.limit {
             Some(StopReason::Converged)
         } else if pass.dirtied == 0 {
             Some(StopReason::Clean)
         } else if pass.iteration + 1 >= p.max_iterations {
             Some(StopReason::IterationLimit)
-        } else if pass.dirtied >= self.smallest_dirty
+        } else if pass.dirtied as f64 >= self.smallest_dirty as f64 * PROGRESS
             && self.passes_without_progress + 1 >= p.stall_passes
         {
             Some(StopReason::Stalled)
         } else {
             None
         };
-        if pass.dirtied < self.smallest_dirty {
-            self.smallest_dirty = pass.dirtied;
+        if (pass.dirtied as f64) < self.smallest_dirty as f64 * PROGRESS {
             self.passes_without_progress = 0;
         } else {
             self.passes_without_progress += 1;
         }
+        self.smallest_dirty = self.smallest_dirty.min(pass.dirtied);
         (reason, predicted)
     }
 }
+
+/// A pass makes progress when it leaves fewer than this share of the smallest dirty set before
+/// it. A guest that outruns the link still shrinks its dirty set by a page or two per pass (fewer
+/// distinct pages are hit in a shorter pass); at less than 10 % a pass, the 2000 pages of a
+/// measured 8 MiB guest would take 20 more passes to fit 50 ms, which is no convergence.
+const PROGRESS: f64 = 0.9;
 
 /// A pass's cost per page, seconds. Pages the guest wrote are almost never zero, so the whole pass
 /// is charged to its content pages: a conservative cost that zero pages cannot make look cheap.
@@ -333,6 +498,108 @@ mod tests {
         assert_eq!(c.observe(&pass(1, 950)).0, None);
         assert_eq!(c.observe(&pass(2, 920)).0, None);
         assert_eq!(c.observe(&pass(3, 990)).0, Some(StopReason::Stalled));
+    }
+
+    fn stalled_pass(iteration: u32) -> PassMeasurement {
+        // 1000 dirty pages each pass: 100 ms + 8 ms, far above 50.
+        pass(iteration, 1000)
+    }
+
+    fn decisions(c: &mut Convergence, passes: std::ops::Range<u32>) -> Vec<String> {
+        passes
+            .map(|i| match c.decide(&stalled_pass(i)).0 {
+                PassDecision::Continue => "continue".to_string(),
+                PassDecision::Throttle(p) => format!("throttle {p}"),
+                PassDecision::Stop(r) => r.as_str().to_string(),
+                PassDecision::Fail(e) => format!("fail: {e}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stall_throttles_step_by_step_then_raises_the_limit_then_fails_with_the_figures() {
+        let mut c = Convergence::new(ConvergencePolicy {
+            max_iterations: 100,
+            ..policy()
+        });
+        c.set_aids(ConvergenceAids {
+            throttle: Some(ThrottleSteps::QEMU),
+            downtime_ceiling: Some(Duration::from_millis(100)),
+            deadline: None,
+        });
+        let d = decisions(&mut c, 0..16);
+        // Three passes to see the stall, then one pass per aid: 20, 30, ... 90, 99 %.
+        assert_eq!(d[..3], ["continue", "continue", "continue"]);
+        let steps: Vec<String> = [20, 30, 40, 50, 60, 70, 80, 90, 99]
+            .iter()
+            .map(|p| format!("throttle {p}"))
+            .collect();
+        assert_eq!(d[3..12], steps[..]);
+        // The limit doubles to the ceiling: 50 -> 100 ms; 108 ms still does not fit.
+        assert_eq!(d[12], "continue");
+        assert_eq!(c.aids_in_force(), (Duration::from_millis(100), 99));
+        assert!(
+            d[13].starts_with("fail: pre-copy did not converge (every aid exhausted)"),
+            "{}",
+            d[13]
+        );
+        assert!(
+            d[13].contains("108 ms against a ceiling of 100 ms"),
+            "{}",
+            d[13]
+        );
+        assert!(d[13].contains("throttled 99 %"), "{}", d[13]);
+    }
+
+    #[test]
+    fn a_raised_limit_that_fits_the_pause_converges() {
+        let mut c = Convergence::new(policy());
+        c.set_aids(ConvergenceAids {
+            throttle: Some(ThrottleSteps::QEMU),
+            downtime_ceiling: Some(Duration::from_millis(200)),
+            deadline: None,
+        });
+        // The hypervisor cannot throttle: the limit is the first aid.
+        c.throttle_unavailable();
+        let d = decisions(&mut c, 0..5);
+        // 50 -> 100 (108 ms does not fit) -> 200 ms (it does).
+        assert_eq!(
+            d,
+            ["continue", "continue", "continue", "continue", "converged"]
+        );
+    }
+
+    #[test]
+    fn without_a_ceiling_a_stall_pauses_anyway_and_a_deadline_fails() {
+        let mut c = Convergence::new(policy());
+        c.set_aids(ConvergenceAids::default());
+        assert_eq!(decisions(&mut c, 0..4)[3], "stalled");
+
+        let mut c = Convergence::new(policy());
+        c.set_aids(ConvergenceAids {
+            deadline: Some(Duration::from_millis(250)),
+            ..ConvergenceAids::default()
+        });
+        // 100 ms a pass: the third pass ends past the deadline.
+        let d = decisions(&mut c, 0..3);
+        assert_eq!(d[..2], ["continue", "continue"]);
+        assert!(
+            d[2].starts_with("fail: pre-copy did not converge (deadline passed)"),
+            "{}",
+            d[2]
+        );
+    }
+
+    #[test]
+    fn throttle_steps_never_reach_100_percent() {
+        let steps = ThrottleSteps {
+            initial: 90,
+            increment: 50,
+            max: 100,
+        };
+        assert_eq!(steps.after(0), 90);
+        assert_eq!(steps.after(90), 99);
+        assert_eq!(steps.after(99), 99);
     }
 
     #[test]

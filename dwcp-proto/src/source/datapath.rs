@@ -6,7 +6,7 @@ use std::time::Instant;
 use dwcp_core::error::Error;
 use dwcp_core::memory::PAGE_SIZE;
 
-use super::convergence::{LinkSample, PassMeasurement, StopReason};
+use super::convergence::{LinkSample, PassDecision, PassMeasurement, StopReason};
 use super::events::{Flow, PassPages, SourceAction};
 use super::machine::{PassState, Phase, Recovery, SourceMachine, Stall};
 use crate::report::IterationReport;
@@ -118,8 +118,9 @@ impl SourceMachine {
                     wire_bytes: self.pass.wire_bytes,
                     link_forecast: self.link_forecast(),
                 };
-                let (reason, predicted) = self.convergence.observe(&m);
+                let (decision, predicted) = self.convergence.decide(&m);
                 self.meter.pass_measured(&m);
+                let (limit, throttle) = self.convergence.aids_in_force();
                 let report = IterationReport {
                     iteration: m.iteration,
                     pages: m.pages,
@@ -129,13 +130,15 @@ impl SourceMachine {
                     predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
                     predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
                     link_forecast_bps: m.link_forecast.unwrap_or(0.0),
+                    downtime_limit_ms: limit.as_secs_f64() * 1e3,
+                    throttle_percent: throttle,
                 };
                 self.pass_prediction = self.convergence.predicted_next_pass(&m);
                 self.predicted_downtime = predicted;
                 self.passes.push(report);
                 self.actions.push_back(SourceAction::PassDone(report));
-                match reason {
-                    Some(r) => {
+                match decision {
+                    PassDecision::Stop(r) => {
                         if r != StopReason::Converged {
                             tracing::warn!(
                                 reason = r.as_str(),
@@ -149,7 +152,16 @@ impl SourceMachine {
                         self.phase = Phase::Pausing;
                         self.actions.push_back(SourceAction::PauseGuest);
                     }
-                    None => self.begin_pass(now, self.pass.iteration + 1, pages, Phase::Precopy),
+                    PassDecision::Continue => {
+                        self.begin_pass(now, self.pass.iteration + 1, pages, Phase::Precopy)
+                    }
+                    PassDecision::Throttle(percent) => {
+                        tracing::info!(percent, "pre-copy stalled: throttling the guest");
+                        self.actions
+                            .push_back(SourceAction::ThrottleGuest { percent });
+                        self.begin_pass(now, self.pass.iteration + 1, pages, Phase::Precopy)
+                    }
+                    PassDecision::Fail(error) => self.fail(error),
                 }
             }
             Phase::FinalDirty => {
@@ -282,6 +294,8 @@ impl SourceMachine {
             predicted_downtime_ms: 0.0,
             predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
             link_forecast_bps: self.link_forecast().unwrap_or(0.0),
+            downtime_limit_ms: self.convergence.aids_in_force().0.as_secs_f64() * 1e3,
+            throttle_percent: self.convergence.aids_in_force().1,
         });
         // The handover's frames all travel on one stream: if that stream fails now, the migration
         // fails (the guest resumes) rather than guessing which of them arrived.

@@ -199,8 +199,15 @@ pub enum SourceEvent {
     PeerFailed(Error),
     /// Something the shell did for the machine failed here (a socket, the encoder, the hypervisor).
     LocalFailed(Error),
-    /// The operator cancelled the migration.
+    /// The operator cancelled the migration: it fails with [`Error::Cancelled`], the guest running
+    /// (resumed if it was paused, or the pause withdrawn if it was not carried out yet), and
+    /// nothing queued before the cancel that would start new work is carried out. A cancel after
+    /// the point of no return (the commit sent, or the new owner recorded while the cancel waited
+    /// for the record's answer) is refused: the destination may run the VM already, so the
+    /// migration goes on to its end. After the end it does nothing.
     Cancel,
+    /// The hypervisor cannot throttle the guest: pre-copy turns to its next aid.
+    ThrottleRefused,
     /// The operator changed the bandwidth cap (bytes/s; None lifts it). An invalid rate is ignored
     /// with a warning: the shell validates what it is given.
     SetMaxBandwidth(Option<f64>),
@@ -267,6 +274,13 @@ pub enum SourceAction {
         index: u16,
         /// Attempt number, from 1.
         attempt: u32,
+    },
+    /// Throttle the guest's vCPUs `percent` % (pre-copy stalled); answer with
+    /// [`SourceEvent::ThrottleRefused`] if the hypervisor cannot. The shell lifts the throttle if
+    /// the migration fails.
+    ThrottleGuest {
+        /// Percent of the time the vCPUs are held back.
+        percent: u8,
     },
     /// Pause the guest; answer with [`SourceEvent::Paused`].
     PauseGuest,

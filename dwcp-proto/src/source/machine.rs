@@ -108,6 +108,9 @@ pub struct SourceMachine {
     pub(super) their_digest: Option<u128>,
     pub(super) deadline: Option<Instant>,
     pub(super) commit_sent: bool,
+    /// The operator cancelled while the handover was being recorded: the record's answer decides
+    /// whether the cancel can still be honoured.
+    pub(super) cancel_pending: bool,
     /// The bandwidth cap, if any.
     pub(super) cap: Option<Cap>,
     /// What the current pass was predicted to take when it began.
@@ -169,6 +172,7 @@ impl SourceMachine {
             their_digest: None,
             deadline: None,
             commit_sent: false,
+            cancel_pending: false,
             pass_prediction: Duration::ZERO,
             predicted_downtime: Duration::ZERO,
             meter: Default::default(),
@@ -377,6 +381,7 @@ impl SourceMachine {
             }
             SourceEvent::ReconnectFailed(error) => self.on_reconnect_failed(now, error),
             SourceEvent::Dirty(pages) => self.on_dirty(now, pages),
+            SourceEvent::ThrottleRefused => self.convergence.throttle_unavailable(),
             SourceEvent::Paused => {
                 if self.phase != Phase::Pausing {
                     return self.fail(Error::Protocol("the guest paused unasked".into()));
@@ -422,10 +427,30 @@ impl SourceMachine {
                 return self.complete(now);
             }
             SourceEvent::PeerFailed(e) | SourceEvent::LocalFailed(e) => return self.fail(e),
-            SourceEvent::Cancel => return self.fail(Error::Cancelled),
+            SourceEvent::Cancel => self.on_cancel(),
             SourceEvent::SetMaxBandwidth(rate) => self.set_cap(now, rate),
         }
         self.drive(now);
+    }
+
+    /// The operator's cancel is honoured until the point of no return: the new owner recorded, or
+    /// the commit sent. From there on the destination may already run the VM, so resuming here
+    /// could run it twice; the migration goes on to its end instead, as if the cancel came late.
+    fn on_cancel(&mut self) {
+        if self.commit_sent {
+            tracing::warn!(
+                "cancel refused: the commit was sent and the destination may run the VM already"
+            );
+            return;
+        }
+        if self.phase == Phase::RecordingHandover {
+            // The registry call is out and may record the destination as the owner: only its
+            // answer says whether resuming here is still safe.
+            tracing::info!("cancel asked while the handover is recorded; its answer decides");
+            self.cancel_pending = true;
+            return;
+        }
+        self.fail(Error::Cancelled);
     }
 
     fn set_cap(&mut self, now: Instant, rate: Option<f64>) {
@@ -491,8 +516,17 @@ impl SourceMachine {
         }
         match decision {
             HandoverDecision::Recorded => {
+                if self.cancel_pending {
+                    tracing::warn!(
+                        "cancel refused: the registry names the destination as the owner already"
+                    );
+                }
                 let (digest, _) = self.our_digest.unwrap_or_default();
                 self.send_commit(now, digest);
+            }
+            HandoverDecision::Refused(reason) if self.cancel_pending => {
+                tracing::info!(%reason, "the handover record was refused after a cancel");
+                self.fail(Error::Cancelled)
             }
             HandoverDecision::Refused(reason) => self.fail(Error::HandoverRefused(reason)),
             HandoverDecision::Unknown(reason) => {
@@ -546,9 +580,22 @@ impl SourceMachine {
         } else {
             error
         };
-        if !self.commit_sent && self.paused_at.take().is_some() {
-            tracing::warn!(error = %error, "migration failed after the pause; resuming the source guest");
-            self.actions.push_back(SourceAction::ResumeGuest);
+        if !self.commit_sent {
+            // A pause asked for but not carried out yet is withdrawn; one carried out but not yet
+            // confirmed is undone like a confirmed one (the shell carries out actions in order).
+            let pause_queued = self
+                .actions
+                .iter()
+                .any(|a| matches!(a, SourceAction::PauseGuest));
+            // Nothing queued before the failure may start new work once the shell polls it: no
+            // batch, stream, pause or handover frame after a cancel. Reports still go out.
+            self.actions
+                .retain(|a| matches!(a, SourceAction::Progress(_) | SourceAction::PassDone(_)));
+            let pause_out = self.phase == Phase::Pausing && !pause_queued;
+            if self.paused_at.take().is_some() || pause_out {
+                tracing::warn!(error = %error, "migration failed after the pause; resuming the source guest");
+                self.actions.push_back(SourceAction::ResumeGuest);
+            }
         }
         let tell_peer = !matches!(
             error,

@@ -26,7 +26,8 @@ mod recovery;
 mod streams;
 
 pub use convergence::{
-    Convergence, ConvergencePolicy, LinkEstimate, LinkSample, PassMeasurement, StopReason,
+    Convergence, ConvergenceAids, ConvergencePolicy, LinkEstimate, LinkSample, PassDecision,
+    PassMeasurement, StopReason, ThrottleSteps,
 };
 pub use events::{
     BatchPages, Completed, Failure, Flow, Outcome, PassPages, SourceAction, SourceEvent,

@@ -43,6 +43,12 @@ impl ProgressMeter {
 }
 
 impl SourceMachine {
+    /// Sets what pre-copy may do when it stops converging on its own (none by default); call it
+    /// before the first event.
+    pub fn set_convergence_aids(&mut self, aids: super::ConvergenceAids) {
+        self.convergence.set_aids(aids);
+    }
+
     /// The phase as operators see it; `None` once the machine has finished (its
     /// [`super::Outcome`] says how).
     pub fn migration_phase(&self) -> Option<MigrationPhase> {

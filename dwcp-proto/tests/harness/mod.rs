@@ -66,8 +66,38 @@ pub struct Faults {
     pub acks_stop_after: Option<u64>,
     /// The destination stops reading after this many data frames.
     pub reading_stops_after: Option<u64>,
-    /// Cancel when the source machine first enters this state.
+    /// Cancel when the source machine first enters this state ...
     pub cancel_in: Option<&'static str>,
+    /// ... once it has finished at least this many pre-copy passes ...
+    pub cancel_after_passes: usize,
+    /// ... and queued at least this many data frames ...
+    pub cancel_after_frames: u64,
+    /// ... while streams it opened are still joining ...
+    pub cancel_while_joining: bool,
+    /// ... while every stream is down and it reconnects.
+    pub cancel_while_reconnecting: bool,
+    /// Cancel before the shell carries out any of the source machine's first actions.
+    pub cancel_before_start: bool,
+    /// Once both machines have ended, cancel both (it must change nothing).
+    pub cancel_after_end: bool,
+    /// The operator cancels the destination when its machine first enters this state, once it
+    /// has applied at least `dest_cancel_after_frames` data frames.
+    pub dest_cancel_in: Option<&'static str>,
+    /// (See `dest_cancel_in`.)
+    pub dest_cancel_after_frames: u64,
+    /// ... and while the source machine is in this state.
+    pub dest_cancel_when_source_in: Option<&'static str>,
+    /// The dirty log answers one step after it was asked (the source machine waits in
+    /// AwaitingDirty or FinalDirty meanwhile).
+    pub defer_dirty: bool,
+    /// The CommitAck is lost on its way to the source (the destination took over).
+    pub lose_commit_ack: bool,
+    /// The hypervisor confirms a pause one step after it was asked for (the guest stops at once;
+    /// the source machine waits in Pausing meanwhile).
+    pub defer_pause: bool,
+    /// The registry answers a handover record one step after it was asked for (the source machine
+    /// waits in RecordingHandover meanwhile).
+    pub defer_handover: bool,
     /// Kill the stream that carried Finish when the source machine first enters this state.
     pub kill_handover_stream_in: Option<&'static str>,
     /// Per mille chance, at each delivery, that a random stream dies (random schedules).
@@ -167,13 +197,16 @@ enum Up {
     },
     Finish(Finish),
     Commit(u128),
-    Error,
+    /// The source's failure, with the code its shell sends.
+    Error(ErrorCode),
     Close,
 }
 
 #[derive(Debug, Clone)]
 enum Down {
     Ack(u64),
+    /// The destination's session failed on its own: it tells the source why.
+    Error(ErrorCode, String),
     Verdict(u128),
     CommitAck,
     Close,
@@ -233,6 +266,25 @@ pub struct Run {
     /// Wire bytes the source released, with the virtual time of release.
     pub released: Vec<(Duration, u64)>,
     pub actions: Vec<String>,
+    /// The source memory when the run began.
+    pub initial_memory: Vec<u64>,
+    /// Every page the guest wrote during the run.
+    pub guest_written: BTreeSet<u64>,
+    /// The source machine's state when the cancel was injected, and its finished passes then.
+    pub cancelled_in: Option<(&'static str, usize)>,
+    /// How many source actions had been carried out when the cancel was injected (into
+    /// `actions`).
+    pub actions_at_cancel: Option<usize>,
+    /// The error code the source told the destination its failure with, if it did.
+    pub dest_heard: Option<ErrorCode>,
+    /// The destination machine's state when the operator cancelled it.
+    pub dest_cancelled_in: Option<&'static str>,
+    /// The destination machine refused the operator's cancel.
+    pub dest_cancel_refused: bool,
+    /// The destination machine confirmed the commit (the VM is its).
+    pub dest_committed: bool,
+    /// Actions either machine asked for after both had ended (with `cancel_after_end`).
+    pub actions_after_end: Vec<String>,
 }
 
 /// The pair.
@@ -273,6 +325,13 @@ pub struct Sim {
     // record
     run: Run,
     cancelled: bool,
+    dest_cancelled: bool,
+    /// A pause was carried out and its confirmation is due at the next step (`defer_pause`).
+    pause_due: bool,
+    /// A handover record was asked for and its answer is due at the next step (`defer_handover`).
+    handover_due: bool,
+    /// The dirty pages were asked for and are due at the next step (`defer_dirty`).
+    dirty_due: bool,
 }
 
 fn digest(mem: &[u64]) -> u128 {
@@ -379,10 +438,32 @@ impl Sim {
                 late_copies_after_newer: 0,
                 released: Vec::new(),
                 actions: Vec::new(),
+                initial_memory: Vec::new(),
+                guest_written: BTreeSet::new(),
+                cancelled_in: None,
+                actions_at_cancel: None,
+                dest_heard: None,
+                dest_cancelled_in: None,
+                dest_cancel_refused: false,
+                dest_committed: false,
+                actions_after_end: Vec::new(),
             },
             cancelled: false,
+            dest_cancelled: false,
+            pause_due: false,
+            handover_due: false,
+            dirty_due: false,
             s,
         }
+    }
+
+    /// The same pair, the source guest's memory being `memory` (a guest that ran before: the retry
+    /// of a migration that failed).
+    pub fn with_memory(s: Setup, memory: Vec<u64>) -> Self {
+        assert_eq!(memory.len() as u64, s.pages, "the guest's size");
+        let mut sim = Self::new(s);
+        sim.memory = memory;
+        sim
     }
 
     fn at(&self) -> Instant {
@@ -439,6 +520,13 @@ impl Sim {
             .dest_states
             .entry(self.dst.state_name())
             .or_default() += 1;
+        self.run.initial_memory = self.memory.clone();
+        if self.s.faults.cancel_before_start {
+            self.cancelled = true;
+            self.run.cancelled_in = Some((self.src.state_name(), 0));
+            self.run.actions_at_cancel = Some(0);
+            self.src_event(SourceEvent::Cancel);
+        }
         let f = self.flow();
         self.src_event(SourceEvent::Flow(f));
         while self.run.steps < max_steps {
@@ -458,11 +546,52 @@ impl Sim {
                 }
             }
             if let Some(state) = self.s.faults.cancel_in {
-                if !self.cancelled && self.src.state_name() == state {
+                let f = &self.s.faults;
+                if !self.cancelled
+                    && self.src.state_name() == state
+                    && self.src.passes().len() >= f.cancel_after_passes
+                    && self.frames_queued >= f.cancel_after_frames
+                    && (!f.cancel_while_joining || self.src.pending_joins() > 0)
+                    && (!f.cancel_while_reconnecting || self.src.is_reconnecting())
+                {
                     self.cancelled = true;
+                    self.run.cancelled_in = Some((state, self.src.passes().len()));
+                    self.run.actions_at_cancel = Some(self.run.actions.len());
                     self.src_event(SourceEvent::Cancel);
                     continue;
                 }
+            }
+            if let Some(state) = self.s.faults.dest_cancel_in {
+                let f = &self.s.faults;
+                if !self.dest_cancelled
+                    && self.dst.state_name() == state
+                    && self.frames_applied >= f.dest_cancel_after_frames
+                    && f.dest_cancel_when_source_in
+                        .is_none_or(|s| self.src.state_name() == s)
+                {
+                    self.dest_cancelled = true;
+                    self.run.dest_cancelled_in = Some(state);
+                    self.dst_event(DestEvent::Cancel);
+                    self.run.dest_cancel_refused = self.dst.cancel_refused();
+                    continue;
+                }
+            }
+            if self.pause_due {
+                self.pause_due = false;
+                self.src_event(SourceEvent::Paused);
+                continue;
+            }
+            if self.dirty_due {
+                self.dirty_due = false;
+                let pages: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+                self.src_event(SourceEvent::Dirty(pages));
+                continue;
+            }
+            if self.handover_due {
+                self.handover_due = false;
+                let decision = self.s.handover.clone().expect("asked to record a handover");
+                self.src_event(SourceEvent::HandoverRecorded(decision));
+                continue;
             }
             self.bandwidth_changes();
             self.guest_writes();
@@ -476,6 +605,14 @@ impl Sim {
     }
 
     fn finish_run(mut self) -> Run {
+        if self.s.faults.cancel_after_end && self.src.is_done() && self.dst.is_done() {
+            self.src_event(SourceEvent::Cancel);
+            self.dst_event(DestEvent::Cancel);
+            let src = std::iter::from_fn(|| self.src.poll_action()).map(|a| format!("{a:?}"));
+            let dst = std::iter::from_fn(|| self.dst.poll_action()).map(|a| format!("{a:?}"));
+            self.run.actions_after_end = src.chain(dst).collect();
+        }
+        self.run.dest_committed = self.dst.is_committed();
         self.run.snapshot = self.snapshot.take();
         self.run.source_memory = self.memory.clone();
         self.run.dest_memory = self.dest_memory.clone();
@@ -506,6 +643,7 @@ impl Sim {
             let p = self.rng.below(span);
             self.memory[p as usize] = self.memory[p as usize].wrapping_add(1) | 1;
             self.dirty.insert(p);
+            self.run.guest_written.insert(p);
         }
     }
 
@@ -706,6 +844,7 @@ impl Sim {
                 first_chunk,
             } => self.send_batch(iteration, &pages, first_chunk),
             SourceAction::PassDone(_) | SourceAction::Progress(_) => {}
+            SourceAction::TakeDirty if self.s.faults.defer_dirty => self.dirty_due = true,
             SourceAction::TakeDirty => {
                 let pages: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
                 self.src_event(SourceEvent::Dirty(pages));
@@ -743,7 +882,11 @@ impl Sim {
                 self.paused = true;
                 self.run.paused_ever = true;
                 self.snapshot = Some(self.memory.clone());
-                self.src_event(SourceEvent::Paused);
+                if self.s.faults.defer_pause {
+                    self.pause_due = true;
+                } else {
+                    self.src_event(SourceEvent::Paused);
+                }
             }
             SourceAction::SendFinish {
                 final_iteration,
@@ -778,8 +921,12 @@ impl Sim {
                     "the handover was recorded with the guest running"
                 );
                 self.run.handover_recorded = true;
-                let decision = self.s.handover.clone().expect("asked to record a handover");
-                self.src_event(SourceEvent::HandoverRecorded(decision));
+                if self.s.faults.defer_handover {
+                    self.handover_due = true;
+                } else {
+                    let decision = self.s.handover.clone().expect("asked to record a handover");
+                    self.src_event(SourceEvent::HandoverRecorded(decision));
+                }
             }
             SourceAction::SendCommit { digest } => {
                 if self.s.handover.is_some() {
@@ -814,12 +961,15 @@ impl Sim {
                 self.run.resumed = true;
             }
             SourceAction::Finished(outcome) => {
-                let tell = matches!(&outcome, Err(f) if f.tell_peer);
+                let tell = match &outcome {
+                    Err(f) if f.tell_peer => Some(f.error.wire_code()),
+                    _ => None,
+                };
                 self.run.source = Some(outcome);
                 // Shutdown: the destination hears why (if it should) and every stream closes.
                 for s in self.streams.values_mut().filter(|s| !s.failed) {
-                    if tell {
-                        s.up.push_back(Up::Error);
+                    if let Some(code) = tell {
+                        s.up.push_back(Up::Error(code));
                     }
                     s.up.push_back(Up::Close);
                 }
@@ -977,6 +1127,20 @@ impl Sim {
             }
             DestAction::ParkStream { .. } => {}
             DestAction::Finished(r) => {
+                if let Err(f) = &r {
+                    // As the shell's `fail_all`: every stream that still takes a frame hears why,
+                    // unless the source caused the failure.
+                    if !matches!(f.0, Error::Peer { .. }) {
+                        let (code, message) = (f.0.wire_code(), f.0.to_string());
+                        for st in self
+                            .streams
+                            .values_mut()
+                            .filter(|s| s.accepted && !s.failed)
+                        {
+                            st.down.push_back(Down::Error(code, message.clone()));
+                        }
+                    }
+                }
                 self.run.dest = Some(r.map_err(|f| f.0.to_string()));
             }
             other => panic!("an action this harness does not know: {other:?}"),
@@ -1062,13 +1226,16 @@ impl Sim {
                 digest: d,
                 stream: lane,
             }),
-            Up::Error => self.dst_event(DestEvent::StreamEnded {
-                index: lane,
-                end: StreamEnd::Fatal(Error::Peer {
-                    code: ErrorCode::Internal,
-                    message: "the source failed".into(),
-                }),
-            }),
+            Up::Error(code) => {
+                self.run.dest_heard.get_or_insert(code);
+                self.dst_event(DestEvent::StreamEnded {
+                    index: lane,
+                    end: StreamEnd::Fatal(Error::Peer {
+                        code,
+                        message: "the source failed".into(),
+                    }),
+                })
+            }
             Up::Close => {
                 // Closed on purpose (retired, or the session ended): not a loss.
                 self.streams.remove(&lane);
@@ -1099,6 +1266,10 @@ impl Sim {
                 self.src_event(SourceEvent::Flow(f));
             }
             Down::Verdict(d) => self.src_event(SourceEvent::Verdict(d)),
+            Down::Error(code, message) => {
+                self.src_event(SourceEvent::PeerFailed(Error::Peer { code, message }))
+            }
+            Down::CommitAck if self.s.faults.lose_commit_ack => {}
             Down::CommitAck => self.src_event(SourceEvent::CommitAck),
             Down::Close => {
                 st.failed = true;

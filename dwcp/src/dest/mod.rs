@@ -11,6 +11,10 @@
 //! the chunk ledger makes sure a chunk that arrives twice is applied once. The session ends with an
 //! error when the source breaks the protocol, reports an error, or leaves no stream open for longer
 //! than it may take to reconnect.
+//!
+//! The operator may cancel a session ([`Incoming::cancel_handle`]) until the destination has sent
+//! its verdict on the digests: the source is told and resumes its guest, and `receive_into` fails
+//! with [`Error::Cancelled`].
 
 mod apply;
 mod limits;
@@ -437,6 +441,7 @@ impl Listener {
         }
         tracing::info!(session = %format!("{session_id:x}"), %peer, bytes = init.layout.total_bytes(), streams = init.stream_count, "source authenticated");
         Ok(Incoming {
+            cancel: Arc::default(),
             listener: self,
             session_id,
             init,
@@ -507,6 +512,8 @@ pub struct Incoming<'l> {
     ready_payload: Vec<u8>,
     /// The zstd dictionary the source sent for this session's chunks.
     dictionary: Option<Arc<dwcp_hde::Dictionary>>,
+    /// Set by the operator to cancel the session.
+    cancel: Arc<AtomicBool>,
 }
 
 impl<'l> Incoming<'l> {
@@ -518,6 +525,18 @@ impl<'l> Incoming<'l> {
     /// The source's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// A flag that cancels the session when set (from any thread, before or while
+    /// [`receive_into`](Self::receive_into) runs). A cancel is honoured until the destination has
+    /// sent its verdict on the digests: the source is told ([`dwcp_core::ErrorCode::Cancelled`]) and
+    /// keeps (or resumes) its guest, and `receive_into` fails with [`Error::Cancelled`]; what the
+    /// sink received must then be discarded. From the verdict on, the source may commit at any
+    /// moment, and a cancel racing its commit could leave the VM running nowhere: a later cancel is
+    /// refused (and logged), the session runs to its end, and on `Ok` the caller owns the VM as
+    /// usual. The session looks at the flag at least every 50 ms.
+    pub fn cancel_handle(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
     }
 
     /// Refuses the migration, telling the source why (`code` says what kind of refusal it is).
@@ -540,6 +559,11 @@ impl<'l> Incoming<'l> {
             ));
             report_error(&mut self.writer, &e);
             return Err(e);
+        }
+        if self.cancel.load(Ordering::Relaxed) {
+            // Before SessionReady: the source, waiting for it, reads why instead.
+            report_error(&mut self.writer, &Error::Cancelled);
+            return Err(Error::Cancelled);
         }
         let listener = self.listener;
         let cfg = listener.config.clone();
@@ -591,8 +615,14 @@ impl<'l> Incoming<'l> {
                     .spawn_scoped(scope, move || session.accept_joins())
                     .expect("spawning the session's acceptor")
             };
-            let (result, opened) =
-                session.drive(scope, (self.reader, self.writer), &shared, &events, &tx);
+            let (result, opened) = session.drive(
+                scope,
+                (self.reader, self.writer),
+                &shared,
+                &events,
+                &tx,
+                &self.cancel,
+            );
             drop(registration);
             session.stop_accepting.store(true, Ordering::Release);
             let _ = acceptor.join();

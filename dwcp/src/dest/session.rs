@@ -151,7 +151,8 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the session's machine to its end: streams join and end; Finish → digest → Verdict →
-    /// Commit → CommitAck. Returns the final iteration and the digest.
+    /// Commit → CommitAck; the machine hears of a set `cancel` too. Returns the final iteration and
+    /// the digest.
     pub(super) fn drive<'scope>(
         &'scope self,
         scope: &'scope std::thread::Scope<'scope, '_>,
@@ -159,6 +160,7 @@ impl<'a> Session<'a> {
         shared: &'scope Shared<'_>,
         events: &Receiver<Event>,
         tx: &Sender<Event>,
+        cancel: &AtomicBool,
     ) -> (Result<(u32, u128), Error>, u64) {
         let cfg = self.cfg;
         let mut machine = DestMachine::new(
@@ -179,6 +181,8 @@ impl<'a> Session<'a> {
             commit_writer: None,
             parked: Vec::new(),
         };
+        // The machine decides what a cancel means in its phase; it hears of one once.
+        let mut cancel_told = false;
         loop {
             while let Some(action) = machine.poll_action() {
                 if let DestAction::Finished(result) = action {
@@ -197,6 +201,10 @@ impl<'a> Session<'a> {
                 Err(_) => DestEvent::Tick,
             };
             machine.handle(Instant::now(), event);
+            if !cancel_told && cancel.load(Ordering::Relaxed) {
+                cancel_told = true;
+                machine.handle(Instant::now(), DestEvent::Cancel);
+            }
         }
     }
 }

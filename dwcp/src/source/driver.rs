@@ -48,6 +48,8 @@ pub(super) struct Driver<'m, 'a> {
     storage: Vec<u64>,
     /// The bandwidth handle's generation the machine knows.
     bandwidth_seen: u64,
+    /// The vCPU throttle the hypervisor applied, percent (lifted if the migration fails).
+    throttled: u8,
 }
 
 impl<'m, 'a> Driver<'m, 'a> {
@@ -60,6 +62,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             control_lane: None,
             storage: Vec::new(),
             bandwidth_seen: 0,
+            throttled: 0,
             s,
         }
     }
@@ -100,6 +103,11 @@ impl<'m, 'a> Driver<'m, 'a> {
         };
         self.bandwidth_seen = self.m.bandwidth.generation();
         let mut machine = SourceMachine::new(params, Instant::now());
+        machine.set_convergence_aids(dwcp_proto::source::ConvergenceAids {
+            throttle: cfg.throttle,
+            downtime_ceiling: cfg.downtime_ceiling,
+            deadline: cfg.precopy_deadline,
+        });
         let outcome = self.drive(&mut machine, dirty, vm);
         let result = match outcome {
             Ok(done) => {
@@ -107,6 +115,12 @@ impl<'m, 'a> Driver<'m, 'a> {
                 Ok(self.report(done))
             }
             Err(f) => {
+                if self.throttled > 0 {
+                    // The guest stays on the source: give it its vCPUs back.
+                    if let Err(e) = vm.throttle(0) {
+                        tracing::warn!(error = %e, "lifting the vCPU throttle failed");
+                    }
+                }
                 if f.tell_peer {
                     // Tells the destination why the session ends.
                     let _ = self.s.links.lanes.send_control(Outgoing {
@@ -360,6 +374,17 @@ impl<'m, 'a> Driver<'m, 'a> {
                     Err(e) => SourceEvent::ReconnectFailed(e),
                 })
             }
+            SourceAction::ThrottleGuest { percent } => match vm.throttle(percent) {
+                Ok(true) => {
+                    self.throttled = percent;
+                    None
+                }
+                Ok(false) => Some(SourceEvent::ThrottleRefused),
+                Err(e) => {
+                    tracing::warn!(error = %e, percent, "throttling the guest failed");
+                    Some(SourceEvent::ThrottleRefused)
+                }
+            },
             SourceAction::PauseGuest => Some(match vm.pause() {
                 Ok(()) => {
                     self.m.bandwidth.set_guest_paused(true);

@@ -1,14 +1,22 @@
 //! Opening a migration's session: stream 0 (a parked stream from the connection pool when one
 //! passes its health check, else a new authenticated connection), the path's round trip, the mode,
 //! the codec, the optional dictionary, SessionInit and SessionReady.
+//!
+//! The migration's cancel flag is honoured here too, before the session exists: before dialing,
+//! while stream 0 connects and authenticates (the dial runs on a thread of its own, so a silent
+//! destination does not hold a cancel for `connect_timeout`), and between the steps after it. Once
+//! the destination has a stream, it is told why the session ends.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, SendError, bounded};
 
 use dwcp_core::digest::PageHashes;
 use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
-use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Offer};
+use dwcp_core::handshake::{CAP_LZ4, CAP_ZSTD, Negotiated, Offer};
 use dwcp_core::memory::MemorySource;
 use dwcp_core::messages::{SessionInit, decode_u64};
 use dwcp_core::pool::BufferPool;
@@ -21,7 +29,10 @@ use super::Migration;
 use super::encoder::{PageEncoder, usable_codec};
 use super::links::{Dialer, JoinedStream, Links, health_check};
 use crate::config::{PageClasses, threads_or_cores};
-use crate::session::read_expected;
+use crate::session::{StreamWriter, read_expected, report_error};
+
+/// How often a cancel is looked at while stream 0 is being dialed.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
 
 /// A session the destination accepted, with stream 0 carrying data.
 pub(super) struct Established {
@@ -43,6 +54,10 @@ impl Established {
     pub(super) fn open(m: &Migration<'_>, source: &dyn MemorySource) -> Result<Self, Error> {
         let t0 = Instant::now();
         let cfg = &m.config;
+        let cancelled = || m.cancel.load(Ordering::Relaxed);
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
         let connector: Arc<dyn Connector> = match &m.connector {
             Some(c) => Arc::clone(c),
             None => Arc::new(TcpConnector::new(m.addr, cfg.socket.clone())),
@@ -84,7 +99,7 @@ impl Established {
                 None,
             ),
             None => {
-                let (first, neg) = dialer.open(0, 0)?;
+                let (first, neg) = dial_first(&dialer, &m.cancel)?;
                 (first, neg.capabilities, Some(neg.session_id))
             }
         };
@@ -147,6 +162,15 @@ impl Established {
             mut writer,
             ..
         } = first;
+        let cancel_here = |writer: &mut StreamWriter| {
+            // Whatever the destination waits for (SessionInit, or the session's first frame), an
+            // Error frame ends its wait at once.
+            report_error(writer, &Error::Cancelled);
+            Err(Error::Cancelled)
+        };
+        if cancelled() {
+            return cancel_here(&mut writer);
+        }
         // The dictionary goes once, before SessionInit, on a freshly authenticated stream 0 (a parked
         // stream opens its session with SessionInit alone).
         let dictionary = if cfg.dictionary
@@ -159,6 +183,9 @@ impl Established {
                 1024,
                 64 << 10,
             )?);
+            if cancelled() {
+                return cancel_here(&mut writer);
+            }
             writer.write_frame(FrameType::Dictionary, &d.to_bytes())?;
             Some(d)
         } else {
@@ -177,6 +204,11 @@ impl Established {
                 id
             }
         };
+        if cancelled() {
+            // The destination has started the session (the writer is bound to it now): it reads
+            // the Error frame as the first frame of the session.
+            return cancel_here(&mut writer);
+        }
         tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial = streams.initial, max_streams = streams.max, %congestion, "session established");
         let pool = match &cfg.buffer_pool {
             Some(shared) => shared.clone(),
@@ -229,5 +261,36 @@ impl Established {
             )
             .map_or(1 << 20, |c| c.capacity()) as u64,
         })
+    }
+}
+
+/// Opens stream 0 of a new session on a thread of its own and waits for it, looking at `cancel`
+/// meanwhile: a destination that is slow to answer (or silent) would otherwise hold a cancel for
+/// up to `connect_timeout`. A stream that authenticates after the cancel tells the destination why
+/// it closes at once.
+fn dial_first(dialer: &Dialer, cancel: &AtomicBool) -> Result<(JoinedStream, Negotiated), Error> {
+    let (tx, rx) = bounded(1);
+    let d = dialer.clone();
+    std::thread::Builder::new()
+        .name("dwcp-dial".into())
+        .spawn(move || {
+            if let Err(SendError(Ok((mut late, _)))) = tx.send(d.open(0, 0)) {
+                report_error(&mut late.writer, &Error::Cancelled);
+            }
+        })
+        .map_err(|e| Error::io("starting the first stream's dial", e))?;
+    loop {
+        match rx.recv_timeout(CANCEL_POLL) {
+            Ok(opened) => return opened,
+            Err(RecvTimeoutError::Timeout) if cancel.load(Ordering::Relaxed) => {
+                return Err(Error::Cancelled);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::Protocol(
+                    "the first stream's dial ended without a result".into(),
+                ));
+            }
+        }
     }
 }

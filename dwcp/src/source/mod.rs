@@ -344,6 +344,8 @@ impl<'a> Migration<'a> {
     }
 
     /// A flag that cancels the migration when set; the source guest then keeps (or resumes) running.
+    /// A cancel after the commit was sent (or once the new owner is recorded) is refused: the
+    /// migration completes.
     pub fn cancel_handle(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.cancel)
     }
