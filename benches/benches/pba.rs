@@ -71,5 +71,10 @@ fn predict(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, predict);
+criterion_group! {
+    name = benches;
+    config = criterion::Criterion::default()
+        .with_profiler(dwcp_benches::FlamegraphProfiler::new(dwcp_benches::PROFILE_HZ));
+    targets = predict
+}
 criterion_main!(benches);

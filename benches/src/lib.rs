@@ -129,9 +129,77 @@ pub fn cpu_time(of: CpuOf) -> Duration {
 }
 
 /// Criterion settings shared by the suites: short enough that `cargo xtask bench all` takes minutes.
+/// `cargo bench --bench NAME -- --profile-time 10` profiles each benchmark instead of measuring it
+/// and writes `flamegraph.svg` and `profile.pb` next to its report (see [`FlamegraphProfiler`]).
 pub fn criterion_config() -> criterion::Criterion {
     criterion::Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
+        .with_profiler(FlamegraphProfiler::new(PROFILE_HZ))
+}
+
+/// Samples per second of the benchmark profiler (as `dwcp --profile-out`).
+pub const PROFILE_HZ: i32 = 99;
+
+/// Criterion's profiler hook over pprof-rs: while criterion runs a benchmark under
+/// `--profile-time`, CPU samples are taken; then `target/criterion/<id>/profile/flamegraph.svg`
+/// and `profile.pb` (pprof protobuf) are written. The pprof crate's own criterion hook is built
+/// for an older criterion, hence this one.
+pub struct FlamegraphProfiler {
+    frequency: i32,
+    guard: Option<pprof::ProfilerGuard<'static>>,
+}
+
+impl std::fmt::Debug for FlamegraphProfiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlamegraphProfiler")
+            .field("frequency", &self.frequency)
+            .field("running", &self.guard.is_some())
+            .finish()
+    }
+}
+
+impl FlamegraphProfiler {
+    /// A profiler sampling `frequency` times per second of CPU time.
+    pub fn new(frequency: i32) -> Self {
+        Self {
+            frequency,
+            guard: None,
+        }
+    }
+}
+
+impl criterion::profiler::Profiler for FlamegraphProfiler {
+    fn start_profiling(&mut self, benchmark_id: &str, _benchmark_dir: &std::path::Path) {
+        match pprof::ProfilerGuardBuilder::default()
+            .frequency(self.frequency)
+            .blocklist(&["libgcc", "libpthread", "ld-linux", "vdso"])
+            .build()
+        {
+            Ok(g) => self.guard = Some(g),
+            Err(e) => eprintln!("{benchmark_id}: the profiler did not start: {e}"),
+        }
+    }
+
+    fn stop_profiling(&mut self, benchmark_id: &str, benchmark_dir: &std::path::Path) {
+        use pprof::protos::Message;
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let written = (|| -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+            let report = guard.report().build()?;
+            std::fs::create_dir_all(benchmark_dir)?;
+            let svg = benchmark_dir.join("flamegraph.svg");
+            report.flamegraph(std::fs::File::create(&svg)?)?;
+            let mut bytes = Vec::new();
+            report.pprof()?.encode(&mut bytes)?;
+            std::fs::write(benchmark_dir.join("profile.pb"), bytes)?;
+            Ok(svg)
+        })();
+        match written {
+            Ok(svg) => eprintln!("{benchmark_id}: flamegraph {}", svg.display()),
+            Err(e) => eprintln!("{benchmark_id}: writing the profile failed: {e}"),
+        }
+    }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use dwcp::MigrationConfig;
+use dwcp_core::messages::VmUuid;
 use dwcp_core::sim::ContentMix;
 use dwcp_hde::Codec;
 use dwcp_tcp::{Mode, ModeSetting};
@@ -18,6 +19,9 @@ pub struct Cli {
     /// More logging on stderr (-v: info, -vv: debug). RUST_LOG sets the filter; the default is `warn`.
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// CPU profiling of the command.
+    #[command(flatten)]
+    pub profile: crate::profile::ProfileOpts,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -270,6 +274,11 @@ pub struct SendArgs {
     /// --socket PATH max-bandwidth RATE|none`, `cancel` or `status`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// The VM's UUID, announced with the fingerprint of the image's memory layout: a `dwcp recv
+    /// --expect-vm-uuid` of another VM refuses the migration before any page is written. A
+    /// destination speaking protocol version 1 cannot check it (the send goes on, with a warning).
+    #[arg(long, value_name = "UUID")]
+    pub vm_uuid: Option<VmUuid>,
 }
 
 /// `dwcp control`.
@@ -301,6 +310,11 @@ pub struct RecvArgs {
     /// Largest guest memory accepted.
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_memory: u64,
+    /// Accept only the VM with this UUID: a source announcing another one, or none (a source of
+    /// protocol version 1 cannot announce one), is refused before the output is touched, and recv
+    /// keeps waiting for the right one.
+    #[arg(long, value_name = "UUID")]
+    pub expect_vm_uuid: Option<VmUuid>,
     /// Output.
     #[command(flatten)]
     pub output: OutputOpts,
@@ -414,6 +428,55 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vm_uuid_options() {
+        const U: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let base = [
+            "dwcp",
+            "send",
+            "--to",
+            "h:1",
+            "--image",
+            "i",
+            "--psk-file",
+            "k",
+        ];
+        let cli = Cli::try_parse_from(base.iter().copied().chain(["--vm-uuid", U])).unwrap();
+        let Command::Send(a) = cli.command else {
+            panic!("not send")
+        };
+        assert_eq!(a.vm_uuid.map(|u| u.to_string()).as_deref(), Some(U));
+        let Command::Send(a) = Cli::try_parse_from(base).unwrap().command else {
+            panic!("not send")
+        };
+        assert_eq!(a.vm_uuid, None);
+        let err = Cli::try_parse_from(base.iter().copied().chain(["--vm-uuid", "nope"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid VM UUID"), "{err}");
+
+        let recv = [
+            "dwcp",
+            "recv",
+            "--listen",
+            "h:1",
+            "--out",
+            "o",
+            "--psk-file",
+            "k",
+        ];
+        let cli = Cli::try_parse_from(
+            recv.iter()
+                .copied()
+                .chain(["--expect-vm-uuid", &U.to_uppercase()]),
+        )
+        .unwrap();
+        let Command::Recv(a) = cli.command else {
+            panic!("not recv")
+        };
+        assert_eq!(a.expect_vm_uuid.map(|u| u.to_string()).as_deref(), Some(U));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod events;
 mod fleet;
 mod metrics;
 mod output;
+mod profile;
 mod progress;
 mod qemu;
 mod rss;
@@ -40,6 +41,13 @@ use crate::args::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    let profiler = match profile::Profiler::start(&cli.profile) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("dwcp: error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Send(a) => transfer::send(a),
@@ -52,6 +60,11 @@ fn main() -> ExitCode {
         Command::Mkimage(a) => tools::mkimage(a),
         Command::Qemu(a) => qemu::run(a),
         Command::FleetReceive(a) => fleet::receive_process(a),
+    };
+    // The profile is written whatever the command's result: a failing run is worth profiling too.
+    let result = match profiler.map(profile::Profiler::finish) {
+        Some(Err(e)) => result.and(Err(e)),
+        _ => result,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -248,6 +248,7 @@ mod tests {
         let r = ReceiveReport {
             session_id: "00000000000000ab".into(),
             security: dwcp::SecurityMode::PreSharedKey,
+            identity: dwcp_core::messages::IdentityCheck::Announced,
             total_ms: 12.5,
             streams: 4,
             duplicate_chunks: 0,

@@ -91,6 +91,9 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
     let mut migration = Migration::new(addr, security)
         .config(args.migrate.config())
         .on_event(&on_event);
+    if let Some(uuid) = args.vm_uuid {
+        migration = migration.vm_uuid(uuid);
+    }
     if let Some(m) = metrics {
         migration = migration.metrics(m);
     }
@@ -150,6 +153,11 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
     let metrics = crate::metrics::serve_if_asked(args.output.metrics.as_deref())?;
     let config = ReceiverConfig {
         max_memory_bytes: args.max_memory,
+        // Checked before the output is created: a refused VM leaves the file as it was.
+        expected_identity: dwcp_core::messages::ExpectedIdentity {
+            vm_uuid: args.expect_vm_uuid,
+            layout_fingerprint: None,
+        },
         ..ReceiverConfig::default()
     };
     let listener =
@@ -165,7 +173,11 @@ pub fn recv(args: RecvArgs) -> anyhow::Result<()> {
         .with_context(|| format!("waiting for a source on {local}"))?;
     let peer = incoming.peer();
     let layout = incoming.layout().clone();
-    tracing::info!(%peer, bytes = layout.total_bytes(), out = %args.out.display(), "receiving");
+    let vm_uuid = incoming
+        .identity()
+        .and_then(|id| id.vm_uuid)
+        .map(|u| u.to_string());
+    tracing::info!(%peer, bytes = layout.total_bytes(), vm_uuid, version = incoming.protocol_version(), out = %args.out.display(), "receiving");
     let output = Output::for_path(&args.out);
     let out = match output.memory(&args.out, layout) {
         Ok(out) => out,

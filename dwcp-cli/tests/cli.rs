@@ -554,6 +554,66 @@ fn strangers_do_not_end_a_waiting_recv() {
 }
 
 #[test]
+fn a_wrong_vm_uuid_is_refused_and_the_output_is_untouched() {
+    const VM_A: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+    const VM_B: &str = "f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let image = mkimage(dir.path(), "image", "2M", "random");
+    // A file already there: a refused source must leave it as it was (recv truncates the output
+    // only once it accepted a migration).
+    let before = b"the memory of another VM".to_vec();
+    std::fs::write(dir.path().join("received"), &before).unwrap();
+    let [port] = free_ports::<1>();
+    let (mut recv, out) = start_recv(
+        dir.path(),
+        port,
+        &key,
+        "received",
+        &["--expect-vm-uuid", VM_A],
+    );
+
+    let args = send_args(port, &image, &key, &["--vm-uuid", VM_B]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = run("send", &args, MIGRATION_TIMEOUT);
+    assert!(
+        !refused.status.success(),
+        "send of another VM succeeded:\n{}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("VM identity refused")
+            && refused.stderr.contains(VM_A)
+            && refused.stderr.contains(VM_B),
+        "the error does not say which VM was expected and which one came:\n{}",
+        refused.stderr
+    );
+    recv.wait_for_stderr("VM identity refused", SHORT_TIMEOUT);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        recv.running(),
+        "recv exited after refusing a VM:\n{}",
+        recv.stderr_text()
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "the output changed although the VM was refused"
+    );
+
+    // The expected VM still gets through to the waiting recv, and both reports say it was checked.
+    let args = send_args(port, &image, &key, &["--vm-uuid", VM_A]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sent = run("send", &args, MIGRATION_TIMEOUT);
+    sent.assert_success("send of the expected VM");
+    let received = recv.wait(SHORT_TIMEOUT);
+    received.assert_success("recv");
+    assert_eq!(received.json()["identity"], "verified");
+    assert_eq!(sent.json()["identity_announced"], Value::Bool(true));
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&out).unwrap());
+}
+
+#[test]
 fn recv_writes_to_a_device() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "key");

@@ -172,6 +172,9 @@ pub enum ErrorCode {
     DigestMismatch = 7,
     /// The destination is at a limit (sessions running, sessions from this peer); try later.
     Busy = 8,
+    /// The destination refused the VM's identity (UUID or memory layout fingerprint) before any page
+    /// was written. Peers older than protocol version 2 read it as [`ErrorCode::Internal`].
+    Identity = 9,
 }
 
 impl ErrorCode {
@@ -185,6 +188,7 @@ impl ErrorCode {
             5 => Self::Cancelled,
             7 => Self::DigestMismatch,
             8 => Self::Busy,
+            9 => Self::Identity,
             _ => Self::Internal,
         }
     }
@@ -281,6 +285,21 @@ pub enum Error {
     /// Encryption or peer authentication failed.
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// The destination refused the VM the source announced: another UUID than the one expected, a
+    /// layout fingerprint that does not match the layout announced or the one expected, or no
+    /// identity at all from a source speaking protocol version 1 when one is required. Raised before
+    /// any page is written.
+    #[error(
+        "VM identity refused: the destination expects {what} {expected}, the source announced {announced}"
+    )]
+    Identity {
+        /// What was compared: "VM UUID" or "layout fingerprint".
+        what: &'static str,
+        /// What the destination expects.
+        expected: String,
+        /// What the source announced.
+        announced: String,
+    },
     /// A listener limit refused the peer (too many sessions running, or from this address);
     /// nothing was written. The source may try again later.
     #[error("destination busy: {0}")]
@@ -355,6 +374,7 @@ impl Error {
             Error::Cancelled => ErrorCode::Cancelled,
             Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             Error::Busy(_) => ErrorCode::Busy,
+            Error::Identity { .. } => ErrorCode::Identity,
             _ => ErrorCode::Internal,
         }
     }
@@ -383,6 +403,8 @@ pub enum FailureReason {
     Layout,
     /// The destination is at a limit; try later.
     Busy,
+    /// The destination refused the VM's identity (another VM, another memory layout).
+    Identity,
     /// Pre-copy did not converge within the ceiling or the deadline.
     NotConverged,
     /// The cluster refused to record the new owner.
@@ -412,6 +434,7 @@ impl FailureReason {
             FailureReason::DigestMismatch => "digest_mismatch",
             FailureReason::Layout => "layout",
             FailureReason::Busy => "busy",
+            FailureReason::Identity => "identity",
             FailureReason::NotConverged => "not_converged",
             FailureReason::HandoverRefused => "handover_refused",
             FailureReason::HandoverUnconfirmed => "handover_unconfirmed",
@@ -438,6 +461,7 @@ impl Error {
                 ErrorCode::Layout => FailureReason::Layout,
                 ErrorCode::DigestMismatch => FailureReason::DigestMismatch,
                 ErrorCode::Busy => FailureReason::Busy,
+                ErrorCode::Identity => FailureReason::Identity,
                 ErrorCode::Version | ErrorCode::Protocol => FailureReason::Protocol,
                 _ => FailureReason::PeerRefused,
             },
@@ -450,6 +474,7 @@ impl Error {
             Error::Layout(_) => FailureReason::Layout,
             Error::DigestMismatch { .. } => FailureReason::DigestMismatch,
             Error::Busy(_) => FailureReason::Busy,
+            Error::Identity { .. } => FailureReason::Identity,
             Error::StreamsLost { .. } => FailureReason::LinkLost,
             Error::NotConverged { .. } => FailureReason::NotConverged,
             Error::HandoverRefused(_) => FailureReason::HandoverRefused,
@@ -490,6 +515,15 @@ mod tests {
             (peer(ErrorCode::Cancelled), FailureReason::CancelledByPeer),
             (peer(ErrorCode::Internal), FailureReason::PeerRefused),
             (peer(ErrorCode::Busy), FailureReason::Busy),
+            (peer(ErrorCode::Identity), FailureReason::Identity),
+            (
+                Error::Identity {
+                    what: "VM UUID",
+                    expected: "a".into(),
+                    announced: "b".into(),
+                },
+                FailureReason::Identity,
+            ),
             (tampered, FailureReason::Authentication),
             (
                 Error::io("connecting", io::Error::other("refused")),
@@ -511,5 +545,25 @@ mod tests {
             assert_eq!(error.reason(), reason, "{error}");
         }
         assert_eq!(FailureReason::CancelledByPeer.as_str(), "cancelled_by_peer");
+        assert_eq!(FailureReason::Identity.as_str(), "identity");
+    }
+
+    /// A v2 destination's identity refusal travels as code 9; a v1 peer, which does not know it,
+    /// reads Internal (and still shows the message).
+    #[test]
+    fn identity_refusals_have_their_own_wire_code() {
+        let e = Error::Identity {
+            what: "VM UUID",
+            expected: "x".into(),
+            announced: "y".into(),
+        };
+        assert_eq!(e.wire_code(), ErrorCode::Identity);
+        assert_eq!(ErrorCode::from_wire(9), ErrorCode::Identity);
+        assert_eq!(ErrorCode::from_wire(10), ErrorCode::Internal);
+        let text = e.to_string();
+        assert!(
+            text.contains("expects VM UUID x") && text.contains("announced y"),
+            "{text}"
+        );
     }
 }

@@ -13,6 +13,13 @@
 //! Both nonces are fresh per stream, so a recorded exchange cannot be replayed, and the distinct labels
 //! stop a server's proof from being reflected as a client's. The state machines here do no I/O;
 //! [`client_handshake`] and [`server_handshake`] drive them over a [`FrameReader`]/[`FrameWriter`] pair.
+//!
+//! **Versions.** This build speaks session versions [`MIN_VERSION`]..=[`MAX_VERSION`]: version N
+//! talks to N−1. The server picks the highest version both speak. Version 2 adds the VM's identity
+//! to SessionInit ([`crate::messages::VmIdentity`]); nothing else differs. The version byte of
+//! every frame *header* stays [`crate::frame::PROTOCOL_VERSION`] (1) whatever the session speaks:
+//! a version 1 peer refuses any other header byte before it has read a ClientHello, so a bumped
+//! header could never negotiate down.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -21,10 +28,20 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, FrameError, HandshakeError};
-use crate::frame::{
-    FrameReader, FrameType, FrameWriter, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD, PROTOCOL_VERSION,
-};
+use crate::frame::{FrameReader, FrameType, FrameWriter, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD};
 use crate::messages::{ClientHello, ErrorMessage, MAC_LEN, NONCE_LEN, ServerHello};
+
+/// The first session version: SessionInit carries the memory layout only.
+pub const VERSION_1: u8 = 1;
+/// The session version from which SessionInit also carries the VM's identity (its UUID and the
+/// fingerprint of its memory layout).
+pub const IDENTITY_VERSION: u8 = 2;
+/// Oldest session version this build speaks: the previous one, so that a build talks to the one
+/// before it (a rolling upgrade migrates between them in both directions).
+pub const MIN_VERSION: u8 = VERSION_1;
+/// Newest session version this build speaks. A literal on purpose: `cargo xtask compat` finds the
+/// previous build (the commit before the bump) by this very line.
+pub const MAX_VERSION: u8 = 2;
 
 /// Shortest pre-shared key accepted.
 pub const MIN_PSK_LEN: usize = 16;
@@ -161,10 +178,11 @@ pub struct Offer {
 }
 
 impl Default for Offer {
+    /// Every version this build speaks, and every capability.
     fn default() -> Self {
         Self {
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
+            min_version: MIN_VERSION,
+            max_version: MAX_VERSION,
             capabilities: SUPPORTED_CAPABILITIES,
         }
     }
@@ -465,7 +483,66 @@ mod tests {
         let sn = s.on_client_auth(&mac).unwrap();
         assert_eq!(cn, sn);
         assert_eq!(sn.session_id, 42);
-        assert_eq!(sn.version, PROTOCOL_VERSION);
+        assert_eq!(sn.version, MAX_VERSION);
+    }
+
+    /// The offer of the build before this one (it spoke version 1 only).
+    const PREVIOUS: Offer = Offer {
+        min_version: 1,
+        max_version: 1,
+        capabilities: SUPPORTED_CAPABILITIES,
+    };
+
+    /// Both ends agree on the version, and so does the proof that covers it.
+    fn negotiate(client: Offer, server: Offer) -> Result<u8, Error> {
+        let (c, hello) = ClientHandshake::start(key(1), client, 0, 0);
+        let (s, sh) = ServerHandshake::on_client_hello(key(1), server, &hello, 42)?;
+        let (mac, cn) = c.on_server_hello(&sh)?;
+        let sn = s.on_client_auth(&mac)?;
+        assert_eq!(cn, sn);
+        Ok(sn.version)
+    }
+
+    #[test]
+    fn version_n_talks_to_n_minus_one_in_both_directions() {
+        assert_eq!(MAX_VERSION, IDENTITY_VERSION);
+        assert_eq!(MIN_VERSION, MAX_VERSION - 1);
+        let now = Offer::default();
+        assert_eq!(negotiate(now, now).unwrap(), 2);
+        assert_eq!(
+            negotiate(PREVIOUS, now).unwrap(),
+            1,
+            "old source, new destination"
+        );
+        assert_eq!(
+            negotiate(now, PREVIOUS).unwrap(),
+            1,
+            "new source, old destination"
+        );
+        assert_eq!(negotiate(PREVIOUS, PREVIOUS).unwrap(), 1);
+        // The header keeps version 1 (a version 1 peer refuses any other before the negotiation).
+        assert_eq!(crate::frame::PROTOCOL_VERSION, 1);
+    }
+
+    #[test]
+    fn a_server_choosing_beyond_the_offer_is_refused() {
+        let (c, hello) = ClientHandshake::start(key(1), PREVIOUS, 0, 0);
+        let (_, mut sh) =
+            ServerHandshake::on_client_hello(key(1), Offer::default(), &hello, 42).unwrap();
+        assert_eq!(sh.version, 1);
+        // An on-path upgrade of the chosen version is refused before the proof is even checked.
+        sh.version = 2;
+        assert!(matches!(c.on_server_hello(&sh), Err(Error::Protocol(_))));
+        // And a downgrade within the offer breaks the proof, which covers the chosen version.
+        let (c, hello) = ClientHandshake::start(key(1), Offer::default(), 0, 0);
+        let (_, mut sh) =
+            ServerHandshake::on_client_hello(key(1), Offer::default(), &hello, 42).unwrap();
+        assert_eq!(sh.version, 2);
+        sh.version = 1;
+        assert!(matches!(
+            c.on_server_hello(&sh),
+            Err(Error::Handshake(HandshakeError::AuthenticationFailed))
+        ));
     }
 
     #[test]
@@ -515,8 +592,8 @@ mod tests {
     #[test]
     fn version_mismatch_is_typed() {
         let future = Offer {
-            min_version: 2,
-            max_version: 3,
+            min_version: MAX_VERSION + 1,
+            max_version: MAX_VERSION + 2,
             capabilities: 0,
         };
         let (_, hello) = ClientHandshake::start(key(1), future, 0, 0);
@@ -524,7 +601,13 @@ mod tests {
             ServerHandshake::on_client_hello(key(1), Offer::default(), &hello, 1).unwrap_err();
         assert!(matches!(
             err,
-            Error::Handshake(HandshakeError::VersionMismatch { theirs_min: 2, .. })
+            Error::Handshake(HandshakeError::VersionMismatch { theirs_min: 3, .. })
+        ));
+        // A peer that moved on past this build's versions is refused the same way by a client.
+        let err = negotiate(Offer::default(), future).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Handshake(HandshakeError::VersionMismatch { ours_min: 3, .. })
         ));
     }
 

@@ -1,6 +1,11 @@
-//! Payloads of the control frames, with strict decoding (exact lengths, bounded counts).
+//! Payloads of the control frames, with strict decoding (exact lengths, bounded counts), and the
+//! VM identity a protocol version 2 source announces in its SessionInit.
 
-use crate::error::{ErrorCode, FrameError};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, ErrorCode, FrameError};
+use crate::handshake::{IDENTITY_VERSION, VERSION_1};
 use crate::memory::{MemoryLayout, Region};
 
 /// Length of handshake nonces.
@@ -171,6 +176,192 @@ impl ServerHello {
     }
 }
 
+/// A VM's UUID (RFC 9562), its 16 bytes in the order of the text form. Never the nil UUID (all
+/// zero): hypervisors report that for a VM that was given none, and two such VMs must not pass for
+/// one another.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VmUuid([u8; 16]);
+
+impl VmUuid {
+    /// The UUID with these bytes; `None` for the nil UUID.
+    pub fn new(bytes: [u8; 16]) -> Option<Self> {
+        (bytes != [0; 16]).then_some(Self(bytes))
+    }
+
+    /// The 16 bytes, in the order of the text form.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmUuid {
+    /// The hyphenated lower-case form, `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for VmUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VmUuid({self})")
+    }
+}
+
+impl FromStr for VmUuid {
+    type Err = Error;
+
+    /// Parses the hyphenated form (`67e55044-10b1-426f-9247-bb680e5fe0c8`) or the same 32 hex
+    /// digits without hyphens, in either case.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::Config(format!("invalid VM UUID {s:?}: {why}"));
+        let digits: Vec<u8> = if s.len() == 36 {
+            let b = s.as_bytes();
+            if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+                return Err(bad("expected hyphens at 8-4-4-4-12"));
+            }
+            b.iter().copied().filter(|&c| c != b'-').collect()
+        } else {
+            s.as_bytes().to_vec()
+        };
+        if digits.len() != 32 {
+            return Err(bad(
+                "expected 32 hex digits, with or without the four hyphens",
+            ));
+        }
+        let mut bytes = [0u8; 16];
+        for (i, pair) in digits.chunks_exact(2).enumerate() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            let (Some(hi), Some(lo)) = (hex(pair[0]), hex(pair[1])) else {
+                return Err(bad("not a hex digit"));
+            };
+            bytes[i] = (hi * 16 + lo) as u8;
+        }
+        Self::new(bytes).ok_or_else(|| bad("the nil UUID names no VM"))
+    }
+}
+
+/// What a source speaking protocol version 2 or later says about the VM it migrates, in its
+/// SessionInit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmIdentity {
+    /// The VM's UUID, when the source knows it.
+    pub vm_uuid: Option<VmUuid>,
+    /// [`MemoryLayout::fingerprint`] of the source's memory layout.
+    pub layout_fingerprint: u64,
+}
+
+impl VmIdentity {
+    /// The identity of a VM with `layout` and, if known, `vm_uuid`.
+    pub fn of(layout: &MemoryLayout, vm_uuid: Option<VmUuid>) -> Self {
+        Self {
+            vm_uuid,
+            layout_fingerprint: layout.fingerprint(),
+        }
+    }
+}
+
+/// What a destination requires of the VM a source announces. The default requires nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpectedIdentity {
+    /// The UUID the source must announce. A source speaking protocol version 1 cannot announce one
+    /// and is refused.
+    pub vm_uuid: Option<VmUuid>,
+    /// The [`MemoryLayout::fingerprint`] the announced layout must have. Checked against the layout
+    /// itself, so it works with version 1 sources too.
+    pub layout_fingerprint: Option<u64>,
+}
+
+/// How far a destination could check the VM identity of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityCheck {
+    /// The source speaks protocol version 1 and announced no identity: nothing about it could be
+    /// checked (an expected layout fingerprint still was, against the announced layout).
+    NotAnnounced,
+    /// The source announced its identity and its fingerprint matched its layout; the destination
+    /// required nothing more.
+    Announced,
+    /// The source announced its identity and it matched everything the destination required.
+    Verified,
+}
+
+fn hex64(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+impl ExpectedIdentity {
+    /// Whether nothing is required.
+    pub fn is_empty(&self) -> bool {
+        self.vm_uuid.is_none() && self.layout_fingerprint.is_none()
+    }
+
+    /// Checks what a source announced (`None`: it speaks protocol version 1) for a session whose
+    /// SessionInit announced `layout`. An announced fingerprint must be that of `layout` even when
+    /// nothing is required: a source that disagrees with itself about its memory is refused.
+    pub fn check(
+        &self,
+        announced: Option<&VmIdentity>,
+        layout: &MemoryLayout,
+    ) -> Result<IdentityCheck, Error> {
+        let actual = layout.fingerprint();
+        if let Some(id) = announced {
+            if id.layout_fingerprint != actual {
+                return Err(Error::Identity {
+                    what: "layout fingerprint",
+                    expected: format!("{} (that of the layout it announced)", hex64(actual)),
+                    announced: hex64(id.layout_fingerprint),
+                });
+            }
+        }
+        if let Some(want) = self.vm_uuid {
+            let announced_uuid = announced.and_then(|id| id.vm_uuid);
+            if announced_uuid != Some(want) {
+                return Err(Error::Identity {
+                    what: "VM UUID",
+                    expected: want.to_string(),
+                    announced: match (announced, announced_uuid) {
+                        (_, Some(other)) => other.to_string(),
+                        (Some(_), None) => "no UUID".into(),
+                        (None, _) => "nothing: it speaks protocol version 1, which cannot \
+                                      announce a VM's identity"
+                            .into(),
+                    },
+                });
+            }
+        }
+        if let Some(want) = self.layout_fingerprint {
+            if want != actual {
+                return Err(Error::Identity {
+                    what: "layout fingerprint",
+                    expected: hex64(want),
+                    announced: format!(
+                        "{} ({} pages in {} regions)",
+                        hex64(actual),
+                        layout.total_pages(),
+                        layout.regions().len()
+                    ),
+                });
+            }
+        }
+        Ok(match announced {
+            None => IdentityCheck::NotAnnounced,
+            Some(_) if self.is_empty() => IdentityCheck::Announced,
+            Some(_) => IdentityCheck::Verified,
+        })
+    }
+}
+
+/// Identity flag of a version 2 SessionInit: the VM UUID field holds a UUID.
+const IDENTITY_HAS_UUID: u8 = 1;
+/// Bytes a version 2 SessionInit adds after the regions: fingerprint, flags, UUID.
+const IDENTITY_LEN: usize = 8 + 1 + 16;
+
 /// The source's announcement of what it will send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInit {
@@ -178,12 +369,32 @@ pub struct SessionInit {
     pub layout: MemoryLayout,
     /// Streams the source will open (including the first).
     pub stream_count: u16,
+    /// The VM's identity: `Some` in protocol version 2 and later, `None` in version 1, whose
+    /// SessionInit has no room for it. It decides the encoding (see [`encode`](Self::encode)).
+    pub identity: Option<VmIdentity>,
 }
 
 impl SessionInit {
-    /// Encodes the payload.
+    /// What a source speaking `version` announces for a VM with `layout` (and `vm_uuid`, which
+    /// version 1 cannot carry).
+    pub fn new(
+        layout: MemoryLayout,
+        stream_count: u16,
+        version: u8,
+        vm_uuid: Option<VmUuid>,
+    ) -> Self {
+        let identity = (version >= IDENTITY_VERSION).then(|| VmIdentity::of(&layout, vm_uuid));
+        Self {
+            layout,
+            stream_count,
+            identity,
+        }
+    }
+
+    /// Encodes the payload: the version 1 form (10 + 16·regions bytes) without an identity, the
+    /// version 2 form (25 bytes more: fingerprint, flags, UUID) with one.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(8 + 16 * self.layout.regions().len());
+        let mut b = Vec::with_capacity(10 + 16 * self.layout.regions().len() + IDENTITY_LEN);
         b.extend_from_slice(&self.layout.page_size().to_le_bytes());
         b.extend_from_slice(&self.stream_count.to_le_bytes());
         b.extend_from_slice(&(self.layout.regions().len() as u32).to_le_bytes());
@@ -191,11 +402,31 @@ impl SessionInit {
             b.extend_from_slice(&r.guest_addr.to_le_bytes());
             b.extend_from_slice(&r.pages.to_le_bytes());
         }
+        if let Some(id) = &self.identity {
+            b.extend_from_slice(&id.layout_fingerprint.to_le_bytes());
+            match id.vm_uuid {
+                Some(uuid) => {
+                    b.push(IDENTITY_HAS_UUID);
+                    b.extend_from_slice(uuid.as_bytes());
+                }
+                None => {
+                    b.push(0);
+                    b.extend_from_slice(&[0; 16]);
+                }
+            }
+        }
         b
     }
 
-    /// Decodes the payload; the layout is validated (page size, region count, overflow).
+    /// Decodes a version 1 payload (no identity); the layout is validated (page size, region
+    /// count, overflow).
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
+        Self::decode_version(p, VERSION_1)
+    }
+
+    /// Decodes the payload of a session that negotiated `version`: from version 2 on it must carry
+    /// the identity, before that it must not.
+    pub fn decode_version(p: &[u8], version: u8) -> Result<Self, FrameError> {
         let mut c = Cursor::new(p, "SessionInit");
         let page_size = c.u32()?;
         let stream_count = c.u16()?;
@@ -219,6 +450,29 @@ impl SessionInit {
                 pages: c.u64()?,
             });
         }
+        let identity = if version >= IDENTITY_VERSION {
+            let layout_fingerprint = c.u64()?;
+            let flags = c.u8()?;
+            let uuid: [u8; 16] = c.array()?;
+            let malformed = |why: &str| FrameError::Malformed {
+                what: "SessionInit",
+                why: why.into(),
+            };
+            let vm_uuid = match flags {
+                0 if uuid == [0; 16] => None,
+                0 => return Err(malformed("a VM UUID without its flag")),
+                IDENTITY_HAS_UUID => {
+                    Some(VmUuid::new(uuid).ok_or_else(|| malformed("the nil VM UUID"))?)
+                }
+                _ => return Err(malformed("unknown identity flags")),
+            };
+            Some(VmIdentity {
+                vm_uuid,
+                layout_fingerprint,
+            })
+        } else {
+            None
+        };
         c.finish()?;
         let layout =
             MemoryLayout::new(page_size, regions).map_err(|why| FrameError::Malformed {
@@ -228,6 +482,7 @@ impl SessionInit {
         Ok(Self {
             layout,
             stream_count,
+            identity,
         })
     }
 }
@@ -408,6 +663,7 @@ mod tests {
             let _ = ClientHello::decode(&bytes);
             let _ = ServerHello::decode(&bytes);
             let _ = SessionInit::decode(&bytes);
+            let _ = SessionInit::decode_version(&bytes, IDENTITY_VERSION);
             let _ = Finish::decode(&bytes);
             let _ = DigestMessage::decode(&bytes);
             let _ = Ack::decode(&bytes);
@@ -422,6 +678,7 @@ mod tests {
         let init = |stream_count| SessionInit {
             layout: MemoryLayout::flat(1 << 20).unwrap(),
             stream_count,
+            identity: None,
         };
         assert!(SessionInit::decode(&init(1).encode()).is_ok());
         assert!(SessionInit::decode(&init(MAX_STREAMS).encode()).is_ok());
@@ -458,6 +715,7 @@ mod tests {
         let init = SessionInit {
             layout,
             stream_count: 4,
+            identity: None,
         };
         assert_eq!(SessionInit::decode(&init.encode()).unwrap(), init);
 
@@ -482,5 +740,213 @@ mod tests {
             SessionInit::decode(&overflow),
             Err(FrameError::Malformed { .. })
         ));
+    }
+
+    fn two_regions() -> MemoryLayout {
+        MemoryLayout::new(
+            4096,
+            vec![
+                Region {
+                    guest_addr: 0,
+                    pages: 10,
+                },
+                Region {
+                    guest_addr: 1 << 32,
+                    pages: 5,
+                },
+            ],
+        )
+        .unwrap()
+    }
+
+    const UUID: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+
+    fn uuid() -> VmUuid {
+        UUID.parse().unwrap()
+    }
+
+    /// Version 2 appends fingerprint, flags and UUID after the regions; version 1 is byte for byte
+    /// what it was, and each decoder refuses the other version's form.
+    #[test]
+    fn session_init_of_both_versions() {
+        let layout = two_regions();
+        let v1 = SessionInit::new(layout.clone(), 4, 1, Some(uuid()));
+        assert_eq!(v1.identity, None, "version 1 cannot carry the UUID");
+        let v1_bytes = v1.encode();
+        assert_eq!(v1_bytes.len(), 10 + 16 * 2);
+        assert_eq!(SessionInit::decode(&v1_bytes).unwrap(), v1);
+
+        for vm_uuid in [Some(uuid()), None] {
+            let v2 = SessionInit::new(layout.clone(), 4, IDENTITY_VERSION, vm_uuid);
+            let id = v2.identity.expect("version 2 carries an identity");
+            assert_eq!(id.layout_fingerprint, layout.fingerprint());
+            assert_eq!(id.vm_uuid, vm_uuid);
+            let bytes = v2.encode();
+            assert_eq!(bytes.len(), 10 + 16 * 2 + 25);
+            assert_eq!(&bytes[..v1_bytes.len()], &v1_bytes[..], "v1 fields first");
+            assert_eq!(&bytes[42..50], &layout.fingerprint().to_le_bytes());
+            assert_eq!(bytes[50], u8::from(vm_uuid.is_some()));
+            assert_eq!(
+                &bytes[51..],
+                vm_uuid.as_ref().map_or(&[0u8; 16], VmUuid::as_bytes)
+            );
+            assert_eq!(
+                SessionInit::decode_version(&bytes, IDENTITY_VERSION).unwrap(),
+                v2
+            );
+            assert!(matches!(
+                SessionInit::decode(&bytes),
+                Err(FrameError::Malformed { .. })
+            ));
+        }
+        assert!(matches!(
+            SessionInit::decode_version(&v1_bytes, IDENTITY_VERSION),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn session_init_v2_refuses_bad_identity_fields() {
+        let good = SessionInit::new(two_regions(), 1, IDENTITY_VERSION, Some(uuid())).encode();
+        let with = |at: usize, byte: u8| {
+            let mut b = good.clone();
+            b[at] = byte;
+            SessionInit::decode_version(&b, IDENTITY_VERSION)
+        };
+        // Unknown flag bits; a UUID without its flag; the nil UUID with the flag.
+        assert!(matches!(with(50, 3), Err(FrameError::Malformed { .. })));
+        assert!(matches!(with(50, 0), Err(FrameError::Malformed { .. })));
+        let mut nil = good.clone();
+        nil[51..].fill(0);
+        assert!(matches!(
+            SessionInit::decode_version(&nil, IDENTITY_VERSION),
+            Err(FrameError::Malformed { .. })
+        ));
+        // Short or long by one byte.
+        assert!(SessionInit::decode_version(&good[..good.len() - 1], IDENTITY_VERSION).is_err());
+        let mut long = good.clone();
+        long.push(0);
+        assert!(SessionInit::decode_version(&long, IDENTITY_VERSION).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn session_init_v2_roundtrip(
+            regions in proptest::collection::vec((0u64..1 << 20, 1u64..1 << 20), 1..8),
+            streams in 1u16..=MAX_STREAMS,
+            uuid: Option<[u8; 16]>,
+        ) {
+            let mut at = 0u64;
+            let regions: Vec<Region> = regions
+                .into_iter()
+                .map(|(gap, pages)| {
+                    let r = Region { guest_addr: (at + gap) * 4096, pages };
+                    at += gap + pages;
+                    r
+                })
+                .collect();
+            let layout = MemoryLayout::new(4096, regions).unwrap();
+            let init = SessionInit::new(layout, streams, IDENTITY_VERSION, uuid.and_then(VmUuid::new));
+            prop_assert_eq!(SessionInit::decode_version(&init.encode(), IDENTITY_VERSION).unwrap(), init);
+        }
+    }
+
+    #[test]
+    fn vm_uuid_text_forms() {
+        let u = uuid();
+        assert_eq!(u.to_string(), UUID);
+        assert_eq!(u.as_bytes()[0], 0x67);
+        assert_eq!(u.as_bytes()[15], 0xc8);
+        assert_eq!(UUID.to_uppercase().parse::<VmUuid>().unwrap(), u);
+        assert_eq!(UUID.replace('-', "").parse::<VmUuid>().unwrap(), u);
+        for bad in [
+            "",
+            "67e55044-10b1-426f-9247-bb680e5fe0c",
+            "67e55044-10b1-426f-9247_bb680e5fe0c8",
+            "67e5504410b1426f9247bb680e5fe0cg",
+            "00000000-0000-0000-0000-000000000000",
+            "67e55044-10b1-426f-9247-bb680e5fe0c8x",
+            "é7e55044-10b1-426f-9247-bb680e5fe0c",
+        ] {
+            assert!(
+                matches!(bad.parse::<VmUuid>(), Err(Error::Config(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(VmUuid::new([0; 16]), None);
+    }
+
+    #[test]
+    fn expected_identity_checks() {
+        let layout = two_regions();
+        let other: VmUuid = "00000000-0000-0000-0000-000000000001".parse().unwrap();
+        let v2 = VmIdentity::of(&layout, Some(uuid()));
+        let nothing = ExpectedIdentity::default();
+        let by_uuid = ExpectedIdentity {
+            vm_uuid: Some(uuid()),
+            layout_fingerprint: None,
+        };
+        let by_layout = ExpectedIdentity {
+            vm_uuid: None,
+            layout_fingerprint: Some(layout.fingerprint()),
+        };
+        assert_eq!(
+            nothing.check(Some(&v2), &layout).unwrap(),
+            IdentityCheck::Announced
+        );
+        assert_eq!(
+            nothing.check(None, &layout).unwrap(),
+            IdentityCheck::NotAnnounced
+        );
+        assert_eq!(
+            by_uuid.check(Some(&v2), &layout).unwrap(),
+            IdentityCheck::Verified
+        );
+        assert_eq!(
+            by_layout.check(Some(&v2), &layout).unwrap(),
+            IdentityCheck::Verified
+        );
+        // A layout expectation holds against a version 1 source's announced layout.
+        assert_eq!(
+            by_layout.check(None, &layout).unwrap(),
+            IdentityCheck::NotAnnounced
+        );
+
+        let refused = |e: Result<IdentityCheck, Error>| match e {
+            Err(Error::Identity {
+                what,
+                expected,
+                announced,
+            }) => (what, expected, announced),
+            other => panic!("not refused: {other:?}"),
+        };
+        let wrong = VmIdentity::of(&layout, Some(other));
+        let (what, expected, announced) = refused(by_uuid.check(Some(&wrong), &layout));
+        assert_eq!(
+            (what, expected.as_str(), announced.as_str()),
+            ("VM UUID", UUID, "00000000-0000-0000-0000-000000000001")
+        );
+        let (_, _, announced) = refused(by_uuid.check(None, &layout));
+        assert!(announced.contains("protocol version 1"), "{announced}");
+        let (_, _, announced) =
+            refused(by_uuid.check(Some(&VmIdentity::of(&layout, None)), &layout));
+        assert_eq!(announced, "no UUID");
+
+        // A fingerprint that is not that of the announced layout is refused whatever is expected.
+        let lying = VmIdentity {
+            vm_uuid: Some(uuid()),
+            layout_fingerprint: layout.fingerprint() ^ 1,
+        };
+        for expectation in [nothing, by_uuid, by_layout] {
+            let (what, expected, announced) = refused(expectation.check(Some(&lying), &layout));
+            assert_eq!(what, "layout fingerprint");
+            assert!(expected.starts_with(&format!("{:016x}", layout.fingerprint())));
+            assert_eq!(announced, format!("{:016x}", layout.fingerprint() ^ 1));
+        }
+        let smaller = MemoryLayout::flat(4096).unwrap();
+        let (what, expected, announced) = refused(by_layout.check(None, &smaller));
+        assert_eq!(what, "layout fingerprint");
+        assert_eq!(expected, format!("{:016x}", layout.fingerprint()));
+        assert!(announced.starts_with(&format!("{:016x} (1 pages", smaller.fingerprint())));
     }
 }

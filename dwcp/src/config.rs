@@ -103,6 +103,11 @@ pub struct MigrationConfig {
     /// Pre-copy time after which a migration that has not converged fails with
     /// [`dwcp_core::Error::NotConverged`] (None: no deadline).
     pub precopy_deadline: Option<Duration>,
+    /// The VM's UUID, announced to the destination with the fingerprint of the memory layout
+    /// (protocol version 2), which may refuse another VM than the one it expects before any page is
+    /// written. A destination speaking version 1 cannot be told: the migration goes on, with a
+    /// warning and `identity_announced: false` in the report.
+    pub vm_uuid: Option<dwcp_core::messages::VmUuid>,
 }
 
 impl Default for MigrationConfig {
@@ -135,6 +140,7 @@ impl Default for MigrationConfig {
             throttle: Some(dwcp_proto::source::ThrottleSteps::QEMU),
             downtime_ceiling: None,
             precopy_deadline: None,
+            vm_uuid: None,
         }
     }
 }
@@ -223,6 +229,11 @@ pub struct ReceiverConfig {
     pub pool_idle_timeout: Duration,
     /// Handshakes and sessions the listener allows at once, in total and per peer address.
     pub limits: crate::dest::ListenerLimits,
+    /// What every source must announce about its VM (nothing by default); a source announcing
+    /// another VM, or none (protocol version 1) when a UUID is required, is refused with
+    /// [`dwcp_core::ErrorCode::Identity`] before its session starts. For an expectation per
+    /// migration, see [`crate::Incoming::require`].
+    pub expected_identity: dwcp_core::messages::ExpectedIdentity,
 }
 
 impl Default for ReceiverConfig {
@@ -235,6 +246,7 @@ impl Default for ReceiverConfig {
             digest_threads: 0,
             pool_idle_timeout: Duration::from_secs(60),
             limits: crate::dest::ListenerLimits::default(),
+            expected_identity: dwcp_core::messages::ExpectedIdentity::default(),
         }
     }
 }

@@ -23,15 +23,23 @@ pub(crate) struct PooledStream {
     pub(crate) writer: StreamWriter,
     /// Capabilities negotiated when the stream was authenticated.
     pub(crate) capabilities: u32,
+    /// Session version negotiated then: it decides the form of the SessionInit sent on it.
+    pub(crate) version: u8,
     parked_at: Instant,
 }
 
 impl PooledStream {
-    pub(crate) fn new(reader: StreamReader, writer: StreamWriter, capabilities: u32) -> Self {
+    pub(crate) fn new(
+        reader: StreamReader,
+        writer: StreamWriter,
+        capabilities: u32,
+        version: u8,
+    ) -> Self {
         Self {
             reader,
             writer,
             capabilities,
+            version,
             parked_at: Instant::now(),
         }
     }

@@ -101,6 +101,9 @@ pub struct MigrationReport {
     pub congestion: String,
     /// How the streams were protected: `tls-certificates`, `tls-psk` or `insecure-plaintext`.
     pub security: crate::SecurityMode,
+    /// Whether the VM's identity (UUID if configured, layout fingerprint) went to the destination:
+    /// false when it speaks protocol version 1, which cannot check it.
+    pub identity_announced: bool,
     /// What stream failures cost.
     pub resilience: ResilienceReport,
     /// The kernel's last view of each stream still open at the end (TCP only).
@@ -129,6 +132,10 @@ pub struct ReceiveReport {
     pub session_id: String,
     /// How the streams were protected.
     pub security: crate::SecurityMode,
+    /// How far the source's VM identity was checked before any page was applied: `not_announced`
+    /// (the source speaks protocol version 1), `announced` (nothing was required of it) or
+    /// `verified` (it matched what this destination required).
+    pub identity: dwcp_core::messages::IdentityCheck,
     /// Wall time from accepting the session to the handover.
     pub total_ms: f64,
     /// Streams the source opened over the whole session (re-connections included).

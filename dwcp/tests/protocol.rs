@@ -10,7 +10,7 @@ use common::*;
 use dwcp::{Listener, Migration, ReceiverConfig};
 use dwcp_core::digest::memory_digest;
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, encode_frame};
-use dwcp_core::handshake::{Offer, client_handshake};
+use dwcp_core::handshake::{MAX_VERSION, Offer, client_handshake};
 use dwcp_core::memory::{GuestRam, MemoryLayout, MemorySink, MemorySource, PAGE_SIZE};
 use dwcp_core::messages::{Ack, ClientHello, DigestMessage, ErrorMessage, Finish, SessionInit};
 use dwcp_core::{Error, ErrorCode, FrameError, HandshakeError};
@@ -82,10 +82,8 @@ fn digest_of(m: &GuestRam) -> u128 {
 /// An authenticated source with `streams` streams that has announced a flat layout of `pages` pages.
 fn start_session(addr: SocketAddr, pages: u64, streams: u16) -> Vec<(Reader, Writer)> {
     let (mut r0, mut w0, sid) = open(addr, 0, 0);
-    let init = SessionInit {
-        layout: MemoryLayout::flat(pages * PAGE_SIZE as u64).unwrap(),
-        stream_count: streams,
-    };
+    let layout = MemoryLayout::flat(pages * PAGE_SIZE as u64).unwrap();
+    let init = SessionInit::new(layout, streams, MAX_VERSION, None);
     w0.write_frame(FrameType::SessionInit, &init.encode())
         .unwrap();
     assert_eq!(read(&mut r0).0, FrameType::SessionReady);
@@ -279,8 +277,8 @@ fn unsupported_versions_are_refused_with_a_typed_error_on_both_sides() {
     let mut r = FrameReader::new(s.try_clone().unwrap());
     let mut w = FrameWriter::new(s);
     let future = Offer {
-        min_version: 2,
-        max_version: 3,
+        min_version: MAX_VERSION + 1,
+        max_version: MAX_VERSION + 2,
         capabilities: 0,
     };
     let err = client_handshake(&mut r, &mut w, &psk(1), future, 0, 0).unwrap_err();
@@ -297,8 +295,8 @@ fn unsupported_versions_are_refused_with_a_typed_error_on_both_sides() {
     assert!(matches!(
         t.join().unwrap(),
         Err(Error::Handshake(HandshakeError::VersionMismatch {
-            theirs_min: 2,
-            theirs_max: 3,
+            theirs_min: 3,
+            theirs_max: 4,
             ..
         }))
     ));
@@ -440,10 +438,8 @@ fn a_silent_stranger_does_not_hold_up_the_streams_of_a_session() {
     let rx = spawn_receiver_on(l);
     let started = Instant::now();
     let (mut r0, mut w0, sid) = open(addr, 0, 0);
-    let init = SessionInit {
-        layout: MemoryLayout::flat(PAGE_SIZE as u64).unwrap(),
-        stream_count: 2,
-    };
+    let layout = MemoryLayout::flat(PAGE_SIZE as u64).unwrap();
+    let init = SessionInit::new(layout, 2, MAX_VERSION, None);
     w0.write_frame(FrameType::SessionInit, &init.encode())
         .unwrap();
     assert_eq!(read(&mut r0).0, FrameType::SessionReady);

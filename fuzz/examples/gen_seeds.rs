@@ -103,6 +103,7 @@ fn session_init(regions: &[(u64, u64)], streams: u16) -> Vec<u8> {
     SessionInit {
         layout: layout(regions),
         stream_count: streams,
+        identity: None,
     }
     .encode()
 }

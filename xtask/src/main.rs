@@ -21,12 +21,16 @@
 //!   each for N seconds from the committed corpus, failing on a crash (`fuzz.rs`, `docs/fuzzing.md`).
 //! - `rdma-guest` and `bench rdma`: the RDMA tests and benchmark inside a Soft-RoCE QEMU guest
 //!   (`rdma.rs`, `docs/rdma.md`).
+//! - `compat [--against REV]`: this tree's `dwcp` against a release build of an earlier commit (by
+//!   default the one before the last protocol version bump), `send` and `recv` in both directions
+//!   on loopback (`compat.rs`).
 //!
 //! Every child process runs under a time limit and is killed, with whatever it started, when the xtask
 //! fails or gives up waiting.
 
 mod amst;
 mod cluster;
+mod compat;
 mod fuzz;
 mod hde;
 mod headline;
@@ -107,6 +111,9 @@ enum Cmd {
     },
     /// Builds the libFuzzer targets of `fuzz/` and runs each for `--seconds`, failing on a crash.
     Fuzz(fuzz::FuzzOpts),
+    /// Migrates between this tree's `dwcp` and an earlier commit's (protocol N against N−1), both
+    /// ways, over loopback; builds the earlier one in release in a worktree under target/.
+    Compat(compat::CompatOpts),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,6 +270,7 @@ fn main() -> ExitCode {
         Cmd::RdmaGuest(opts) => rdma::guest(&ws, &opts),
         Cmd::Pba { cmd } => pba::pba(&ws, cmd),
         Cmd::Fuzz(opts) => fuzz::fuzz(&ws, &opts),
+        Cmd::Compat(opts) => compat::compat(&ws, &opts),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,7 +36,9 @@ use dwcp_core::frame::{FrameType, MAX_PAYLOAD};
 use dwcp_core::handshake::{Negotiated, Offer, new_session_id, server_handshake};
 use dwcp_core::ledger::ChunkLedger;
 use dwcp_core::memory::{MemoryLayout, MemorySink, PAGE_SIZE};
-use dwcp_core::messages::{JoinMessage, SessionInit, decode_u64, encode_u64};
+use dwcp_core::messages::{
+    ExpectedIdentity, IdentityCheck, JoinMessage, SessionInit, VmIdentity, decode_u64, encode_u64,
+};
 use dwcp_core::transport::Acceptor;
 use dwcp_hde::ChunkDecoder;
 use dwcp_tcp::TcpAcceptor;
@@ -84,8 +86,9 @@ impl std::fmt::Debug for Listener {
 
 /// A stream that opens the next session.
 enum Opener {
-    /// A parked stream on which the source sent SessionInit (its payload).
-    Parked(StreamReader, SharedWriter, Vec<u8>),
+    /// A parked stream on which the source sent SessionInit (its payload), with the session
+    /// version negotiated when the stream was authenticated.
+    Parked(StreamReader, SharedWriter, Vec<u8>, u8),
     /// A new, authenticated connection asking for a new session while another one was running (a
     /// source starting its next migration a moment before the previous session ended here).
     Fresh(Negotiated, StreamReader, StreamWriter, SocketAddr),
@@ -139,8 +142,8 @@ impl Listener {
 
     /// Keeps an authenticated stream of an ended session for reuse: a thread answers its health checks
     /// until the source opens a session or joins one on it, or it has been idle for
-    /// `pool_idle_timeout`.
-    fn park(&self, reader: StreamReader, writer: SharedWriter) {
+    /// `pool_idle_timeout`. `version` is the session version the stream negotiated.
+    fn park(&self, reader: StreamReader, writer: SharedWriter, version: u8) {
         if self.parked_count.fetch_add(1, Ordering::AcqRel) >= MAX_PARKED {
             self.parked_count.fetch_sub(1, Ordering::AcqRel);
             let _ = writer.lock().write_frame(FrameType::Close, &[]);
@@ -155,7 +158,7 @@ impl Listener {
         let spawned = std::thread::Builder::new()
             .name("amst-parked".into())
             .spawn(move || {
-                watch_parked(reader, writer, &openers, &joins, idle);
+                watch_parked(reader, writer, version, &openers, &joins, idle);
                 count.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
@@ -298,7 +301,9 @@ impl Listener {
 
     fn open(&self, opener: Opener) -> Result<Incoming<'_>, Error> {
         match opener {
-            Opener::Parked(reader, writer, init) => self.open_on_parked(reader, writer, &init),
+            Opener::Parked(reader, writer, init, version) => {
+                self.open_on_parked(reader, writer, &init, version)
+            }
             Opener::Fresh(neg, reader, writer, peer) => {
                 self.opened(neg, reader, writer, peer, Instant::now())
             }
@@ -352,6 +357,7 @@ impl Listener {
         };
         let mut incoming = self.incoming(
             neg.session_id,
+            neg.version,
             reader,
             writer,
             &init,
@@ -369,6 +375,7 @@ impl Listener {
         mut reader: StreamReader,
         writer: SharedWriter,
         init: &[u8],
+        version: u8,
     ) -> Result<Incoming<'_>, Error> {
         let Ok(writer) = Arc::try_unwrap(writer).map(Mutex::into_inner) else {
             return Err(Error::Protocol(
@@ -388,6 +395,7 @@ impl Listener {
         tracing::debug!(session = %format!("{session_id:x}"), "session opened on a parked stream");
         self.incoming(
             session_id,
+            version,
             reader,
             writer,
             init,
@@ -397,11 +405,13 @@ impl Listener {
         )
     }
 
-    /// Validates SessionInit and returns the session waiting for its sink.
+    /// Validates SessionInit (of a session speaking `version`) and the VM identity it announces, and
+    /// returns the session waiting for its sink.
     #[allow(clippy::too_many_arguments)]
     fn incoming(
         &self,
         session_id: u64,
+        version: u8,
         reader: StreamReader,
         mut writer: StreamWriter,
         init: &[u8],
@@ -409,7 +419,7 @@ impl Listener {
         started: Instant,
         ready_payload: Vec<u8>,
     ) -> Result<Incoming<'_>, Error> {
-        let init = match SessionInit::decode(init) {
+        let init = match SessionInit::decode_version(init, version) {
             Ok(init) => init,
             Err(e) => {
                 let e = Error::from(e);
@@ -439,11 +449,32 @@ impl Listener {
             report_error(&mut writer, &e);
             return Err(e);
         }
-        tracing::info!(session = %format!("{session_id:x}"), %peer, bytes = init.layout.total_bytes(), streams = init.stream_count, "source authenticated");
+        // Before the session is registered or a sink chosen: a refused VM leaves no trace here.
+        let identity = match self
+            .config
+            .expected_identity
+            .check(init.identity.as_ref(), &init.layout)
+        {
+            Ok(check) => check,
+            Err(e) => {
+                report_error(&mut writer, &e);
+                return Err(e);
+            }
+        };
+        let vm_uuid = init
+            .identity
+            .and_then(|id| id.vm_uuid)
+            .map(|u| u.to_string());
+        tracing::info!(session = %format!("{session_id:x}"), %peer, bytes = init.layout.total_bytes(), streams = init.stream_count, version, ?identity, vm_uuid, "source authenticated");
+        if identity == IdentityCheck::NotAnnounced {
+            tracing::info!(session = %format!("{session_id:x}"), version, "the source speaks protocol version {version}: it announces no VM identity, so none can be checked");
+        }
         Ok(Incoming {
             cancel: Arc::default(),
             listener: self,
             session_id,
+            version,
+            identity,
             init,
             reader,
             writer,
@@ -460,6 +491,7 @@ impl Listener {
 fn watch_parked(
     mut reader: StreamReader,
     writer: SharedWriter,
+    version: u8,
     openers: &Sender<Opener>,
     joins: &Sender<ParkedJoin>,
     idle: Duration,
@@ -484,7 +516,7 @@ fn watch_parked(
                 }
             }
             FrameType::SessionInit => {
-                let _ = openers.send(Opener::Parked(reader, writer, p));
+                let _ = openers.send(Opener::Parked(reader, writer, p, version));
                 return;
             }
             FrameType::Join => {
@@ -503,6 +535,10 @@ fn watch_parked(
 pub struct Incoming<'l> {
     listener: &'l Listener,
     session_id: u64,
+    /// Session version negotiated with the source.
+    version: u8,
+    /// How far the VM identity was checked so far.
+    identity: IdentityCheck,
     init: SessionInit,
     reader: StreamReader,
     writer: StreamWriter,
@@ -525,6 +561,37 @@ impl<'l> Incoming<'l> {
     /// The source's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The session version the source speaks (2 and later announce the VM's identity).
+    pub fn protocol_version(&self) -> u8 {
+        self.version
+    }
+
+    /// What the source announced about its VM: `None` when it speaks protocol version 1. The
+    /// layout fingerprint in it was checked against [`layout`](Self::layout) already.
+    pub fn identity(&self) -> Option<&VmIdentity> {
+        self.init.identity.as_ref()
+    }
+
+    /// Refuses the migration unless the source's VM is the one `expected` describes, before any
+    /// page is written: a source with another UUID, another layout, or none (protocol version 1)
+    /// when a UUID is expected is told why ([`dwcp_core::ErrorCode::Identity`]) and the error is
+    /// returned. For an expectation that holds for every source, see
+    /// [`ReceiverConfig::expected_identity`].
+    pub fn require(mut self, expected: &ExpectedIdentity) -> Result<Self, Error> {
+        match expected.check(self.init.identity.as_ref(), &self.init.layout) {
+            Ok(check) => {
+                if self.identity != IdentityCheck::Verified {
+                    self.identity = check;
+                }
+                Ok(self)
+            }
+            Err(e) => {
+                report_error(&mut self.writer, &e);
+                Err(e)
+            }
+        }
     }
 
     /// A flag that cancels the session when set (from any thread, before or while
@@ -553,9 +620,13 @@ impl<'l> Incoming<'l> {
     pub fn receive_into(mut self, sink: &dyn MemorySink) -> Result<ReceiveReport, Error> {
         if sink.layout() != &self.init.layout {
             let e = Error::Layout(format!(
-                "destination memory has {} pages, the source sends {}",
+                "destination memory has {} pages in {} regions (layout fingerprint {:016x}), the source sends {} in {} (fingerprint {:016x})",
                 sink.layout().total_pages(),
-                self.init.layout.total_pages()
+                sink.layout().regions().len(),
+                sink.layout().fingerprint(),
+                self.init.layout.total_pages(),
+                self.init.layout.regions().len(),
+                self.init.layout.fingerprint(),
             ));
             report_error(&mut self.writer, &e);
             return Err(e);
@@ -603,6 +674,7 @@ impl<'l> Incoming<'l> {
         };
         let session = Session::new(
             self.session_id,
+            self.version,
             usize::from(self.init.stream_count).max(1),
             &cfg,
             listener,
@@ -638,6 +710,7 @@ impl<'l> Incoming<'l> {
         let report = ReceiveReport {
             session_id: format!("{:016x}", self.session_id),
             security: self.listener.security.mode(),
+            identity: self.identity,
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             streams: streams_opened as usize,
             duplicate_chunks: shared.duplicates.load(Ordering::Relaxed),

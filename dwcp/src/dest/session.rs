@@ -30,6 +30,8 @@ type RegisteredStream = (u16, SharedWriter, Box<dyn Conn>);
 /// One running session's stream management.
 pub(super) struct Session<'a> {
     pub(super) id: u64,
+    /// Session version negotiated on stream 0; a stream parked after the session keeps it.
+    version: u8,
     pub(super) max_streams: usize,
     pub(super) cfg: &'a ReceiverConfig,
     pub(super) listener: &'a Listener,
@@ -41,12 +43,14 @@ pub(super) struct Session<'a> {
 impl<'a> Session<'a> {
     pub(super) fn new(
         id: u64,
+        version: u8,
         max_streams: usize,
         cfg: &'a ReceiverConfig,
         listener: &'a Listener,
     ) -> Self {
         Self {
             id,
+            version,
             max_streams,
             cfg,
             listener,
@@ -342,7 +346,7 @@ impl Shell<'_, '_, '_, '_> {
                 let (_, reader) = self.parked.swap_remove(at);
                 if let Some(w) = self.session.writer_of(index) {
                     if w.lock().write_frame(FrameType::Park, &[]).is_ok() {
-                        self.session.listener.park(reader, w);
+                        self.session.listener.park(reader, w, self.session.version);
                     }
                 }
                 None

@@ -607,6 +607,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             rtt_ms: s.rtt * 1e3,
             congestion: s.congestion.clone(),
             security: self.m.security.mode(),
+            identity_announced: s.identity_announced,
             resilience: done.resilience,
             stream_telemetry,
             encode: s.encoder.stats(),

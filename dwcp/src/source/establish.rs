@@ -48,6 +48,8 @@ pub(super) struct Established {
     pub(super) hashes: PageHashes,
     /// Pool bytes one encoded chunk may take.
     pub(super) chunk_buffer_bytes: u64,
+    /// Whether SessionInit carried the VM's identity (the destination speaks version 2 or later).
+    pub(super) identity_announced: bool,
 }
 
 impl Established {
@@ -88,7 +90,7 @@ impl Established {
             }
         }
         let reused_stream = reused.is_some();
-        let (first, capabilities, new_session) = match reused {
+        let (first, capabilities, version, new_session) = match reused {
             Some(p) => (
                 JoinedStream {
                     index: 0,
@@ -96,11 +98,12 @@ impl Established {
                     writer: p.writer,
                 },
                 p.capabilities,
+                p.version,
                 None,
             ),
             None => {
                 let (first, neg) = dial_first(&dialer, &m.cancel)?;
-                (first, neg.capabilities, Some(neg.session_id))
+                (first, neg.capabilities, neg.version, Some(neg.session_id))
             }
         };
         if let Some(pool) = &m.pool {
@@ -153,10 +156,27 @@ impl Established {
         } else {
             CodecPolicy::Fixed(codec)
         };
-        let init = SessionInit {
-            layout: source.layout().clone(),
-            stream_count: streams.max as u16,
-        };
+        let init = SessionInit::new(
+            source.layout().clone(),
+            streams.max as u16,
+            version,
+            cfg.vm_uuid,
+        );
+        let identity_announced = init.identity.is_some();
+        if !identity_announced {
+            // The session goes on (a rolling upgrade needs N-1), but nobody checks which VM it is.
+            match cfg.vm_uuid {
+                Some(uuid) => tracing::warn!(
+                    version,
+                    vm_uuid = %uuid,
+                    "the destination speaks protocol version {version}: the VM's identity cannot be announced, so it is not checked"
+                ),
+                None => tracing::info!(
+                    version,
+                    "the destination speaks protocol version {version}: no VM identity is announced"
+                ),
+            }
+        }
         let JoinedStream {
             mut reader,
             mut writer,
@@ -209,7 +229,7 @@ impl Established {
             // the Error frame as the first frame of the session.
             return cancel_here(&mut writer);
         }
-        tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial = streams.initial, max_streams = streams.max, %congestion, "session established");
+        tracing::info!(session = %format!("{session_id:x}"), ?mode, rtt_ms = rtt * 1e3, initial = streams.initial, max_streams = streams.max, %congestion, version, identity_announced, "session established");
         let pool = match &cfg.buffer_pool {
             Some(shared) => shared.clone(),
             None => BufferPool::new(cfg.buffer_budget)?,
@@ -235,6 +255,7 @@ impl Established {
             pooled,
             m.pool.clone().map(|p| (p, pool_key)),
             capabilities,
+            version,
             rtt,
         );
         links.install(
@@ -260,6 +281,7 @@ impl Established {
                 dwcp_hde::format::max_extended_len(cfg.pages_per_chunk, cfg.pages_per_chunk),
             )
             .map_or(1 << 20, |c| c.capacity()) as u64,
+            identity_announced,
         })
     }
 }

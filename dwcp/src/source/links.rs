@@ -105,6 +105,8 @@ pub(super) struct Links {
     parking: Option<(ConnectionPool, PoolKey)>,
     /// Capabilities of the session's streams (kept with them in the pool).
     capabilities: u32,
+    /// Session version of the streams (kept with them in the pool).
+    version: u8,
     rtt: f64,
 }
 
@@ -115,6 +117,7 @@ impl Links {
         pooled_spare: Vec<PooledStream>,
         parking: Option<(ConnectionPool, PoolKey)>,
         capabilities: u32,
+        version: u8,
         rtt: f64,
     ) -> Self {
         let (events_tx, events) = unbounded();
@@ -130,6 +133,7 @@ impl Links {
             pooled_spare,
             parking,
             capabilities,
+            version,
             rtt,
         }
     }
@@ -218,7 +222,12 @@ impl Links {
             for (id, writer) in writers {
                 if let Some(i) = readers.iter().position(|(r, _)| *r == id) {
                     let (_, reader) = readers.swap_remove(i);
-                    parked.push(PooledStream::new(reader, writer, self.capabilities));
+                    parked.push(PooledStream::new(
+                        reader,
+                        writer,
+                        self.capabilities,
+                        self.version,
+                    ));
                 }
             }
             tracing::debug!(

@@ -317,6 +317,13 @@ impl<'a> Migration<'a> {
         self
     }
 
+    /// Announces the VM's UUID to the destination (sets [`MigrationConfig::vm_uuid`]; call it after
+    /// [`config`](Self::config), which replaces the whole configuration).
+    pub fn vm_uuid(mut self, uuid: dwcp_core::messages::VmUuid) -> Self {
+        self.config.vm_uuid = Some(uuid);
+        self
+    }
+
     /// Calls `f` after every batch of chunks.
     pub fn on_progress(mut self, f: &'a (dyn Fn(&Progress) + Sync)) -> Self {
         self.progress = Some(f);
