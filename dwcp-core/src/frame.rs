@@ -25,7 +25,9 @@ use crate::error::{Error, FrameError};
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"DWCP";
-/// Protocol version implemented by this build.
+/// The frame header's version byte. It stays 1 across session versions (see
+/// `handshake::MIN_VERSION`..`MAX_VERSION`): a version 1 peer drops a frame with any other value
+/// before it could read the version offer.
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 40;
