@@ -161,6 +161,18 @@ pub fn migration_text(r: &MigrationReport) -> String {
         r.encode.compressed_chunks,
         r.encode.raw_chunks
     );
+    for l in &r.latency.0 {
+        let _ = writeln!(
+            s,
+            "  latency {:<12} p50 {} us, p95 {} us, p99 {} us, max {} us ({} samples)",
+            l.op.as_str(),
+            l.p50_us,
+            l.p95_us,
+            l.p99_us,
+            l.max_us,
+            l.count
+        );
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -260,6 +272,7 @@ mod tests {
             final_iteration: 1,
             digest_match: true,
             digest: "00".repeat(16),
+            latency: Default::default(),
         };
         let j = JsonReport::receive(&r).unwrap();
         for key in [

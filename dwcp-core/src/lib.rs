@@ -14,6 +14,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod hash;
+pub mod latency;
 pub mod ledger;
 pub mod memory;
 pub mod messages;

@@ -13,16 +13,17 @@
 //! one file.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use parking_lot::{Condvar, Mutex};
 
 use dwcp_core::error::Error;
 use dwcp_core::frame::{FrameType, FrameWriter, HEADER_LEN};
+use dwcp_core::latency::{LatencyOp, LatencyRecorder};
 use dwcp_core::pool::PooledBuf;
 use dwcp_core::transport::Conn;
 
@@ -82,8 +83,8 @@ enum Item {
 struct Retained {
     /// Highest sequence the peer acknowledged on this stream, if any.
     acked_through: Option<u64>,
-    /// Data frames written and not yet acknowledged, in sequence order.
-    unacked: VecDeque<(u64, DataChunk)>,
+    /// Data frames written and not yet acknowledged, in sequence order, with when each was written.
+    unacked: VecDeque<(u64, DataChunk, Instant)>,
 }
 
 /// Chunks sent but not yet acknowledged, across all lanes (re-sends are not counted twice).
@@ -93,6 +94,8 @@ struct Outstanding {
     acked_bytes: AtomicU64,
     lock: Mutex<()>,
     changed: Condvar,
+    /// Where send and acknowledgement latencies go, once set.
+    latency: OnceLock<Arc<LatencyRecorder>>,
 }
 
 impl Outstanding {
@@ -151,10 +154,15 @@ impl LaneHandle {
         {
             let mut r = st.retained.lock();
             r.acked_through = Some(r.acked_through.map_or(through, |a| a.max(through)));
-            while r.unacked.front().is_some_and(|(seq, _)| *seq <= through) {
-                let (_, chunk) = r.unacked.pop_front().expect("front exists");
+            let now = Instant::now();
+            let latency = st.outstanding.latency.get();
+            while r.unacked.front().is_some_and(|(seq, ..)| *seq <= through) {
+                let (_, chunk, written) = r.unacked.pop_front().expect("front exists");
                 bytes += chunk.wire_len();
                 count += 1;
+                if let Some(l) = latency {
+                    l.record(LatencyOp::Ack, now.saturating_duration_since(written));
+                }
             }
         }
         if count > 0 {
@@ -234,6 +242,13 @@ impl Lanes {
     /// An empty set; add lanes with [`add`](Self::add).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Records every chunk's write ([`LatencyOp::Send`]) and acknowledgement
+    /// ([`LatencyOp::Ack`]: from written to acknowledged) latency into `recorder` from now on; the
+    /// first recorder set stays.
+    pub fn record_latency_into(&self, recorder: Arc<LatencyRecorder>) {
+        let _ = self.outstanding.latency.set(recorder);
     }
 
     /// Starts a lane writing to `writer` (already bound to the session) as stream `id`. Returns the
@@ -406,7 +421,7 @@ impl Lanes {
             }
             let st = &lane.state;
             let mut r = st.retained.lock();
-            self.orphans.extend(r.unacked.drain(..).map(|(_, c)| c));
+            self.orphans.extend(r.unacked.drain(..).map(|(_, c, _)| c));
             drop(r);
             self.orphans.append(&mut st.orphans.lock());
             self.removed.push(lane_stats(st));
@@ -614,12 +629,17 @@ fn writer_loop(
         }
         match item {
             Item::Data(chunk) => {
+                let started = Instant::now();
                 match writer.write_frame_prefixed(
                     FrameType::Data,
                     &chunk.id.to_le_bytes(),
                     &chunk.buf,
                 ) {
                     Ok(seq) => {
+                        let written = Instant::now();
+                        if let Some(l) = st.outstanding.latency.get() {
+                            l.record(LatencyOp::Send, written.saturating_duration_since(started));
+                        }
                         st.data_frames.fetch_add(1, Ordering::Relaxed);
                         st.written_frames.fetch_add(1, Ordering::Relaxed);
                         st.written_bytes
@@ -634,7 +654,7 @@ fn writer_loop(
                                 .fetch_add(chunk.wire_len(), Ordering::Relaxed);
                             st.outstanding.notify();
                         } else {
-                            r.unacked.push_back((seq, chunk));
+                            r.unacked.push_back((seq, chunk, written));
                         }
                     }
                     Err(e) => {

@@ -1,10 +1,12 @@
 //! Prometheus metrics of migrations. Names are stable and documented in docs/architecture.md.
 
 use prometheus::{
-    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use dwcp_core::error::Error;
+use dwcp_core::latency::{LatencyOp, LatencyRecorder};
 
 use crate::report::{MigrationPhase, Progress};
 
@@ -51,6 +53,9 @@ pub struct MigrationMetrics {
     /// `dwcp_migration_failures_total{reason}`: migrations that ended without a handover, by
     /// [`crate::FailureReason`].
     pub failures: IntCounterVec,
+    /// `dwcp_latency_seconds{op}`: latency of each step of the source's migrations
+    /// (`stream_setup`, `encode`, `send`, `ack`, `digest`), added when a migration completes.
+    pub latency: HistogramVec,
 }
 
 impl MigrationMetrics {
@@ -129,6 +134,16 @@ impl MigrationMetrics {
                 &["phase"],
             )
             .map_err(prom)?,
+            latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "dwcp_latency_seconds",
+                    "Latency of each step of a migration, by operation",
+                )
+                // 10 us .. about 84 s, doubling.
+                .buckets(prometheus::exponential_buckets(10e-6, 2.0, 24).map_err(prom)?),
+                &["op"],
+            )
+            .map_err(prom)?,
             failures: IntCounterVec::new(
                 Opts::new(
                     "dwcp_migration_failures_total",
@@ -139,7 +154,8 @@ impl MigrationMetrics {
             .map_err(prom)?,
         };
         for c in [
-            Box::new(m.progress_percent.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.latency.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.progress_percent.clone()),
             Box::new(m.progress.clone()),
             Box::new(m.phase.clone()),
             Box::new(m.failures.clone()),
@@ -203,6 +219,20 @@ impl MigrationMetrics {
         }
     }
 
+    /// Adds a finished migration's latency histograms to `dwcp_latency_seconds`.
+    pub fn publish_latency(&self, recorder: &LatencyRecorder) {
+        for op in LatencyOp::ALL {
+            let h = self.latency.with_label_values(&[op.as_str()]);
+            // At most one observe per distinct recorded value and per count: bounded by the
+            // chunks of one migration.
+            recorder.for_each_value(op, |secs, count| {
+                for _ in 0..count {
+                    h.observe(secs);
+                }
+            });
+        }
+    }
+
     /// Marks `phase` as the current one.
     pub fn set_phase(&self, phase: MigrationPhase) {
         for p in PHASES {
@@ -232,4 +262,55 @@ impl MigrationMetrics {
 
 fn prom(e: prometheus::Error) -> Error {
     Error::Config(format!("registering metrics: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_metrics_that_exist() {
+        let registry = Registry::new();
+        let m = MigrationMetrics::register(&registry).unwrap();
+        // Vectors appear in `gather` only once they have a child.
+        m.publish_latency(&{
+            let r = LatencyRecorder::new();
+            r.record(LatencyOp::Ack, std::time::Duration::from_millis(1));
+            r
+        });
+        m.set_phase(MigrationPhase::Precopy);
+        m.failures.with_label_values(&["timeout"]).inc();
+        m.migrations.with_label_values(&["ok"]).inc();
+        m.stream_events.with_label_values(&["lost"]).inc();
+        m.page_bytes.with_label_values(&["zero"]).inc();
+        m.pool_acquisitions.with_label_values(&["hit"]).inc();
+        m.progress.with_label_values(&["pass"]).set(1.0);
+        m.stream_tcp
+            .with_label_values(&["0", "rtt_seconds"])
+            .set(1.0);
+        let known: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/grafana-dashboard.json"
+        );
+        let dashboard = std::fs::read_to_string(path).unwrap();
+        let mut used = 0;
+        for (i, _) in dashboard.match_indices("dwcp_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = name.strip_suffix("_bucket").unwrap_or(&name);
+            assert!(
+                known.iter().any(|k| k == base),
+                "{name} is not a metric: {known:?}"
+            );
+            used += 1;
+        }
+        assert!(used >= 9, "the dashboard queries {used} metrics");
+    }
 }

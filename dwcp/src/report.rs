@@ -6,6 +6,7 @@ use dwcp_core::pool::PoolStats;
 use dwcp_hde::EncodeStats;
 
 pub use dwcp_core::error::FailureReason;
+pub use dwcp_core::latency::{LatencyOp, LatencyReport, OpLatency};
 pub use dwcp_proto::report::{IterationReport, MigrationPhase, Progress, ResilienceReport};
 
 /// What a running migration tells its observer ([`crate::Migration::on_event`]), in order: the
@@ -114,6 +115,9 @@ pub struct MigrationReport {
     pub pool: PoolStats,
     /// Each pass.
     pub passes: Vec<IterationReport>,
+    /// Latency of each step: stream setup, encode (per batch), send (per chunk write), ack (chunk
+    /// written to acknowledged), digest; P50/P95/P99/max in microseconds.
+    pub latency: LatencyReport,
 }
 
 /// One `TCP_INFO` sample of a stream.
@@ -158,4 +162,6 @@ pub struct ReceiveReport {
     pub digest_match: bool,
     /// The whole-memory digest, hex.
     pub digest: String,
+    /// Latency of decoding and of applying each chunk, P50/P95/P99/max in microseconds.
+    pub latency: LatencyReport,
 }

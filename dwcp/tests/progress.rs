@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use common::*;
+use dwcp::report::LatencyOp;
 use dwcp::{
     FailureReason, Migration, MigrationConfig, MigrationEvent, MigrationMetrics, MigrationPhase,
 };
@@ -60,8 +61,51 @@ fn progress_never_runs_backwards_on_a_guest_that_dirties_faster_than_the_link() 
         .unwrap();
     g.stop();
     let (received, _) = rx.join().unwrap();
-    received.unwrap();
+    let received = received.unwrap();
     let events = events.into_inner().unwrap();
+
+    // Latency of every step, on both sides, and the same counts in the Prometheus histogram.
+    for op in [
+        LatencyOp::StreamSetup,
+        LatencyOp::Encode,
+        LatencyOp::Send,
+        LatencyOp::Ack,
+        LatencyOp::Digest,
+    ] {
+        let l = report
+            .latency
+            .get(op)
+            .unwrap_or_else(|| panic!("no {op:?}"));
+        assert!(
+            l.count > 0 && l.p50_us <= l.p99_us && l.p99_us <= l.max_us,
+            "{l:?}"
+        );
+        let family = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "dwcp_latency_seconds")
+            .unwrap();
+        let h = family
+            .get_metric()
+            .iter()
+            .find(|m| m.get_label().iter().any(|x| x.value() == op.as_str()))
+            .unwrap()
+            .get_histogram()
+            .get_sample_count();
+        assert_eq!(h, l.count, "{op:?}");
+    }
+    let acks = report.latency.get(LatencyOp::Ack).unwrap().count;
+    let sends = report.latency.get(LatencyOp::Send).unwrap().count;
+    assert_eq!(acks, sends, "every chunk written was acknowledged once");
+    let decoded = received.latency.get(LatencyOp::Decode).unwrap().count;
+    assert_eq!(
+        decoded,
+        received.latency.get(LatencyOp::Apply).unwrap().count
+    );
+    assert!(
+        decoded >= acks,
+        "{decoded} chunks decoded, {acks} acknowledged"
+    );
 
     let phases: Vec<MigrationPhase> = events
         .iter()

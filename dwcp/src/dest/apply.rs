@@ -2,6 +2,7 @@
 //! applies their pages (newest pass wins), acknowledging as `dwcp_proto::dest::AckPolicy` says; the
 //! handover's frames go to the session's driver.
 
+use dwcp_core::latency::{LatencyOp, LatencyRecorder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -62,6 +63,7 @@ pub(super) struct Shared<'s> {
     pub(super) stale: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) wire_bytes: AtomicU64,
+    pub(super) latency: LatencyRecorder,
 }
 
 /// Marks a claimed chunk complete when dropped, so an error while applying cannot leave the ledger
@@ -167,9 +169,14 @@ fn apply_chunk(
     scratch: &mut DecodeScratch,
 ) -> Result<(), Error> {
     // DUP and DELTA pages are rebuilt from the sink's current pages, after their hashes are checked.
+    let decoding = Instant::now();
     let chunk = shared
         .decoder
         .decode(bytes, shared.total_pages, shared.sink, scratch)?;
+    let applying = Instant::now();
+    shared
+        .latency
+        .record(LatencyOp::Decode, applying.duration_since(decoding));
     let (mut applied, mut stale) = (0, 0);
     for (page, data) in &chunk.pages {
         let outcome = shared.versions.apply(*page, chunk.iteration, |previous| {
@@ -191,6 +198,7 @@ fn apply_chunk(
             Applied::Stale => stale += 1,
         }
     }
+    shared.latency.record(LatencyOp::Apply, applying.elapsed());
     shared.pages_applied.fetch_add(applied, Ordering::Relaxed);
     shared.stale.fetch_add(stale, Ordering::Relaxed);
     Ok(())

@@ -671,6 +671,7 @@ impl<'l> Incoming<'l> {
             stale: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            latency: Default::default(),
         };
         let session = Session::new(
             self.session_id,
@@ -722,6 +723,7 @@ impl<'l> Incoming<'l> {
             final_iteration,
             digest_match: true,
             digest: hex(digest),
+            latency: shared.latency.report(),
         };
         tracing::info!(session = %report.session_id, pages, "migration received and committed");
         Ok(report)

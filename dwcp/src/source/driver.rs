@@ -31,6 +31,7 @@ use super::{Migration, TELEMETRY_INTERVAL};
 use crate::config::{Verification, threads_or_cores};
 use crate::report::{MigrationEvent, MigrationReport};
 use crate::session::{error_payload, hex};
+use dwcp_core::latency::LatencyOp;
 
 /// Longest single wait for acknowledgements: the loop then looks at failures, joins and cancel.
 const ACK_WAIT: Duration = Duration::from_millis(5);
@@ -425,6 +426,11 @@ impl<'m, 'a> Driver<'m, 'a> {
                         memory_digest(total, self.digest_threads, &|p| source.page_digest(p))
                     }
                 };
+                self.s
+                    .links
+                    .dialer
+                    .latency
+                    .record(LatencyOp::Digest, start.elapsed());
                 Some(SourceEvent::DigestComputed {
                     digest,
                     elapsed: start.elapsed(),
@@ -480,6 +486,7 @@ impl<'m, 'a> Driver<'m, 'a> {
         pages.extend_into(&mut self.storage);
         let chunks: Vec<&[u64]> = self.storage.chunks(per_chunk).collect();
         let content_before = sent_content_pages(&self.s.encoder.stats());
+        let encoding = Instant::now();
         let bufs = match self.s.encoder.encode_batch(
             iteration,
             &chunks,
@@ -490,6 +497,11 @@ impl<'m, 'a> Driver<'m, 'a> {
             Ok(b) => b,
             Err(e) => return machine.handle(Instant::now(), SourceEvent::LocalFailed(e)),
         };
+        self.s
+            .links
+            .dialer
+            .latency
+            .record(LatencyOp::Encode, encoding.elapsed());
         let content_pages = sent_content_pages(&self.s.encoder.stats()) - content_before;
         let (mut wire_bytes, count) = (0u64, bufs.len() as u64);
         let mut bounced = Vec::new();
@@ -569,6 +581,7 @@ impl<'m, 'a> Driver<'m, 'a> {
         self.m.telemetry.publish(stream_telemetry.clone());
         if let Some(mt) = &self.m.metrics {
             mt.downtime.set(done.downtime.as_secs_f64());
+            mt.publish_latency(&s.links.dialer.latency);
             self.published.publish(
                 mt,
                 s.encoder.stats(),
@@ -613,6 +626,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             encode: s.encoder.stats(),
             pool: s.pool.stats(),
             passes: done.passes,
+            latency: s.links.dialer.latency.report(),
         }
     }
 }

@@ -70,6 +70,7 @@ impl Established {
             offer: Offer::default(),
             connect_timeout: cfg.connect_timeout,
             io_timeout: cfg.io_timeout,
+            latency: Arc::default(),
         };
         // Stream 0 opens the session; its handshake (two round trips) also measures the path.
         let pool_key = (dialer.connector.peer(), m.security.fingerprint());

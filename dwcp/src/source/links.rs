@@ -1,6 +1,7 @@
 //! The streams of a running migration: opening and authenticating them, the acknowledgement reader
 //! of each, background joins, parked streams from the connection pool, and the orderly end.
 
+use dwcp_core::latency::{LatencyOp, LatencyRecorder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -46,6 +47,8 @@ pub(super) struct Dialer {
     pub(super) offer: Offer,
     pub(super) connect_timeout: Duration,
     pub(super) io_timeout: Duration,
+    /// The migration's latency histograms (stream setup here; the lanes add send and ack).
+    pub(super) latency: Arc<LatencyRecorder>,
 }
 
 impl Dialer {
@@ -71,6 +74,8 @@ impl Dialer {
         )
         .map_err(|e| classify(e, "a stream's handshake"))?;
         set_timeouts(writer.get_ref(), self.io_timeout, "configuring a stream")?;
+        self.latency
+            .record(LatencyOp::StreamSetup, started.elapsed());
         Ok((
             JoinedStream {
                 index: neg.stream_index,
@@ -121,8 +126,10 @@ impl Links {
         rtt: f64,
     ) -> Self {
         let (events_tx, events) = unbounded();
+        let lanes = Lanes::new();
+        lanes.record_latency_into(Arc::clone(&dialer.latency));
         Self {
-            lanes: Lanes::new(),
+            lanes,
             dialer,
             session_id,
             readers: Vec::new(),
