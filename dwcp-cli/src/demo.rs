@@ -10,7 +10,7 @@ use dwcp_core::memory::{GuestRam, MemorySource, PAGE_SIZE};
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 
 use crate::args::DemoArgs;
-use crate::events::EventLog;
+use crate::events::{EventLog, observe};
 use crate::output::{self, JsonReport};
 use crate::progress::ProgressView;
 use crate::rss::RssSampler;
@@ -57,19 +57,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, bytes = args.size, mix = args.mix.name(), dirty_rate_mib_s = args.dirty_rate, "demo starting");
 
     let progress = ProgressView::new(!args.output.json && !args.no_progress);
-    let events = args
-        .events
-        .as_deref()
-        .map(|path| EventLog::open(path, args.output.json))
-        .transpose()?;
-    let on_event = |e: &MigrationEvent| {
-        if let MigrationEvent::Progress(p) = e {
-            progress.update(p);
-        }
-        if let Some(log) = &events {
-            log.record(e);
-        }
-    };
+    let events = EventLog::open_if_asked(args.events.as_deref(), args.output.json)?;
+    let on_event = |e: &MigrationEvent| observe(e, &progress, events.as_ref());
     let (sent, received) = std::thread::scope(|s| {
         let receiver = std::thread::Builder::new()
             .name("demo-destination".into())

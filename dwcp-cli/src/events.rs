@@ -12,6 +12,8 @@ use std::time::Instant;
 use anyhow::Context;
 use dwcp::MigrationEvent;
 
+use crate::progress::ProgressView;
+
 /// Where events go: a file, or standard output for `-`.
 pub struct EventLog {
     out: Mutex<Box<dyn Write + Send>>,
@@ -38,6 +40,14 @@ impl EventLog {
         })
     }
 
+    /// The log `--events` asked for, if any.
+    pub fn open_if_asked(
+        path: Option<&Path>,
+        report_on_stdout: bool,
+    ) -> anyhow::Result<Option<Self>> {
+        path.map(|p| Self::open(p, report_on_stdout)).transpose()
+    }
+
     /// Writes one event. A failed write is logged, never fatal: the migration matters more than
     /// its log.
     pub fn record(&self, event: &MigrationEvent) {
@@ -60,6 +70,16 @@ impl EventLog {
         if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
             tracing::warn!(error = %e, "writing the event log failed");
         }
+    }
+}
+
+/// What a migrating command does with each event: the progress bar, and the event log if any.
+pub fn observe(event: &MigrationEvent, progress: &ProgressView, log: Option<&EventLog>) {
+    if let MigrationEvent::Progress(p) = event {
+        progress.update(p);
+    }
+    if let Some(log) = log {
+        log.record(event);
     }
 }
 

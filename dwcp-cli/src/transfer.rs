@@ -11,7 +11,7 @@ use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{GuestRam, NoDirtyLog, NoVmControl};
 
 use crate::args::{RecvArgs, SendArgs};
-use crate::events::EventLog;
+use crate::events::{EventLog, observe};
 use crate::output::{self, JsonReport};
 use crate::progress::ProgressView;
 use crate::rss::RssSampler;
@@ -75,19 +75,8 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, image = %args.image.display(), bytes = image.layout().total_bytes(), "sending");
 
     let progress = ProgressView::new(!args.output.json && !args.no_progress);
-    let events = args
-        .events
-        .as_deref()
-        .map(|path| EventLog::open(path, args.output.json))
-        .transpose()?;
-    let on_event = |e: &MigrationEvent| {
-        if let MigrationEvent::Progress(p) = e {
-            progress.update(p);
-        }
-        if let Some(log) = &events {
-            log.record(e);
-        }
-    };
+    let events = EventLog::open_if_asked(args.events.as_deref(), args.output.json)?;
+    let on_event = |e: &MigrationEvent| observe(e, &progress, events.as_ref());
     let mut migration = Migration::new(addr, security)
         .config(args.migrate.config())
         .on_event(&on_event);

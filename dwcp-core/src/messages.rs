@@ -698,20 +698,7 @@ mod tests {
 
     #[test]
     fn session_init_roundtrip_and_limits() {
-        let layout = MemoryLayout::new(
-            4096,
-            vec![
-                Region {
-                    guest_addr: 0,
-                    pages: 10,
-                },
-                Region {
-                    guest_addr: 1 << 32,
-                    pages: 5,
-                },
-            ],
-        )
-        .unwrap();
+        let layout = two_regions();
         let init = SessionInit {
             layout,
             stream_count: 4,
