@@ -38,16 +38,6 @@ const V1: Offer = Offer {
     capabilities: dwcp_core::handshake::SUPPORTED_CAPABILITIES,
 };
 
-fn plain(n: u8) -> dwcp::Security {
-    dwcp::Security::insecure_plaintext(psk(n))
-}
-
-fn listener(config: ReceiverConfig) -> (Listener, SocketAddr) {
-    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), plain(1), config).unwrap();
-    let a = l.local_addr().unwrap();
-    (l, a)
-}
-
 fn expecting(vm_uuid: Option<&str>, layout: Option<&MemoryLayout>) -> ReceiverConfig {
     ReceiverConfig {
         expected_identity: ExpectedIdentity {
@@ -258,12 +248,6 @@ fn another_memory_layout_is_refused_by_its_fingerprint() {
 
 type Reader = FrameReader<TcpStream>;
 type Writer = FrameWriter<TcpStream>;
-
-fn read(r: &mut Reader) -> (FrameType, Vec<u8>) {
-    let mut p = Vec::new();
-    let h = r.read_frame(&mut p).unwrap();
-    (h.frame_type, p)
-}
 
 /// A hand-made source speaking `offer`: stream 0 authenticated, `init` sent, the first answer.
 fn hand_source(

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use dwcp::{Listener, Migration, ReceiverConfig};
+use dwcp::{Migration, ReceiverConfig};
 use dwcp_core::digest::memory_digest;
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, encode_frame};
 use dwcp_core::handshake::{MAX_VERSION, Offer, client_handshake};
@@ -19,18 +19,6 @@ use dwcp_hde::{Codec, EncodeCounters, encode_chunk};
 type Reader = FrameReader<TcpStream>;
 type Writer = FrameWriter<TcpStream>;
 
-fn plain(n: u8) -> dwcp::Security {
-    dwcp::Security::insecure_plaintext(psk(n))
-}
-
-fn listener(config: ReceiverConfig) -> (Listener, SocketAddr) {
-    // These tests speak DWCP frames themselves, so the destination runs without TLS; the TLS layer
-    // beneath the same frames is tested in dwcp-tls and in tests/security.rs.
-    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), plain(1), config).unwrap();
-    let a = l.local_addr().unwrap();
-    (l, a)
-}
-
 fn open(addr: SocketAddr, session: u64, index: u16) -> (Reader, Writer, u64) {
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -38,12 +26,6 @@ fn open(addr: SocketAddr, session: u64, index: u16) -> (Reader, Writer, u64) {
     let mut w = FrameWriter::new(s);
     let neg = client_handshake(&mut r, &mut w, &psk(1), Offer::default(), session, index).unwrap();
     (r, w, neg.session_id)
-}
-
-fn read(r: &mut Reader) -> (FrameType, Vec<u8>) {
-    let mut p = Vec::new();
-    let h = r.read_frame(&mut p).unwrap();
-    (h.frame_type, p)
 }
 
 fn memory_with(pages: u64, byte: u8) -> GuestRam {

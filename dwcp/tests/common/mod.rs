@@ -41,6 +41,28 @@ pub fn source_config() -> MigrationConfig {
     }
 }
 
+/// A plain-text security for tests that speak DWCP frames themselves (the TLS layer beneath the
+/// same frames is tested in dwcp-tls and in tests/security.rs).
+pub fn plain(n: u8) -> dwcp::Security {
+    dwcp::Security::insecure_plaintext(psk(n))
+}
+
+/// A plain-text listener on loopback keyed by `psk(1)`, and its address.
+pub fn listener(config: ReceiverConfig) -> (Listener, SocketAddr) {
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), plain(1), config).unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// The next frame on a hand-driven stream: its type and payload.
+pub fn read<R: std::io::Read>(
+    r: &mut dwcp_core::frame::FrameReader<R>,
+) -> (dwcp_core::frame::FrameType, Vec<u8>) {
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p).unwrap();
+    (h.frame_type, p)
+}
+
 /// What a test receiver ends with: its result, and the memory it received into (if it got that far).
 pub type Received = (Result<ReceiveReport, Error>, Option<GuestRam>);
 
