@@ -282,6 +282,7 @@ impl SourceMachine {
             self.actions.push_back(SourceAction::TakeDirty);
             return;
         }
+        let (limit, throttle) = self.convergence.aids_in_force();
         self.passes.push(IterationReport {
             iteration: self.pass.iteration,
             pages: total,
@@ -294,8 +295,8 @@ impl SourceMachine {
             predicted_downtime_ms: 0.0,
             predicted_duration_ms: self.pass_prediction.as_secs_f64() * 1e3,
             link_forecast_bps: self.link_forecast().unwrap_or(0.0),
-            downtime_limit_ms: self.convergence.aids_in_force().0.as_secs_f64() * 1e3,
-            throttle_percent: self.convergence.aids_in_force().1,
+            downtime_limit_ms: limit.as_secs_f64() * 1e3,
+            throttle_percent: throttle,
         });
         // The handover's frames all travel on one stream: if that stream fails now, the migration
         // fails (the guest resumes) rather than guessing which of them arrived.
