@@ -24,6 +24,9 @@ pub mod report;
 mod session;
 mod source;
 mod uplink;
+// Adapters for rust-vmm's `vm-memory` guest memory: source, dirty log and sink (feature `vm-memory`).
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 
 pub use admission::{Admission, AdmissionTicket};
 pub use config::{MigrationConfig, PageClasses, ReceiverConfig, Verification};
