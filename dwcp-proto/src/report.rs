@@ -121,4 +121,6 @@ pub struct Progress {
     /// it stands still while the guest dirties faster than the link sends, and stays below 100
     /// until the handover.
     pub percent: f64,
+    /// Data streams taking chunks now (the adaptive stream count as it changes, minus failed ones).
+    pub streams: usize,
 }

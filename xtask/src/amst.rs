@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::Workspace;
 use crate::headline::{demo_with, flag, iperf3_parallel, num, require_iperf3, upper_median};
 use crate::process::{Io, run};
+use crate::{Workspace, plot};
 
 const TARGET_OF_IPERF_SINGLE: f64 = 0.9;
 /// Runs of each configuration by default (one with `--quick`).
@@ -105,6 +105,15 @@ pub fn bench(
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0),
         );
+    }
+    if plot::requested() {
+        // One more adaptive run, with its event log, for the figures (not in the medians).
+        let dir = plot::dir(ws)?;
+        let events = plot::events_path(&dir, "amst-adaptive");
+        let events_s = events.to_string_lossy().into_owned();
+        let (_, report) = dwcp_run(&["--events", &events_s])?;
+        let what = format!("dwcp demo random {size}, adaptive streams");
+        plot::run_figures_or_warn(&dir, "amst-adaptive", &what, &report, Some(&events));
     }
     let mut rows = Vec::new();
     for (&n, (iperf, dwcp)) in counts.iter().zip(&samples) {

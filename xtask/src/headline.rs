@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::Workspace;
 use crate::process::{Io, Proc, describe, free_port, run, tail, wait_listening};
+use crate::{Workspace, plot};
 
 /// Limit of one measured command.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -212,6 +212,13 @@ pub fn measure(ws: &Workspace, quick: bool) -> Result<bool> {
         plan.demo_size, plan.image_size, plan.reps
     );
     let mut rows = Vec::new();
+    // With --plot: figures of the last run of each demo.
+    let plots = if plot::requested() {
+        Some(plot::dir(ws)?)
+    } else {
+        None
+    };
+    let plots = plots.as_deref();
 
     let iperf = iperf3();
     rows.push(match &iperf {
@@ -231,7 +238,7 @@ pub fn measure(ws: &Workspace, quick: bool) -> Result<bool> {
 
     let metric = format!("dwcp demo idle {}, logical throughput", plan.demo_size);
     let target = format!(">= {:.2} GB/s", IDLE_TARGET_BPS / GB);
-    rows.push(match demo_throughput(&bin, plan, "idle") {
+    rows.push(match demo_throughput(&bin, plan, "idle", plots) {
         Ok((stats, runs)) => Row {
             metric,
             measured: stats.show("GB/s", GB, 2),
@@ -244,7 +251,7 @@ pub fn measure(ws: &Workspace, quick: bool) -> Result<bool> {
 
     let metric = format!("dwcp demo random {}, logical throughput", plan.demo_size);
     let target = format!(">= {RANDOM_TARGET_OF_IPERF:.2} x iperf3");
-    rows.push(match demo_throughput(&bin, plan, "random") {
+    rows.push(match demo_throughput(&bin, plan, "random", plots) {
         Ok((stats, runs)) => match &iperf {
             Ok(reference) => {
                 let ratio = stats.median() / reference;
@@ -274,7 +281,7 @@ pub fn measure(ws: &Workspace, quick: bool) -> Result<bool> {
         plan.demo_size
     );
     rows.push(
-        match demo_throughput_with(&bin, plan, "random", &["--lazy-destination"]) {
+        match demo_throughput_with(&bin, plan, "random", &["--lazy-destination"], None) {
             Ok((stats, runs)) => Row {
                 metric,
                 measured: match &iperf {
@@ -298,7 +305,7 @@ pub fn measure(ws: &Workspace, quick: bool) -> Result<bool> {
         plan.demo_size
     );
     let target = format!("converged, digest ok, <= {DOWNTIME_TARGET_MS:.0} ms");
-    rows.push(match demo_dirty(&bin, plan) {
+    rows.push(match demo_dirty(&bin, plan, plots) {
         Ok(row) => Row {
             metric,
             target,
@@ -479,10 +486,6 @@ pub(crate) fn dwcp(bin: &Path, args: &[&str]) -> Result<Value> {
     parse_json(&describe(&cmd), &out.stdout)
 }
 
-fn demo(bin: &Path, size: &str, mix: Option<&str>, dirty_rate: u64) -> Result<Value> {
-    demo_with(bin, size, mix, dirty_rate, &[])
-}
-
 pub(crate) fn demo_with(
     bin: &Path,
     size: &str,
@@ -500,9 +503,43 @@ pub(crate) fn demo_with(
     dwcp(bin, &args)
 }
 
-/// Logical throughput (memory size / total time) of `plan.reps` demo runs without dirtying.
-fn demo_throughput(bin: &Path, plan: Plan, mix: &str) -> Result<(Stats, Vec<Value>)> {
-    demo_throughput_with(bin, plan, mix, &[])
+/// A demo run, and with `plots` (`--plot`: where the figures go) its event log and figures named
+/// `e2e-<name>`.
+fn demo_plotted(
+    bin: &Path,
+    plan: Plan,
+    mix: Option<&str>,
+    dirty_rate: u64,
+    extra: &[&str],
+    plots: Option<(&Path, &str)>,
+) -> Result<Value> {
+    let Some((dir, name)) = plots else {
+        return demo_with(bin, plan.demo_size, mix, dirty_rate, extra);
+    };
+    let name = format!("e2e-{name}");
+    let events = plot::events_path(dir, &name);
+    let events_s = events.to_string_lossy().into_owned();
+    let mut args = extra.to_vec();
+    args.extend(["--events", &events_s]);
+    let r = demo_with(bin, plan.demo_size, mix, dirty_rate, &args)?;
+    let what = format!(
+        "dwcp demo {} {}, dirtying {dirty_rate} MiB/s",
+        mix.unwrap_or("default mix"),
+        plan.demo_size
+    );
+    plot::run_figures_or_warn(dir, &name, &what, &r, Some(&events));
+    Ok(r)
+}
+
+/// Logical throughput (memory size / total time) of `plan.reps` demo runs without dirtying; with
+/// `plots`, the figures of the last run.
+fn demo_throughput(
+    bin: &Path,
+    plan: Plan,
+    mix: &str,
+    plots: Option<&Path>,
+) -> Result<(Stats, Vec<Value>)> {
+    demo_throughput_with(bin, plan, mix, &[], plots)
 }
 
 fn demo_throughput_with(
@@ -510,11 +547,13 @@ fn demo_throughput_with(
     plan: Plan,
     mix: &str,
     extra: &[&str],
+    plots: Option<&Path>,
 ) -> Result<(Stats, Vec<Value>)> {
     let mut samples = Vec::new();
     let mut runs = Vec::new();
-    for _ in 0..plan.reps {
-        let r = demo_with(bin, plan.demo_size, Some(mix), 0, extra)?;
+    for rep in 0..plan.reps {
+        let plot = plots.filter(|_| rep + 1 == plan.reps).map(|d| (d, mix));
+        let r = demo_plotted(bin, plan, Some(mix), 0, extra, plot)?;
         if !flag(&r, "digest_match")? {
             bail!("dwcp demo --mix {mix}: digests differ");
         }
@@ -535,13 +574,15 @@ fn demo_throughput_with(
     Ok((Stats::new(samples), runs))
 }
 
-/// `plan.reps` demo runs with the guest dirtying memory: convergence, digest and downtime.
-fn demo_dirty(bin: &Path, plan: Plan) -> Result<Row> {
+/// `plan.reps` demo runs with the guest dirtying memory: convergence, digest and downtime; with
+/// `plots`, the figures of the last run.
+fn demo_dirty(bin: &Path, plan: Plan, plots: Option<&Path>) -> Result<Row> {
     let (mut converged, mut matched) = (0, 0);
     let mut downtime = Vec::new();
     let mut runs = Vec::new();
-    for _ in 0..plan.reps {
-        let r = demo(bin, plan.demo_size, None, DIRTY_RATE_MIB_S)?;
+    for rep in 0..plan.reps {
+        let plot = plots.filter(|_| rep + 1 == plan.reps).map(|d| (d, "dirty"));
+        let r = demo_plotted(bin, plan, None, DIRTY_RATE_MIB_S, &[], plot)?;
         let c = flag(&r, "converged")?;
         let d = flag(&r, "digest_match")?;
         let ms = num(&r, "downtime_ms")?;

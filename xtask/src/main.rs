@@ -2,11 +2,14 @@
 //!
 //! - `ci`: `cargo fmt --check`, `cargo clippy -D warnings` and `cargo test` over the workspace, in that
 //!   order, stopping at the first failure.
-//! - `bench hde|e2e|all [--quick] [--strict] [--headline-only]`: the Criterion benchmarks of
+//! - `bench hde|e2e [--quick] [--strict] [--headline-only]`: the Criterion benchmarks of
 //!   `dwcp-benches`; `e2e` also measures the headline figures against their targets (iperf3 loopback, the
 //!   `dwcp` binary's demo and memory-mapped image runs), prints them as a table and writes them to
 //!   `target/xtask/bench-e2e.json`. `--quick` shrinks sizes and repetitions, `--strict` fails when a target
 //!   is missed, `--headline-only` skips Criterion's e2e run.
+//! - `bench all [--quick]`: the seed's suite — every component's benchmark and the end-to-end
+//!   datacenter, internet, hybrid and 1/10/100-VM cases, with CPU and peak memory, next to the
+//!   seed's figures, in `target/xtask/bench-all.{json,md}` (`suite.rs`).
 //!
 //! - `wan up|down|check` and `bench wan --profile P`: the WAN test bed (`dwcp-wanem`, see `wan.rs` and
 //!   `docs/wan-testbed.md`); these need root.
@@ -35,10 +38,12 @@ mod fuzz;
 mod hde;
 mod headline;
 mod pba;
+mod plot;
 mod process;
 mod qemu;
 mod rdma;
 mod security;
+mod suite;
 mod wan;
 
 use std::path::{Path, PathBuf};
@@ -93,6 +98,10 @@ enum Cmd {
         /// for an A/B comparison on the same noisy machine; the verdicts ignore these rows.
         #[arg(long)]
         baseline: Option<std::path::PathBuf>,
+        /// With `e2e`, `amst` and `wan`: also draw SVG figures of the dwcp runs (throughput per pass,
+        /// predicted vs measured bandwidth, streams over time) to target/xtask/plots/.
+        #[arg(long)]
+        plot: bool,
         /// With `wan`: the link and the dwcp runs.
         #[command(flatten)]
         wan: wan::BenchWanOpts,
@@ -122,7 +131,7 @@ enum Which {
     Hde,
     /// End-to-end migration, plus the headline table.
     E2e,
-    /// Both.
+    /// The seed's suite: every component bench and the end-to-end cases (`suite.rs`).
     All,
     /// iperf3 and dwcp across the emulated WAN link (`--profile`; needs root).
     Wan,
@@ -217,32 +226,24 @@ pub(crate) fn criterion(ws: &Workspace, bench: &str, quick: bool) -> Result<()> 
     step(ws, &args)
 }
 
-fn bench(
-    ws: &Workspace,
-    which: Which,
-    quick: bool,
-    strict: bool,
-    headline_only: bool,
-) -> Result<()> {
+fn bench(ws: &Workspace, quick: bool, strict: bool, headline_only: bool) -> Result<()> {
     // Before spending minutes on anything else.
     headline::require_iperf3()?;
-    if which == Which::All && !headline_only {
-        hde::bench(ws, quick)?;
+    if !headline_only {
+        criterion(ws, "e2e", quick)?;
     }
-    if matches!(which, Which::E2e | Which::All) {
-        if !headline_only {
-            criterion(ws, "e2e", quick)?;
-        }
-        let all_met = headline::measure(ws, quick)?;
-        if strict && !all_met {
-            bail!("some headline targets were missed (--strict)");
-        }
+    let all_met = headline::measure(ws, quick)?;
+    if strict && !all_met {
+        bail!("some headline targets were missed (--strict)");
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Bench { plot: true, .. } = &cli.command {
+        plot::request();
+    }
     let result = Workspace::locate().and_then(|ws| match cli.command {
         Cmd::Ci => ci(&ws),
         Cmd::Bench {
@@ -254,6 +255,7 @@ fn main() -> ExitCode {
             rounds,
             only,
             baseline,
+            ..
         } => match which {
             Which::Wan => wan::bench(&ws, &wan, quick, strict, baseline),
             Which::Amst => amst::bench(&ws, quick, rounds, baseline),
@@ -264,7 +266,8 @@ fn main() -> ExitCode {
             Which::Fleet => pba::bench_fleet(&ws, quick),
             Which::Cluster => cluster::bench(&ws, quick),
             Which::Security => security::bench(&ws, quick, rounds),
-            _ => bench(&ws, which, quick, strict, headline_only),
+            Which::All => suite::bench(&ws, quick, &wan.link),
+            Which::E2e => bench(&ws, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),
         Cmd::RdmaGuest(opts) => rdma::guest(&ws, &opts),

@@ -276,7 +276,7 @@ pub fn free_port() -> Result<u16> {
 
 /// Whether some socket listens on TCP `port` (any address), from /proc/net/tcp{,6}; `None` when that
 /// cannot be told.
-fn is_listening(port: u16) -> Option<bool> {
+pub(crate) fn is_listening(port: u16) -> Option<bool> {
     let mut readable = false;
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else {

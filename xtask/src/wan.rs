@@ -27,8 +27,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::Workspace;
 use crate::process::{Io, Proc, alive, describe, run, tail};
+use crate::{Workspace, plot};
 
 const SRC_NS: &str = "dwcp-src";
 const DST_NS: &str = "dwcp-dst";
@@ -886,6 +886,12 @@ pub fn bench(
     } else {
         dir.clone()
     };
+    // With --plot: an event log and figures of each image's "dwcp" run (not baseline, not plain).
+    let plots = if plot::requested() {
+        Some(plot::dir(ws)?)
+    } else {
+        None
+    };
     let dwcp_row = |dwcp: &Path,
                     label: &str,
                     mix: &str,
@@ -927,6 +933,13 @@ pub fn bench(
         if let Some(n) = opts.streams {
             send.args(["--streams", &n.to_string()]);
         }
+        let plot_to = plots
+            .as_deref()
+            .filter(|_| label == "dwcp")
+            .map(|d| (d, format!("wan-{}-{mix}", opts.link.profile)));
+        if let Some((d, name)) = &plot_to {
+            send.arg("--events").arg(plot::events_path(d, name));
+        }
         eprintln!("  $ {}", describe(&send));
         let before = link.counters();
         let started = Instant::now();
@@ -942,6 +955,11 @@ pub fn bench(
         let total_s = num("total_ms") / 1e3;
         if s["digest_match"] != Value::Bool(true) {
             bail!("dwcp send ({mix}): digests differ: {s}");
+        }
+        if let Some((d, name)) = &plot_to {
+            let what = format!("dwcp send {mix} {image_size}, WAN {}", opts.link.profile);
+            let events = plot::events_path(d, name);
+            plot::run_figures_or_warn(d, name, &what, &s, Some(&events));
         }
         // The first pass alone (after the streams are set up, before the end game), for comparison
         // with iperf3, whose figure excludes its connection setup too.

@@ -115,6 +115,7 @@ impl SourceMachine {
             eta_s,
             predicted_downtime_ms,
             percent: self.meter.percent(self.logical_bytes, remaining_bytes),
+            streams: self.live.len(),
         }
     }
 }
