@@ -106,14 +106,29 @@ fn ratio(logical: u64, wire: u64) -> f64 {
     }
 }
 
+/// Why pre-copy ended, from [`MigrationReport::converged`] and [`MigrationReport::stop_reason`]:
+/// the reason's name as the JSON report has it, and for a stop that did not converge its cause.
+fn stop_text(converged: bool, reason: &str) -> String {
+    if converged {
+        return format!("stop reason {reason}: the predicted downtime fit the downtime limit");
+    }
+    let cause = match reason {
+        "stalled" => {
+            "the dirty set stopped shrinking, stop-and-copy forced above the downtime limit"
+        }
+        "iteration_limit" => "stop-and-copy forced by the iteration limit",
+        "clean" => {
+            "nothing was left to send, but the fixed cost of a pause (digest, handover round \
+             trips) alone exceeded the downtime limit"
+        }
+        _ => "stop-and-copy without meeting the downtime limit",
+    };
+    format!("did not converge, stop reason {reason}: {cause}")
+}
+
 /// The human-readable report of a completed migration (source side).
 pub fn migration_text(r: &MigrationReport) -> String {
     let mut s = String::new();
-    let converged = if r.converged {
-        "converged".to_string()
-    } else {
-        "did not converge: stop-and-copy forced by the iteration limit".to_string()
-    };
     let _ = writeln!(
         s,
         "migrated {} in {:.1} ms (session {})",
@@ -126,7 +141,12 @@ pub fn migration_text(r: &MigrationReport) -> String {
         "  downtime          {:.2} ms (digest {:.2} ms; predicted {:.2} ms)",
         r.downtime_ms, r.digest_ms, r.predicted_downtime_ms
     );
-    let _ = writeln!(s, "  iterations        {} ({converged})", r.iterations);
+    let _ = writeln!(
+        s,
+        "  iterations        {} ({})",
+        r.iterations,
+        stop_text(r.converged, &r.stop_reason)
+    );
     let _ = writeln!(
         s,
         "  logical bytes     {} ({})",
@@ -253,6 +273,79 @@ mod tests {
         assert_eq!(bytes(1536), "1.50 KiB");
         assert_eq!(bytes(32 << 20), "32.00 MiB");
         assert_eq!(bytes(1 << 30), "1.00 GiB");
+    }
+
+    fn migration_report(converged: bool, stop_reason: &str) -> MigrationReport {
+        MigrationReport {
+            session_id: "00000000000000ab".into(),
+            total_ms: 100.0,
+            downtime_ms: 20.0,
+            predicted_downtime_ms: 18.0,
+            digest_ms: 0.5,
+            iterations: 4,
+            converged,
+            stop_reason: stop_reason.into(),
+            verification: dwcp::Verification::SentPages,
+            memory_bytes: 8 << 20,
+            logical_bytes: 16 << 20,
+            wire_bytes: 1 << 20,
+            logical_throughput_bps: 1e8,
+            digest_match: true,
+            digest: "00".repeat(16),
+            streams: 4,
+            peak_streams: 4,
+            mode: dwcp_tcp::Mode::Datacenter,
+            rtt_ms: 0.1,
+            congestion: "cubic".into(),
+            security: dwcp::SecurityMode::PreSharedKey,
+            identity_announced: true,
+            resilience: Default::default(),
+            stream_telemetry: Vec::new(),
+            encode: Default::default(),
+            pool: Default::default(),
+            passes: Vec::new(),
+            latency: Default::default(),
+        }
+    }
+
+    /// The iterations line of a report: its stop reason and, when it did not converge, the cause.
+    fn iterations_line(converged: bool, stop_reason: &str) -> String {
+        migration_text(&migration_report(converged, stop_reason))
+            .lines()
+            .find(|l| l.trim_start().starts_with("iterations"))
+            .expect("an iterations line")
+            .to_string()
+    }
+
+    #[test]
+    fn text_report_states_the_stop_reason() {
+        let line = iterations_line(true, "converged");
+        assert!(
+            line.contains("4 (stop reason converged: the predicted downtime fit"),
+            "{line}"
+        );
+
+        let line = iterations_line(false, "stalled");
+        assert!(
+            line.contains("did not converge, stop reason stalled: the dirty set stopped shrinking"),
+            "{line}"
+        );
+        let line = iterations_line(false, "clean");
+        assert!(
+            line.contains("did not converge, stop reason clean: nothing was left to send"),
+            "{line}"
+        );
+        let line = iterations_line(false, "iteration_limit");
+        assert!(
+            line.contains("did not converge, stop reason iteration_limit: stop-and-copy forced by the iteration limit"),
+            "{line}"
+        );
+        // Only a real iteration limit blames it.
+        for reason in ["stalled", "clean", "something_new"] {
+            let line = iterations_line(false, reason);
+            assert!(!line.contains("iteration limit"), "{line}");
+            assert!(line.contains(&format!("stop reason {reason}")), "{line}");
+        }
     }
 
     #[test]

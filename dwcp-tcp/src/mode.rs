@@ -4,7 +4,7 @@
 //! | mode | detected when | sockets | streams (start / max) |
 //! |---|---|---|---|
 //! | datacenter | RTT < 2 ms and probe ≥ 1 Gbit/s (or no probe) | 4 MiB buffers, no unsent limit | 2 / cores × 2 |
-//! | hybrid | anything between | BDP buffers, 256 KiB unsent limit | 2 / 8 |
+//! | hybrid | anything between | BDP buffers, 256 KiB unsent limit, user timeout | 2 / 8 |
 //! | internet | RTT ≥ 10 ms, or probe < 200 Mbit/s | BDP buffers, 256 KiB unsent limit, user timeout | 4 / 16 |
 
 use std::time::Duration;

@@ -85,7 +85,8 @@ pub struct MigrationConfig {
     pub digest_threads: usize,
     /// How the source's digest is computed.
     pub verification: Verification,
-    /// Stop-and-copy is forced when the dirty set has not shrunk for this many passes (a guest dirtying
+    /// Stop-and-copy is forced (or the next convergence aid engaged) when the dirty set has not shrunk
+    /// by at least 10 % below its smallest size for this many passes in a row (a guest dirtying
     /// memory faster than the link drains it never converges by iterating).
     pub stall_passes: u32,
     /// Most bytes per second this migration puts on the wire, over TCP and RDMA alike (None: no cap).

@@ -9,8 +9,8 @@ pub struct ConvergencePolicy {
     pub downtime_limit: Duration,
     /// Passes at most, the first included.
     pub max_iterations: u32,
-    /// Passes in a row in which the dirty set did not shrink below its smallest size before pre-copy
-    /// is declared stalled.
+    /// Passes in a row in which the dirty set did not shrink to at most 90 % of its smallest size
+    /// (`PROGRESS`) before pre-copy is declared stalled.
     pub stall_passes: u32,
     /// What the pause costs besides sending pages: computing the digest.
     pub digest_estimate: Duration,
