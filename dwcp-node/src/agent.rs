@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use dwcp::{Listener, Migration, MigrationConfig, ReceiverConfig};
 use dwcp_acp::{AcpError, Fence, Holding, NodeId, NodeRecord, Ownership, Registry, VmId};
+use dwcp_core::messages::{ExpectedIdentity, VmUuid};
 use dwcp_core::sim::{SimulatedGuest, SimulatedGuestConfig};
 use dwcp_core::{GuestRam, MemoryLayout, VmControl};
 use dwcp_tls::Security;
@@ -625,8 +626,12 @@ impl Inner {
             recorded: recorded.clone(),
         };
         let migration =
-            Migration::new(SocketAddr::new(dest_ip, port), self.config.security.clone())
-                .config(self.config.migration.clone());
+            Migration::new(SocketAddr::new(dest_ip, port), self.config.security.clone()).config(
+                MigrationConfig {
+                    vm_uuid: Some(vm_uuid(vm)),
+                    ..self.config.migration.clone()
+                },
+            );
         let outcome = migration.run(&**guest, &mut guest.dirty_log(), &mut control);
         match outcome {
             Ok(report) => {
@@ -862,7 +867,13 @@ impl Inner {
                     "the source announced another memory layout than prepared for {vm}"
                 )));
             }
-            incoming.receive_into(&ram)
+            // The source names the VM it sends (protocol version 2); one that cannot (version 1,
+            // a node of the previous release during an upgrade) is held to the layout alone.
+            let expected = ExpectedIdentity {
+                vm_uuid: (incoming.protocol_version() >= 2).then(|| vm_uuid(&vm)),
+                layout_fingerprint: Some(ram.layout().fingerprint()),
+            };
+            incoming.require(&expected)?.receive_into(&ram)
         });
         connected.store(true, Ordering::SeqCst);
         let me = self.id();
@@ -945,4 +956,17 @@ fn seed_of(vm: &VmId) -> u64 {
     vm.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// The UUID a node announces for `vm` when it migrates it, and the one the destination requires:
+/// derived from the VM's registry name, so that every node computes the same one, in the RFC 9562
+/// layout of a version 8 (custom) UUID. A destination prepared for one VM thereby refuses another
+/// VM's memory before any page is written, even from a source holding the cluster key.
+pub fn vm_uuid(vm: &VmId) -> VmUuid {
+    let mut name = b"DWCP node VM ".to_vec();
+    name.extend_from_slice(vm.as_str().as_bytes());
+    let mut b = dwcp_core::hash::xxh3_128(&name).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    VmUuid::new(b).expect("the version bits make it non-nil")
 }

@@ -25,7 +25,7 @@ mod handover;
 mod node;
 pub mod protocol;
 
-pub use agent::{Agent, AgentConfig};
+pub use agent::{Agent, AgentConfig, vm_uuid};
 pub use node::{BackendChoice, ClusterFile, NodeEntry, NodeOptions, RunningNode};
 pub use protocol::{Request, Target, call, call_with};
 

@@ -371,6 +371,73 @@ fn a_refused_handover_keeps_the_vm_on_the_source_and_the_destination_discards_it
 }
 
 #[test]
+fn a_destination_prepared_for_one_vm_refuses_another_vms_memory_before_writing_a_page() {
+    let p = pair(Faulty::default());
+    let vm = VmId::new("vm").unwrap();
+    p.source
+        .handle(Request::CreateVm {
+            vm: vm.clone(),
+            size: 8 * MIB,
+            dirty_rate: 0,
+        })
+        .unwrap();
+    // What node 1 does before it migrates `vm` to node 2, up to the destination's port.
+    let owned = p
+        .runtime
+        .block_on(p.registry.ownership(&vm))
+        .unwrap()
+        .unwrap();
+    let begun = p
+        .runtime
+        .block_on(p.registry.begin_handoff(&vm, 1, owned.fence, 2))
+        .unwrap();
+    let prepared = p
+        .dest
+        .handle(Request::Prepare {
+            vm: vm.clone(),
+            from: 1,
+            fence: begun.fence,
+            size: 8 * MIB,
+            dirty_rate: 0,
+        })
+        .unwrap();
+    let port = u16::try_from(prepared["port"].as_u64().unwrap()).unwrap();
+    // A source with the cluster key sends another VM of the same size into that slot.
+    let other = dwcp_core::sim::SimulatedGuest::new(dwcp_core::sim::SimulatedGuestConfig {
+        size_bytes: 8 * MIB,
+        mix: dwcp_core::sim::ContentMix::RANDOM,
+        seed: 7,
+    })
+    .unwrap();
+    let error = dwcp::Migration::new(loopback(port), Security::psk(p.psk.clone()))
+        .config(dwcp::MigrationConfig {
+            vm_uuid: Some(dwcp_node::vm_uuid(&VmId::new("another-vm").unwrap())),
+            ..Default::default()
+        })
+        .run(
+            &*other,
+            &mut other.dirty_log(),
+            &mut dwcp_core::memory::NoVmControl,
+        )
+        .unwrap_err();
+    assert_eq!(
+        error.reason(),
+        dwcp_core::FailureReason::Identity,
+        "refused for its identity: {error}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        p.dest.running().is_empty(),
+        "the destination runs nothing it was sent"
+    );
+    assert_ne!(
+        dwcp_node::vm_uuid(&vm),
+        dwcp_node::vm_uuid(&VmId::new("another-vm").unwrap()),
+        "names give distinct UUIDs"
+    );
+}
+
+#[test]
 fn a_lost_commit_answer_is_found_in_the_registry_and_the_destination_takes_over() {
     let p = pair(Faulty {
         lose_commit_answers: AtomicU32::new(1),

@@ -2,8 +2,10 @@
 //!
 //! Input: one frame payload, handed to every decoder (ClientHello, ServerHello, SessionInit, Finish,
 //! DigestMessage, Ack, ErrorMessage). Checked: no panic; each fixed-size message is accepted exactly
-//! when the length is right and re-encodes to the same bytes; an accepted SessionInit obeys every
-//! rule of wire-protocol §8.1 (and §2: 1..=64 streams) and re-encodes to the same bytes; an accepted
+//! when the length is right and re-encodes to the same bytes; an accepted SessionInit, decoded as
+//! protocol version 1 and as version 2, obeys every rule of wire-protocol §8.1 (and §2: 1..=64
+//! streams; version 2: the identity's 25 bytes, its flags and a non-nil UUID) and re-encodes to
+//! the same bytes; an accepted
 //! ErrorMessage is 2..=1026 bytes, maps its code as `ErrorCode::from_wire`, carries the lossy UTF-8
 //! text, and re-encodes to the same bytes when code and text were canonical.
 
@@ -14,6 +16,9 @@ use dwcp_core::messages::{
     MAX_STREAMS, ServerHello, SessionInit,
 };
 
+/// Bytes a version 2 SessionInit carries after the regions: fingerprint (8), flags (1), UUID (16).
+const IDENTITY_BYTES: usize = 25;
+
 /// Runs every message property on one fuzz input.
 pub fn check(data: &[u8]) {
     fixed(data, 48, ClientHello::decode, |m| m.encode());
@@ -21,7 +26,8 @@ pub fn check(data: &[u8]) {
     fixed(data, 12, Finish::decode, |m| m.encode());
     fixed(data, 16, DigestMessage::decode, |m| m.encode().to_vec());
     fixed(data, 8, Ack::decode, |m| m.encode().to_vec());
-    session_init(data);
+    session_init(data, 1);
+    session_init(data, 2);
     error_message(data);
 }
 
@@ -43,8 +49,8 @@ fn fixed<T: std::fmt::Debug>(
     }
 }
 
-fn session_init(data: &[u8]) {
-    let m = match SessionInit::decode(data) {
+fn session_init(data: &[u8], version: u8) {
+    let m = match SessionInit::decode_version(data, version) {
         Ok(m) => m,
         Err(e) => {
             assert!(matches!(e, FrameError::Malformed { .. }), "{e:?}");
@@ -53,7 +59,22 @@ fn session_init(data: &[u8]) {
     };
     let regions = m.layout.regions();
     assert!((1..=MAX_REGIONS).contains(&regions.len()));
-    assert_eq!(data.len(), 10 + 16 * regions.len());
+    let identity_bytes = match (&m.identity, version) {
+        (None, 1) => 0,
+        (Some(id), 2) => {
+            let uuid = &data[data.len() - 16..];
+            match id.vm_uuid {
+                None => assert!(uuid.iter().all(|&b| b == 0), "no UUID: its field is zero"),
+                Some(u) => {
+                    assert_eq!(u.as_bytes(), uuid, "the UUID is the one on the wire");
+                    assert!(uuid.iter().any(|&b| b != 0), "the nil UUID is refused");
+                }
+            }
+            IDENTITY_BYTES
+        }
+        (identity, _) => panic!("version {version} SessionInit decoded with identity {identity:?}"),
+    };
+    assert_eq!(data.len(), 10 + 16 * regions.len() + identity_bytes);
     assert!(
         (1..=MAX_STREAMS).contains(&m.stream_count),
         "SessionInit accepted with {} streams (1..={MAX_STREAMS})",
