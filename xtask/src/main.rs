@@ -90,7 +90,8 @@ enum Cmd {
         /// medians (default 3, and 7 for `qemu` on loopback; 1 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
-        /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2").
+        /// With `qemu`: only the configurations whose name contains this text (e.g. "multifd 2");
+        /// with `all`: `components` or `e2e`, one half of the suite.
         #[arg(long)]
         only: Option<String>,
         /// With `qemu`, `amst` and `wan`: also run every dwcp configuration with this other `dwcp`
@@ -266,7 +267,7 @@ fn main() -> ExitCode {
             Which::Fleet => pba::bench_fleet(&ws, quick),
             Which::Cluster => cluster::bench(&ws, quick),
             Which::Security => security::bench(&ws, quick, rounds),
-            Which::All => suite::bench(&ws, quick, &wan.link),
+            Which::All => suite::bench(&ws, quick, &wan.link, only.as_deref()),
             Which::E2e => bench(&ws, quick, strict, headline_only),
         },
         Cmd::Wan { cmd } => wan::wan(&ws, cmd),
