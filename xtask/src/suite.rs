@@ -687,13 +687,7 @@ fn end_to_end(ws: &Workspace, quick: bool, link: &LinkOpts, rows: &mut Vec<Row>)
     let dir = ws.target.join("xtask").join("suite");
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key.psk");
-    run(
-        Command::new(&dwcp)
-            .args(["keygen", "--force", "--out"])
-            .arg(&key),
-        Io::Capture,
-        Duration::from_secs(30),
-    )?;
+    wan::keygen(&dwcp, &key)?;
     let image = |size: &str| -> Result<PathBuf> {
         let img = dir.join(format!("random-{size}.img"));
         if !img.is_file() {

@@ -142,6 +142,18 @@ pub struct BenchWanOpts {
     pub plaintext_too: bool,
 }
 
+/// A fresh pre-shared key from `dwcp keygen` at `key` (overwriting an old one).
+pub(crate) fn keygen(dwcp: &Path, key: &Path) -> Result<()> {
+    run(
+        Command::new(dwcp)
+            .args(["keygen", "--force", "--out"])
+            .arg(key),
+        Io::Capture,
+        STEP_TIMEOUT,
+    )?;
+    Ok(())
+}
+
 pub(crate) fn require_root() -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status
@@ -828,13 +840,7 @@ pub fn bench(
     let dir = ws.target.join("xtask").join("wan-bench");
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key.psk");
-    run(
-        Command::new(&dwcp)
-            .args(["keygen", "--force", "--out"])
-            .arg(&key),
-        Io::Capture,
-        STEP_TIMEOUT,
-    )?;
+    keygen(&dwcp, &key)?;
     let mut images = Vec::new();
     for mix in ["random", "idle"] {
         let img = dir.join(format!("{mix}-{image_size}.img"));
