@@ -110,23 +110,33 @@ fn run(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let svg = dir.join(format!("profile-{stamp}.svg"));
-        let file =
-            std::fs::File::create(&svg).with_context(|| format!("creating {}", svg.display()))?;
-        report
-            .flamegraph(std::io::BufWriter::new(file))
-            .with_context(|| format!("writing {}", svg.display()))?;
-        let pb = dir.join(format!("profile-{stamp}.pb"));
-        let mut bytes = Vec::new();
-        report
-            .pprof()
-            .context("converting the profile to pprof")?
-            .encode(&mut bytes)
-            .context("encoding the pprof profile")?;
-        std::fs::write(&pb, bytes).with_context(|| format!("writing {}", pb.display()))?;
-        tracing::info!(svg = %svg.display(), pprof = %pb.display(), "CPU profile written");
-        written += 1;
+        // A period without a single sample (the short last one, or an idle process) has no
+        // flamegraph to draw; writing one would leave an empty, invalid file behind.
+        if report.data.is_empty() {
+            tracing::debug!(svg = %svg.display(), "no CPU samples in this period; no profile written");
+        } else {
+            let mut image = Vec::new();
+            report
+                .flamegraph(&mut image)
+                .with_context(|| format!("drawing {}", svg.display()))?;
+            std::fs::write(&svg, image).with_context(|| format!("writing {}", svg.display()))?;
+            write_pprof(&report, &dir.join(format!("profile-{stamp}.pb")))?;
+            tracing::info!(svg = %svg.display(), "CPU profile written");
+            written += 1;
+        }
         if stop.load(Ordering::Relaxed) {
             return Ok(written);
         }
     }
+}
+
+/// The pprof protobuf of `report` at `pb`.
+fn write_pprof(report: &pprof::Report, pb: &Path) -> anyhow::Result<()> {
+    let mut bytes = Vec::new();
+    report
+        .pprof()
+        .context("converting the profile to pprof")?
+        .encode(&mut bytes)
+        .context("encoding the pprof profile")?;
+    std::fs::write(pb, bytes).with_context(|| format!("writing {}", pb.display()))
 }
