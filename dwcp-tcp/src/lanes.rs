@@ -620,11 +620,11 @@ fn writer_loop(
             Item::Data(c) => c.buf.len(),
             Item::Control(o) => o.payload.bytes().len(),
         } as u64;
-        st.queued_bytes.fetch_sub(len, Ordering::Relaxed);
         if st.failed.load(Ordering::Acquire) {
             if let Item::Data(c) = item {
                 st.orphans.lock().push(c);
             }
+            st.queued_bytes.fetch_sub(len, Ordering::Release);
             continue;
         }
         match item {
@@ -672,6 +672,11 @@ fn writer_loop(
                 Err(e) => st.fail(e.to_string()),
             },
         }
+        // Counted as queued until written, not only until taken off the queue: a chunk in the
+        // writer's hands is neither queued nor in `retained`, and a retiring lane must not look
+        // idle to `close_retired` then (its stream would close under the chunk, which would never
+        // be acknowledged nor re-sent). Release: who reads 0 here sees the chunk in `retained`.
+        st.queued_bytes.fetch_sub(len, Ordering::Release);
     }
     let _ = writer.flush();
     (!st.failed.load(Ordering::Acquire)).then_some(writer)

@@ -1,9 +1,10 @@
 //! Lanes and socket profiles over real loopback sockets.
 
 use std::collections::BTreeMap;
+use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, MAX_PAYLOAD};
@@ -267,6 +268,160 @@ fn a_dead_stream_is_reported_not_hung_on() {
         })
         .expect_err("no lane is left");
     assert_eq!(back.id, id, "the chunk is handed back, not lost");
+}
+
+/// Loopback TCP whose writes wait at a gate, to hold a lane's writer in the middle of a frame.
+#[derive(Debug, Clone)]
+struct Gated {
+    stream: Arc<TcpStream>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+    /// A write has reached the gate.
+    reached: AtomicBool,
+}
+
+impl Gate {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        self.reached.store(true, Ordering::Release);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+}
+
+impl Read for Gated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.stream).read(buf)
+    }
+}
+
+impl Write for Gated {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.gate.pass();
+        (&*self.stream).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.gate.pass();
+        (&*self.stream).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.stream).flush()
+    }
+}
+
+impl Conn for Gated {
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.clone()))
+    }
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.stream.shutdown(how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_write_timeout(timeout)
+    }
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.stream.peer_addr()
+    }
+    fn transport(&self) -> &'static str {
+        "gated-tcp"
+    }
+}
+
+#[test]
+fn a_retired_lane_is_not_closed_while_its_writer_still_holds_a_chunk() {
+    // The stream-count controller retires a lane while its last chunk is being written (on a slow
+    // host TLS alone takes milliseconds per chunk): the chunk has left the queue and is not yet
+    // among the unacknowledged. Taking the lane for idle then closed the stream right behind the
+    // chunk, the destination (seeing Close already buffered) did not acknowledge it, and the lane
+    // had left the set, so the chunk was never re-sent either: the migration ended in
+    // `Timeout("the destination stopped acknowledging data")` after `io_timeout`.
+    let (c, s, _) = pair(&SocketProfile::datacenter());
+    let gate = Arc::new(Gate::default());
+    let conn = Gated {
+        stream: Arc::new(c),
+        gate: Arc::clone(&gate),
+    };
+    let mut w = FrameWriter::new(Box::new(conn) as Box<dyn Conn>);
+    w.bind_session(9);
+    let mut lanes = Lanes::new();
+    let handle = lanes.add(0, w).unwrap();
+    // The peer reports every frame it reads; the test acknowledges them.
+    let (frames_tx, frames) = std::sync::mpsc::channel();
+    let consumer = std::thread::spawn(move || {
+        let mut r = FrameReader::new(s);
+        r.bind_session(9, MAX_PAYLOAD);
+        let mut p = Vec::new();
+        while let Ok(h) = r.read_frame(&mut p) {
+            let _ = frames_tx.send((h.frame_type, h.seq));
+            if h.frame_type == FrameType::Close {
+                break;
+            }
+        }
+    });
+    let pool = BufferPool::new(16 << 20).unwrap();
+    let mut b = pool.acquire(4096).unwrap();
+    b.resize(100, 1);
+    lanes.send_data(DataChunk { id: 0, buf: b }).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gate.reached.load(Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never started the frame"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    lanes.retire(0);
+    // Lets the writer go after a while (closing the lane would wait for it).
+    let opener = {
+        let gate = Arc::clone(&gate);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            gate.open();
+        })
+    };
+    assert_eq!(
+        lanes.close_retired(),
+        Vec::<u16>::new(),
+        "a lane whose writer holds a chunk is not idle"
+    );
+    opener.join().unwrap();
+    let (frame_type, seq) = frames.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(frame_type, FrameType::Data);
+    assert_eq!(
+        lanes.close_retired(),
+        Vec::<u16>::new(),
+        "a lane with an unacknowledged chunk is not idle"
+    );
+    assert_eq!(lanes.outstanding(), 1);
+    handle.acknowledge(seq);
+    loop {
+        let closed = lanes.close_retired();
+        if closed == [0] {
+            break;
+        }
+        assert!(closed.is_empty(), "{closed:?}");
+        assert!(Instant::now() < deadline, "an idle retired lane is closed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(lanes.outstanding(), 0);
+    let (frame_type, _) = frames.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(frame_type, FrameType::Close);
+    consumer.join().unwrap();
+    assert_eq!(pool.stats().in_use_bytes, 0);
 }
 
 proptest! {

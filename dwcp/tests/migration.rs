@@ -328,7 +328,9 @@ fn a_guest_dirtying_faster_than_the_link_still_finishes_with_a_reason() {
     let (addr, rx) = spawn_receiver(psk(1), receiver_config());
     // Without aids: this is the path where a stall forces stop-and-copy (the throttle's path is
     // dwcp/tests/convergence.rs). With the default throttle, this test once timed out in CI
-    // waiting for acknowledgements (not reproduced in 9 local runs, 6 of them beside two CPU hogs).
+    // waiting for acknowledgements: a retired stream was closed while its writer still held a
+    // chunk (fixed in dwcp-tcp's lanes; see its test
+    // `a_retired_lane_is_not_closed_while_its_writer_still_holds_a_chunk`).
     let cfg = MigrationConfig {
         downtime_limit: Duration::from_micros(1),
         max_iterations: 50,
