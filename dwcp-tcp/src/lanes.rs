@@ -116,6 +116,8 @@ struct LaneState {
     data_frames: AtomicU64,
     failed: AtomicBool,
     retiring: AtomicBool,
+    /// A control frame was queued on it: it carries the handover, and `close_retired` leaves it.
+    carries_control: AtomicBool,
     error: Mutex<Option<String>>,
     retained: Mutex<Retained>,
     /// Chunks the writer could not write because the lane had failed.
@@ -268,6 +270,7 @@ impl Lanes {
             data_frames: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
+            carries_control: AtomicBool::new(false),
             error: Mutex::new(None),
             retained: Mutex::new(Retained::default()),
             orphans: Mutex::new(Vec::new()),
@@ -348,7 +351,9 @@ impl Lanes {
         }
     }
 
-    /// Queues a control frame on lane `id`.
+    /// Queues a control frame on lane `id`. From then on [`close_retired`](Self::close_retired)
+    /// leaves the lane open, even if it is retiring: the next control frame (Commit after Finish)
+    /// goes on the same lane, and the peer answers on it.
     pub fn send_on(&self, id: u16, out: Outgoing) -> Result<(), Error> {
         let lane = self
             .lanes
@@ -356,6 +361,7 @@ impl Lanes {
             .find(|l| l.state.id == id)
             .ok_or_else(|| Error::Protocol(format!("stream {id} is gone")))?;
         check(&lane.state)?;
+        lane.state.carries_control.store(true, Ordering::Release);
         lane.state
             .queued_bytes
             .fetch_add(out.payload.bytes().len() as u64, Ordering::Relaxed);
@@ -364,14 +370,21 @@ impl Lanes {
             .map_err(|_| Error::Protocol(format!("stream {id} writer stopped")))
     }
 
-    /// Queues a control frame on the live lane with the lowest id, and returns that id.
+    /// Queues a control frame on the live lane with the lowest id, or, when no lane is live, on the
+    /// retiring one with the lowest id; returns that id.
     pub fn send_control(&self, out: Outgoing) -> Result<u16, Error> {
-        let id = self
-            .lanes
-            .iter()
-            .filter(|l| !l.state.failed.load(Ordering::Acquire))
-            .map(|l| l.state.id)
-            .min()
+        // A retiring lane only when nothing else is left (the live ones failed): the frame must still
+        // go out (an Error for the peer, say), and `send_on` keeps the lane open for what follows.
+        // Otherwise a live one, so that retiring lanes still close once their chunks are acknowledged.
+        let lowest = |usable: fn(&LaneState) -> bool| {
+            self.lanes
+                .iter()
+                .filter(|l| usable(&l.state))
+                .map(|l| l.state.id)
+                .min()
+        };
+        let id = lowest(schedulable)
+            .or_else(|| lowest(|st| !st.failed.load(Ordering::Acquire)))
             .ok_or_else(|| Error::Protocol("no stream left to send control frames on".into()))?;
         self.send_on(id, out)?;
         Ok(id)
@@ -463,8 +476,8 @@ impl Lanes {
         }
     }
 
-    /// Closes retiring lanes that have nothing queued or unacknowledged: sends them a Close frame and
-    /// waits for their writer. Returns their ids.
+    /// Closes retiring lanes that have nothing queued or unacknowledged and never carried a control
+    /// frame: sends them a Close frame and waits for their writer. Returns their ids.
     pub fn close_retired(&mut self) -> Vec<u16> {
         let mut closed = Vec::new();
         let mut i = 0;
@@ -472,6 +485,7 @@ impl Lanes {
             let st = &self.lanes[i].state;
             let idle = st.retiring.load(Ordering::Acquire)
                 && !st.failed.load(Ordering::Acquire)
+                && !st.carries_control.load(Ordering::Acquire)
                 && st.queued_bytes.load(Ordering::Acquire) == 0
                 && st.retained.lock().unacked.is_empty();
             if !idle {

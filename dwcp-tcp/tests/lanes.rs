@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dwcp_core::frame::{FrameReader, FrameType, FrameWriter, MAX_PAYLOAD};
 use dwcp_core::pool::BufferPool;
 use dwcp_core::transport::Conn;
-use dwcp_tcp::{DataChunk, LaneHandle, Lanes, SocketProfile};
+use dwcp_tcp::{DataChunk, LaneHandle, Lanes, Outgoing, Payload, SocketProfile};
 use proptest::prelude::*;
 
 fn pair(profile: &SocketProfile) -> (TcpStream, TcpStream, String) {
@@ -422,6 +422,135 @@ fn a_retired_lane_is_not_closed_while_its_writer_still_holds_a_chunk() {
     assert_eq!(frame_type, FrameType::Close);
     consumer.join().unwrap();
     assert_eq!(pool.stats().in_use_bytes, 0);
+}
+
+/// `n` lanes to peers that report every frame they read (its type and payload) on one channel per
+/// lane, until Close.
+#[allow(clippy::type_complexity)]
+fn observed(
+    n: u16,
+) -> (
+    Lanes,
+    Vec<LaneHandle>,
+    Vec<std::sync::mpsc::Receiver<(FrameType, Vec<u8>)>>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let mut lanes = Lanes::new();
+    let (mut handles, mut frames, mut consumers) = (Vec::new(), Vec::new(), Vec::new());
+    for id in 0..n {
+        let (c, s, _) = pair(&SocketProfile::datacenter());
+        let mut w = FrameWriter::new(Box::new(c) as Box<dyn Conn>);
+        w.bind_session(9);
+        handles.push(lanes.add(id, w).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        frames.push(rx);
+        consumers.push(std::thread::spawn(move || {
+            let mut r = FrameReader::new(s);
+            r.bind_session(9, MAX_PAYLOAD);
+            let mut p = Vec::new();
+            while let Ok(h) = r.read_frame(&mut p) {
+                let _ = tx.send((h.frame_type, p.clone()));
+                if h.frame_type == FrameType::Close {
+                    break;
+                }
+            }
+        }));
+    }
+    (lanes, handles, frames, consumers)
+}
+
+fn control(frame_type: FrameType, payload: &[u8]) -> Outgoing {
+    Outgoing {
+        frame_type,
+        payload: Payload::Owned(payload.to_vec()),
+    }
+}
+
+#[test]
+fn control_frames_go_on_a_live_lane_not_a_retiring_one() {
+    // Retiring lanes are normally the newest, but after lost streams and a reconnection the lowest id
+    // may be one. Finish went on it; `close_retired` then closed it as idle, and the Commit that
+    // follows on the same lane failed with "stream 0 is gone".
+    let (mut lanes, _handles, frames, consumers) = observed(2);
+    lanes.retire(0);
+    assert_eq!(
+        lanes
+            .send_control(control(FrameType::Finish, b"finish"))
+            .unwrap(),
+        1,
+        "the live lane carries it"
+    );
+    let (frame_type, payload) = frames[1].recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (frame_type, &payload[..]),
+        (FrameType::Finish, &b"finish"[..])
+    );
+    assert_eq!(
+        lanes.close_retired(),
+        [0],
+        "the idle retiring lane still closes"
+    );
+    assert_eq!(
+        frames[0].recv_timeout(Duration::from_secs(10)).unwrap().0,
+        FrameType::Close
+    );
+    lanes
+        .send_on(1, control(FrameType::Commit, b"commit"))
+        .expect("the lane carrying the handover is still there");
+    let (frame_type, payload) = frames[1].recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (frame_type, &payload[..]),
+        (FrameType::Commit, &b"commit"[..])
+    );
+    lanes.close().unwrap();
+    for c in consumers {
+        c.join().unwrap();
+    }
+}
+
+#[test]
+fn a_retiring_lane_left_to_carry_control_frames_is_not_closed_under_them() {
+    // The live lane failed (not yet reaped): the retiring one is all that is left, and it carries
+    // Finish. It must stay open for the Commit after it, even once its queue is empty.
+    let (mut lanes, handles, frames, consumers) = observed(2);
+    lanes.retire(0);
+    handles[1].fail("peer went away");
+    assert_eq!(
+        lanes
+            .send_control(control(FrameType::Finish, b"finish"))
+            .unwrap(),
+        0,
+        "with no live lane, a retiring one still carries it"
+    );
+    let (frame_type, _) = frames[0].recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(frame_type, FrameType::Finish);
+    // The writer has written the frame; give it time to count it as no longer queued.
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        assert_eq!(
+            lanes.close_retired(),
+            Vec::<u16>::new(),
+            "the lane carrying the handover stays"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    lanes
+        .send_on(0, control(FrameType::Commit, b"commit"))
+        .expect("the lane carrying the handover is still there");
+    let (frame_type, payload) = frames[0].recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (frame_type, &payload[..]),
+        (FrameType::Commit, &b"commit"[..])
+    );
+    assert_eq!(lanes.reap_failed().len(), 1);
+    lanes.close().unwrap();
+    assert_eq!(
+        frames[0].recv_timeout(Duration::from_secs(10)).unwrap().0,
+        FrameType::Close
+    );
+    for c in consumers {
+        c.join().unwrap();
+    }
 }
 
 proptest! {
