@@ -95,6 +95,19 @@ pub enum FrameType {
     ChannelReset = 38,
     /// QEMU tunnel: nothing else to send; keeps an idle stream alive.
     Keepalive = 39,
+    /// Post-copy (`dwcp-postcopy`): part of a set of pages, as ranges: the pages the destination
+    /// still lacks (from the source when post-copy starts, from the destination when it resumes).
+    PostcopyMissing = 48,
+    /// Post-copy: the source ends the set it sent; the destination may run the VM.
+    PostcopyStart = 49,
+    /// Post-copy: the destination ends the set it sent after a reconnect; the source resumes.
+    PostcopyResume = 50,
+    /// Post-copy: the destination faulted on these pages and waits for them (urgent stream).
+    PageRequest = 51,
+    /// Post-copy: whole pages, each with its number (urgent and background streams).
+    PostcopyPages = 52,
+    /// Post-copy: the destination placed every page; its digest of them.
+    PostcopyComplete = 53,
 }
 
 impl FrameType {
@@ -128,6 +141,12 @@ impl FrameType {
             37 => Self::ChannelEnd,
             38 => Self::ChannelReset,
             39 => Self::Keepalive,
+            48 => Self::PostcopyMissing,
+            49 => Self::PostcopyStart,
+            50 => Self::PostcopyResume,
+            51 => Self::PageRequest,
+            52 => Self::PostcopyPages,
+            53 => Self::PostcopyComplete,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -162,6 +181,12 @@ impl FrameType {
             Self::ChannelEnd => "ChannelEnd",
             Self::ChannelReset => "ChannelReset",
             Self::Keepalive => "Keepalive",
+            Self::PostcopyMissing => "PostcopyMissing",
+            Self::PostcopyStart => "PostcopyStart",
+            Self::PostcopyResume => "PostcopyResume",
+            Self::PageRequest => "PageRequest",
+            Self::PostcopyPages => "PostcopyPages",
+            Self::PostcopyComplete => "PostcopyComplete",
         }
     }
 }
@@ -648,20 +673,22 @@ mod tests {
 
     #[test]
     fn type_bytes_outside_the_assigned_ranges_are_unknown() {
-        for byte in (0u8..=255).filter(|b| !(1..=19).contains(b) && !(32..=39).contains(b)) {
+        for byte in (0u8..=255)
+            .filter(|b| !(1..=19).contains(b) && !(32..=39).contains(b) && !(48..=53).contains(b))
+        {
             assert_eq!(
                 FrameType::from_wire(byte),
                 Err(FrameError::UnknownType(byte))
             );
         }
-        for byte in (1u8..=19).chain(32..=39) {
+        for byte in (1u8..=19).chain(32..=39).chain(48..=53) {
             assert_eq!(FrameType::from_wire(byte).unwrap() as u8, byte);
         }
     }
 
     proptest! {
         #[test]
-        fn roundtrip(ty in prop_oneof![1u8..=19, 32u8..=39], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        fn roundtrip(ty in prop_oneof![1u8..=19, 32u8..=39, 48u8..=53], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let ty = FrameType::from_wire(ty).unwrap();
             let mut buf = Vec::new();
             encode_frame(ty, session, seq, &payload, &mut buf);

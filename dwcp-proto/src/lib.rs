@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dest;
+pub mod postcopy;
 pub mod report;
 pub mod source;
 

@@ -39,6 +39,7 @@ mod hde;
 mod headline;
 mod pba;
 mod plot;
+mod postcopy;
 mod process;
 mod qemu;
 mod rdma;
@@ -150,6 +151,8 @@ enum Which {
     Cluster,
     /// Encrypted vs plain text, and a migration beside 200 hostile connections.
     Security,
+    /// Post-copy's page-fault service latency on loopback, TLS and plain text.
+    Postcopy,
 }
 
 /// Where the workspace is and where cargo puts its output.
@@ -267,6 +270,7 @@ fn main() -> ExitCode {
             Which::Fleet => pba::bench_fleet(&ws, quick),
             Which::Cluster => cluster::bench(&ws, quick),
             Which::Security => security::bench(&ws, quick, rounds),
+            Which::Postcopy => postcopy::bench(&ws, quick, rounds),
             Which::All => suite::bench(&ws, quick, &wan.link, only.as_deref()),
             Which::E2e => bench(&ws, quick, strict, headline_only),
         },
