@@ -117,6 +117,9 @@ fn stop_text(converged: bool, reason: &str) -> String {
             "the dirty set stopped shrinking, stop-and-copy forced above the downtime limit"
         }
         "iteration_limit" => "stop-and-copy forced by the iteration limit",
+        "postcopy" => {
+            "pre-copy could not pause within the ceiling; the pages still missing move by post-copy"
+        }
         "clean" => {
             "nothing was left to send, but the fixed cost of a pause (digest, handover round \
              trips) alone exceeded the downtime limit"
@@ -305,6 +308,7 @@ mod tests {
             pool: Default::default(),
             passes: Vec::new(),
             latency: Default::default(),
+            postcopy: None,
         }
     }
 
@@ -366,6 +370,7 @@ mod tests {
             digest_match: true,
             digest: "00".repeat(16),
             latency: Default::default(),
+            postcopy: false,
         };
         let j = JsonReport::receive(&r).unwrap();
         for key in [

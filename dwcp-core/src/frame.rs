@@ -108,6 +108,9 @@ pub enum FrameType {
     PostcopyPages = 52,
     /// Post-copy: the destination placed every page; its digest of them.
     PostcopyComplete = 53,
+    /// Pre-copy could not converge: every data frame is acknowledged and the session ends here,
+    /// its memory left for post-copy (payload as Finish; stream 0 of the migration session, S→D).
+    PostcopySwitch = 54,
 }
 
 impl FrameType {
@@ -147,6 +150,7 @@ impl FrameType {
             51 => Self::PageRequest,
             52 => Self::PostcopyPages,
             53 => Self::PostcopyComplete,
+            54 => Self::PostcopySwitch,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -187,6 +191,7 @@ impl FrameType {
             Self::PageRequest => "PageRequest",
             Self::PostcopyPages => "PostcopyPages",
             Self::PostcopyComplete => "PostcopyComplete",
+            Self::PostcopySwitch => "PostcopySwitch",
         }
     }
 }
@@ -674,21 +679,21 @@ mod tests {
     #[test]
     fn type_bytes_outside_the_assigned_ranges_are_unknown() {
         for byte in (0u8..=255)
-            .filter(|b| !(1..=19).contains(b) && !(32..=39).contains(b) && !(48..=53).contains(b))
+            .filter(|b| !(1..=19).contains(b) && !(32..=39).contains(b) && !(48..=54).contains(b))
         {
             assert_eq!(
                 FrameType::from_wire(byte),
                 Err(FrameError::UnknownType(byte))
             );
         }
-        for byte in (1u8..=19).chain(32..=39).chain(48..=53) {
+        for byte in (1u8..=19).chain(32..=39).chain(48..=54) {
             assert_eq!(FrameType::from_wire(byte).unwrap() as u8, byte);
         }
     }
 
     proptest! {
         #[test]
-        fn roundtrip(ty in prop_oneof![1u8..=19, 32u8..=39, 48u8..=53], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        fn roundtrip(ty in prop_oneof![1u8..=19, 32u8..=39, 48u8..=54], session: u64, seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let ty = FrameType::from_wire(ty).unwrap();
             let mut buf = Vec::new();
             encode_frame(ty, session, seq, &payload, &mut buf);

@@ -104,6 +104,14 @@ pub enum DestEvent {
         /// The stream it came on.
         stream: u16,
     },
+    /// Pre-copy ended in post-copy (PostcopySwitch, Finish's payload, on `stream`): once every
+    /// data frame it announces is applied the session ends, its memory left for post-copy.
+    PostcopySwitch {
+        /// The message.
+        finish: Finish,
+        /// The stream it came on.
+        stream: u16,
+    },
     /// What was applied, asked for by [`DestAction::CheckReceived`].
     Received {
         /// The ledger holds exactly the data frames Finish announced.
@@ -218,6 +226,8 @@ pub struct DestMachine {
     streams_opened: u64,
     orphaned_since: Option<Instant>,
     finish: Option<(Finish, u16)>,
+    /// The source switched to post-copy instead of finishing.
+    postcopy: bool,
     digest: Option<u128>,
     commit_stream: u16,
     committed: bool,
@@ -238,6 +248,7 @@ impl DestMachine {
             streams_opened: 1,
             orphaned_since: None,
             finish: None,
+            postcopy: false,
             digest: None,
             commit_stream: 0,
             committed: false,
@@ -305,6 +316,12 @@ impl DestMachine {
         self.phase == Phase::Done
     }
 
+    /// Whether the session ended in a switch to post-copy: everything pre-copy sent is applied,
+    /// the rest is for post-copy to bring, and nobody ran the VM yet.
+    pub fn is_postcopy(&self) -> bool {
+        self.postcopy && self.phase == Phase::Done
+    }
+
     /// Whether the source committed and we confirmed (the VM is ours).
     pub fn is_committed(&self) -> bool {
         self.committed
@@ -324,6 +341,10 @@ impl DestMachine {
             DestEvent::Tick => {}
             DestEvent::StreamJoined { index, pooled } => self.on_joined(index, pooled),
             DestEvent::StreamEnded { index, end } => return self.on_ended(now, index, end),
+            DestEvent::PostcopySwitch { finish, stream } => {
+                self.postcopy = true;
+                self.handle(now, DestEvent::Finish { finish, stream });
+            }
             DestEvent::Finish { finish, stream } => {
                 if self.finish.is_some() {
                     return self.fail(Error::Protocol("second finish".into()));
@@ -353,6 +374,14 @@ impl DestMachine {
                     return self.fail(Error::Protocol(format!(
                         "source finished but {missing_pages} pages were never sent"
                     )));
+                }
+                if self.postcopy {
+                    // No digest: the source's pages are not all here, by design. Post-copy
+                    // compares one over what it moves.
+                    self.phase = Phase::Done;
+                    self.actions
+                        .push_back(DestAction::Finished(Ok((finish.final_iteration, 0))));
+                    return;
                 }
                 self.phase = Phase::Hashing;
                 self.actions.push_back(DestAction::ComputeDigest);

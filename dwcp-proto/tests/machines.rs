@@ -798,3 +798,56 @@ fn an_unknown_handover_record_leaves_both_sides_stopped() {
     );
     assert!(!matches!(r.dest, Some(Ok(_))), "{:?}", r.dest);
 }
+
+/// A guest writing 400 pages per ms of virtual time anywhere in its 256, over a link delivering
+/// a frame (8 pages) every 50 µs: its dirty set never shrinks below what a pause within the
+/// operator's ceiling of 200 µs could send.
+fn faster_than_the_link(postcopy: bool) -> Setup {
+    Setup {
+        workload: Workload::constant(400),
+        downtime_limit: Duration::from_micros(50),
+        downtime_ceiling: Some(Duration::from_micros(200)),
+        postcopy,
+        ..Setup::default()
+    }
+}
+
+#[test]
+fn a_guest_faster_than_the_link_fails_without_post_copy_and_completes_with_it() {
+    let r = run(faster_than_the_link(false));
+    assert!(
+        matches!(failure(&r), Error::NotConverged { .. }),
+        "{}",
+        failure(&r)
+    );
+    assert!(r.guest_running, "the guest runs on at the source");
+
+    let r = run(faster_than_the_link(true));
+    let c = completed(&r);
+    assert_eq!(c.stop_reason, StopReason::Postcopy);
+    let handoff = c.postcopy.as_ref().expect("handed to post-copy");
+    assert!(
+        !handoff.pages.is_empty(),
+        "a guest this busy leaves pages behind"
+    );
+    assert!(handoff.why.contains("converge"), "{}", handoff.why);
+    assert!(
+        handoff.pages.windows(2).all(|w| w[0] < w[1]),
+        "sorted, distinct"
+    );
+    assert!(
+        !r.guest_running && !r.resumed,
+        "paused, never resumed: the VM moves on"
+    );
+    assert!(matches!(r.dest, Some(Ok(_))), "{:?}", r.dest);
+    // assert_invariants (in `run`) checked that every other page is right at the destination.
+    let differing = r
+        .snapshot
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(&r.dest_memory)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(differing as u64 <= handoff.pages.len() as u64);
+}

@@ -104,6 +104,16 @@ pub struct MigrationConfig {
     /// Pre-copy time after which a migration that has not converged fails with
     /// [`dwcp_core::Error::NotConverged`] (None: no deadline).
     pub precopy_deadline: Option<Duration>,
+    /// The last resort when pre-copy cannot converge within [`downtime_ceiling`](Self::downtime_ceiling)
+    /// (or by [`precopy_deadline`](Self::precopy_deadline)): instead of failing with
+    /// [`dwcp_core::Error::NotConverged`], pause the guest, wait until the destination has applied
+    /// everything sent, and end the session with the pages it does not have right in
+    /// [`MigrationReport::postcopy`](crate::MigrationReport::postcopy). The guest then stays
+    /// paused and the VM has not changed hands: the caller moves those pages with
+    /// `dwcp_postcopy::send` while the destination runs the VM on a `PostcopyMemory`
+    /// (docs/postcopy.md). Off by default: from that moment the VM lives on both hosts at once, and
+    /// losing the source for longer than post-copy's recovery window loses it.
+    pub postcopy: bool,
     /// The VM's UUID, announced to the destination with the fingerprint of the memory layout
     /// (protocol version 2), which may refuse another VM than the one it expects before any page is
     /// written. A destination speaking version 1 cannot be told: the migration goes on, with a
@@ -141,6 +151,7 @@ impl Default for MigrationConfig {
             throttle: Some(dwcp_proto::source::ThrottleSteps::QEMU),
             downtime_ceiling: None,
             precopy_deadline: None,
+            postcopy: false,
             vm_uuid: None,
         }
     }

@@ -37,8 +37,8 @@ pub use dwcp_tls::{Security, SecurityMode};
 pub use metrics::MigrationMetrics;
 pub use pool::ConnectionPool;
 pub use report::{
-    FailureReason, IterationReport, MigrationEvent, MigrationPhase, MigrationReport, Progress,
-    ReceiveReport,
+    FailureReason, IterationReport, MigrationEvent, MigrationPhase, MigrationReport, PostcopyPages,
+    Progress, ReceiveReport,
 };
 pub use source::{BandwidthHandle, Migration, TelemetryFeed, TelemetrySnapshot};
 pub use uplink::{Deadline, HostUplink, UplinkShare};

@@ -118,6 +118,21 @@ pub struct MigrationReport {
     /// Latency of each step: stream setup, encode (per batch), send (per chunk write), ack (chunk
     /// written to acknowledged), digest; P50/P95/P99/max in microseconds.
     pub latency: LatencyReport,
+    /// Set when pre-copy ended in post-copy ([`crate::MigrationConfig::postcopy`]): the guest is
+    /// paused, the VM has not changed hands, and these pages are to be moved by post-copy.
+    pub postcopy: Option<PostcopyPages>,
+}
+
+/// What pre-copy left to post-copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyPages {
+    /// How many pages.
+    pub count: u64,
+    /// Why pre-copy could not converge.
+    pub why: String,
+    /// The pages, ascending (not serialised: there may be millions).
+    #[serde(skip)]
+    pub pages: std::sync::Arc<[u64]>,
 }
 
 /// One `TCP_INFO` sample of a stream.
@@ -158,10 +173,15 @@ pub struct ReceiveReport {
     pub wire_bytes: u64,
     /// Last iteration of the source.
     pub final_iteration: u32,
-    /// Whether the digests matched (always true in a returned report: a mismatch is an error).
+    /// Whether the digests matched (true in a returned report but after a switch to post-copy,
+    /// where none was compared: a mismatch is an error).
     pub digest_match: bool,
-    /// The whole-memory digest, hex.
+    /// The whole-memory digest, hex (zero after a switch to post-copy).
     pub digest: String,
     /// Latency of decoding and of applying each chunk, P50/P95/P99/max in microseconds.
     pub latency: LatencyReport,
+    /// The source ended pre-copy in post-copy ([`crate::MigrationConfig::postcopy`]): every page
+    /// it sent is applied, the VM has not changed hands, and the rest of its memory is to come
+    /// through a `dwcp_postcopy::PostcopyListener` into the same memory.
+    pub postcopy: bool,
 }

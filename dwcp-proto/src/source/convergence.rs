@@ -90,6 +90,9 @@ pub enum StopReason {
     Stalled,
     /// The iteration limit was reached.
     IterationLimit,
+    /// Pre-copy could not converge within the ceiling, and the memory still missing moves by
+    /// post-copy.
+    Postcopy,
 }
 
 impl StopReason {
@@ -100,6 +103,7 @@ impl StopReason {
             StopReason::Clean => "clean",
             StopReason::Stalled => "stalled",
             StopReason::IterationLimit => "iteration_limit",
+            StopReason::Postcopy => "postcopy",
         }
     }
 }
@@ -176,7 +180,10 @@ impl Convergence {
         self.precopy += pass.elapsed;
         let (reason, predicted) = self.observe(pass);
         let decision = match reason {
-            Some(r @ (StopReason::Converged | StopReason::Clean)) => PassDecision::Stop(r),
+            // `observe` never says Postcopy: the machine picks it when it would give up.
+            Some(r @ (StopReason::Converged | StopReason::Clean | StopReason::Postcopy)) => {
+                PassDecision::Stop(r)
+            }
             None => match self.aids.deadline {
                 Some(d) if self.precopy >= d => self.give_up(pass, predicted, "deadline passed"),
                 _ => PassDecision::Continue,

@@ -161,6 +161,14 @@ impl SourceMachine {
                             .push_back(SourceAction::ThrottleGuest { percent });
                         self.begin_pass(now, self.pass.iteration + 1, pages, Phase::Precopy)
                     }
+                    PassDecision::Fail(error @ Error::NotConverged { .. }) if self.p.postcopy => {
+                        tracing::warn!(error = %error, "pre-copy cannot converge: switching to post-copy");
+                        self.postcopy_why = Some(error.to_string());
+                        self.stop_reason = Some(StopReason::Postcopy);
+                        self.carried = pages;
+                        self.phase = Phase::Pausing;
+                        self.actions.push_back(SourceAction::PauseGuest);
+                    }
                     PassDecision::Fail(error) => self.fail(error),
                 }
             }
@@ -169,6 +177,17 @@ impl SourceMachine {
                 all.extend_from_slice(&pages);
                 all.sort_unstable();
                 all.dedup();
+                if self.postcopy_why.is_some() {
+                    // Post-copy moves these; the final pass only waits until every chunk already
+                    // sent is acknowledged, so that nothing of pre-copy lands after the switch.
+                    self.postcopy_pages = Some(all.into());
+                    return self.begin_pass(
+                        now,
+                        self.pass.iteration + 1,
+                        Vec::new(),
+                        Phase::FinalPass,
+                    );
+                }
                 self.begin_pass(now, self.pass.iteration + 1, all, Phase::FinalPass)
             }
             _ => self.fail(Error::Protocol("dirty pages handed over unasked".into())),
@@ -301,6 +320,13 @@ impl SourceMachine {
         // The handover's frames all travel on one stream: if that stream fails now, the migration
         // fails (the guest resumes) rather than guessing which of them arrived.
         self.phase = Phase::FinishSending;
+        if self.postcopy_pages.is_some() {
+            self.actions.push_back(SourceAction::SwitchToPostcopy {
+                final_iteration: self.pass.iteration,
+                data_frames: self.next_chunk,
+            });
+            return;
+        }
         self.actions.push_back(SourceAction::SendFinish {
             final_iteration: self.pass.iteration,
             data_frames: self.next_chunk,

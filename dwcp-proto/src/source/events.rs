@@ -46,6 +46,10 @@ pub struct SourceParams {
     /// Ask the shell to record the new owner ([`SourceAction::RecordHandover`]) once the digests
     /// match, and commit only if it was recorded.
     pub record_handover: bool,
+    /// When pre-copy cannot converge within the ceiling, end it in post-copy instead of failing:
+    /// the guest stays paused, the destination keeps what it received, and the pages it does not
+    /// have right are handed back ([`Completed::postcopy`]) for `dwcp-postcopy` to move.
+    pub postcopy: bool,
 }
 
 /// The pages of a pass.
@@ -182,6 +186,8 @@ pub enum SourceEvent {
         /// The stream.
         lane: u16,
     },
+    /// PostcopySwitch went out ([`SourceAction::SwitchToPostcopy`]): pre-copy is over.
+    SwitchSent,
     /// The source's digest.
     DigestComputed {
         /// The digest.
@@ -303,6 +309,14 @@ pub enum SourceAction {
     },
     /// Resume the paused guest: the migration failed before the commit.
     ResumeGuest,
+    /// Pre-copy ends in post-copy: send PostcopySwitch (Finish's payload) on the control stream;
+    /// answer with [`SourceEvent::SwitchSent`].
+    SwitchToPostcopy {
+        /// The last pass.
+        final_iteration: u32,
+        /// Data frames sent in the whole migration.
+        data_frames: u64,
+    },
     /// The migration ended; no action follows.
     Finished(Outcome),
 }
@@ -337,6 +351,18 @@ pub struct Completed {
     pub chunk_bytes: u64,
     /// Data frames sent.
     pub data_frames: u64,
+    /// Set when pre-copy ended in post-copy: the guest is paused, nothing was handed over yet.
+    pub postcopy: Option<PostcopyHandoff>,
+}
+
+/// What pre-copy leaves to post-copy.
+#[derive(Debug, Clone)]
+pub struct PostcopyHandoff {
+    /// The pages the destination does not have right: dirtied since they were last sent, in
+    /// ascending order.
+    pub pages: Arc<[u64]>,
+    /// Why pre-copy could not converge (the error it would have failed with).
+    pub why: String,
 }
 
 /// A migration that failed; the guest runs on the source unless the error is

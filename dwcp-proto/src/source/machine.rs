@@ -9,7 +9,9 @@ use dwcp_tcp::Mode;
 
 use super::cap::Cap;
 use super::convergence::{Convergence, LinkEstimate, StopReason};
-use super::events::{Completed, Failure, Flow, PassPages, SourceAction, SourceEvent, SourceParams};
+use super::events::{
+    Completed, Failure, Flow, PassPages, PostcopyHandoff, SourceAction, SourceEvent, SourceParams,
+};
 use super::streams::{Backoff, StreamCount};
 use crate::report::{IterationReport, ResilienceReport};
 use dwcp_pba::predict::LinkPredictor;
@@ -82,6 +84,10 @@ pub struct SourceMachine {
     pub(super) passes: Vec<IterationReport>,
     pub(super) convergence: Convergence,
     pub(super) stop_reason: Option<StopReason>,
+    /// Pre-copy gave up and ends in post-copy: why, and (once the guest is paused) the pages
+    /// left to it.
+    pub(super) postcopy_why: Option<String>,
+    pub(super) postcopy_pages: Option<std::sync::Arc<[u64]>>,
     /// The last pre-copy pass's dirty pages, sent in the final pass.
     pub(super) carried: Vec<u64>,
     pub(super) streams: StreamCount,
@@ -151,6 +157,8 @@ impl SourceMachine {
             passes: Vec::new(),
             convergence: Convergence::new(params.convergence),
             stop_reason: None,
+            postcopy_why: None,
+            postcopy_pages: None,
             carried: Vec::new(),
             streams,
             live: vec![0],
@@ -390,6 +398,12 @@ impl SourceMachine {
                 self.phase = Phase::FinalDirty;
                 self.actions.push_back(SourceAction::TakeDirty);
             }
+            SourceEvent::SwitchSent => {
+                if self.phase != Phase::FinishSending || self.postcopy_pages.is_none() {
+                    return self.fail(Error::Protocol("a post-copy switch unasked".into()));
+                }
+                self.complete(now);
+            }
             SourceEvent::FinishSent { lane } => {
                 self.control_lane = Some(lane);
                 self.phase = Phase::AwaitingVerdict;
@@ -563,6 +577,10 @@ impl SourceMachine {
             logical_bytes: self.logical_bytes,
             chunk_bytes: self.chunk_bytes,
             data_frames: self.next_chunk,
+            postcopy: self.postcopy_pages.clone().map(|pages| PostcopyHandoff {
+                pages,
+                why: self.postcopy_why.clone().unwrap_or_default(),
+            }),
         })));
     }
 

@@ -30,8 +30,8 @@ pub use convergence::{
     PassMeasurement, StopReason, ThrottleSteps,
 };
 pub use events::{
-    BatchPages, Completed, Failure, Flow, Outcome, PassPages, SourceAction, SourceEvent,
-    SourceParams,
+    BatchPages, Completed, Failure, Flow, Outcome, PassPages, PostcopyHandoff, SourceAction,
+    SourceEvent, SourceParams,
 };
 pub use machine::SourceMachine;
 pub use streams::{Backoff, MAX_BACKOFF, StreamChange, StreamCount, StreamRange, stream_range};

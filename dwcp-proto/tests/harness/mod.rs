@@ -160,6 +160,10 @@ pub struct Setup {
     pub bandwidth_changes: Vec<(Duration, Option<f64>)>,
     /// If set, the source asks to record the handover and is answered this.
     pub handover: Option<dwcp_core::HandoverDecision>,
+    /// Pre-copy that cannot converge ends in post-copy.
+    pub postcopy: bool,
+    /// The operator's ceiling on the pause (None: stop-and-copy whatever it costs).
+    pub downtime_ceiling: Option<Duration>,
 }
 
 impl Default for Setup {
@@ -181,6 +185,8 @@ impl Default for Setup {
             max_bandwidth: None,
             bandwidth_changes: Vec::new(),
             handover: None,
+            postcopy: false,
+            downtime_ceiling: None,
         }
     }
 }
@@ -196,6 +202,8 @@ enum Up {
         pages: Vec<(u64, u64)>,
     },
     Finish(Finish),
+    /// PostcopySwitch (Finish's payload).
+    Switch(Finish),
     Commit(u128),
     /// The source's failure, with the code its shell sends.
     Error(ErrorCode),
@@ -371,8 +379,14 @@ impl Sim {
             seed: s.seed,
             max_bandwidth: s.max_bandwidth,
             record_handover: s.handover.is_some(),
+            postcopy: s.postcopy,
         };
-        let src = SourceMachine::new(params, t0);
+        let mut src = SourceMachine::new(params, t0);
+        src.set_convergence_aids(dwcp_proto::source::ConvergenceAids {
+            throttle: None,
+            downtime_ceiling: s.downtime_ceiling,
+            deadline: None,
+        });
         let dst = DestMachine::new(
             DestParams {
                 announced_streams: s.streams.max,
@@ -908,6 +922,26 @@ impl Sim {
                     "no stream for Finish".into(),
                 ))),
             },
+            SourceAction::SwitchToPostcopy {
+                final_iteration,
+                data_frames,
+            } => match self.live_lanes().first().copied() {
+                Some(lane) => {
+                    self.finish_lane = Some(lane);
+                    self.streams
+                        .get_mut(&lane)
+                        .unwrap()
+                        .up
+                        .push_back(Up::Switch(Finish {
+                            final_iteration,
+                            data_frames,
+                        }));
+                    self.src_event(SourceEvent::SwitchSent);
+                }
+                None => self.src_event(SourceEvent::LocalFailed(Error::Protocol(
+                    "no stream for PostcopySwitch".into(),
+                ))),
+            },
             SourceAction::ComputeDigest => {
                 let d = digest(&self.memory);
                 self.src_event(SourceEvent::DigestComputed {
@@ -1222,6 +1256,13 @@ impl Sim {
                     stream: lane,
                 });
             }
+            Up::Switch(f) => {
+                self.finish_frames = Some(f.data_frames);
+                self.dst_event(DestEvent::PostcopySwitch {
+                    finish: f,
+                    stream: lane,
+                });
+            }
             Up::Commit(d) => self.dst_event(DestEvent::Commit {
                 digest: d,
                 stream: lane,
@@ -1354,10 +1395,22 @@ pub fn assert_invariants(run: &Run) {
             .snapshot
             .as_ref()
             .expect("a completed migration paused the guest");
-        assert!(
-            *snap == run.dest_memory,
-            "the destination's memory differs from the source's at pause time"
-        );
+        match &run.source {
+            // Ended in post-copy: every page but those handed to it is right already.
+            Some(Ok(c)) if c.postcopy.is_some() => {
+                let left = &c.postcopy.as_ref().unwrap().pages;
+                for (p, (a, b)) in snap.iter().zip(&run.dest_memory).enumerate() {
+                    assert!(
+                        a == b || left.binary_search(&(p as u64)).is_ok(),
+                        "page {p} differs after pre-copy and is not left to post-copy"
+                    );
+                }
+            }
+            _ => assert!(
+                *snap == run.dest_memory,
+                "the destination's memory differs from the source's at pause time"
+            ),
+        }
         assert!(
             !run.guest_running,
             "the source guest runs after the handover"

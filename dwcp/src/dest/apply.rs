@@ -31,6 +31,8 @@ pub(super) enum Event {
     Joined(u16, StreamReader, StreamWriter, bool),
     /// The source sent Finish on a stream (answer on the same stream).
     Finish(u16, Finish, SharedWriter),
+    /// The source ends pre-copy in post-copy (PostcopySwitch, Finish's payload).
+    PostcopySwitch(u16, Finish),
     /// The source committed the handover.
     Commit(u16, u128, SharedWriter),
     /// A stream ended.
@@ -145,6 +147,12 @@ pub(super) fn apply_stream(
             FrameType::Finish => match Finish::decode(&payload) {
                 Ok(f) => {
                     let _ = events.send(Event::Finish(index, f, Arc::clone(writer)));
+                }
+                Err(e) => return fatal(e.into()),
+            },
+            FrameType::PostcopySwitch => match Finish::decode(&payload) {
+                Ok(f) => {
+                    let _ = events.send(Event::PostcopySwitch(index, f));
                 }
                 Err(e) => return fatal(e.into()),
             },

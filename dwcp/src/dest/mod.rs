@@ -706,7 +706,7 @@ impl<'l> Incoming<'l> {
             drop(tx);
             (result, opened)
         });
-        let (final_iteration, digest) = outcome?;
+        let (final_iteration, digest, postcopy) = outcome?;
         let pages = shared.pages_applied.load(Ordering::Relaxed);
         let report = ReceiveReport {
             session_id: format!("{:016x}", self.session_id),
@@ -721,11 +721,16 @@ impl<'l> Incoming<'l> {
             logical_bytes: (pages + shared.stale.load(Ordering::Relaxed)) * PAGE_SIZE as u64,
             wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
             final_iteration,
-            digest_match: true,
+            digest_match: !postcopy,
             digest: hex(digest),
             latency: shared.latency.report(),
+            postcopy,
         };
-        tracing::info!(session = %report.session_id, pages, "migration received and committed");
+        if postcopy {
+            tracing::info!(session = %report.session_id, pages, "pre-copy received; the rest comes by post-copy");
+        } else {
+            tracing::info!(session = %report.session_id, pages, "migration received and committed");
+        }
         Ok(report)
     }
 }

@@ -155,8 +155,8 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the session's machine to its end: streams join and end; Finish → digest → Verdict →
-    /// Commit → CommitAck; the machine hears of a set `cancel` too. Returns the final iteration and
-    /// the digest.
+    /// Commit → CommitAck (or PostcopySwitch); the machine hears of a set `cancel` too. Returns the
+    /// final iteration, the digest and whether the session ended in a switch to post-copy.
     pub(super) fn drive<'scope>(
         &'scope self,
         scope: &'scope std::thread::Scope<'scope, '_>,
@@ -165,7 +165,7 @@ impl<'a> Session<'a> {
         events: &Receiver<Event>,
         tx: &Sender<Event>,
         cancel: &AtomicBool,
-    ) -> (Result<(u32, u128), Error>, u64) {
+    ) -> (Result<(u32, u128, bool), Error>, u64) {
         let cfg = self.cfg;
         let mut machine = DestMachine::new(
             DestParams {
@@ -190,7 +190,11 @@ impl<'a> Session<'a> {
         loop {
             while let Some(action) = machine.poll_action() {
                 if let DestAction::Finished(result) = action {
-                    return (result.map_err(|f| f.0), machine.streams_opened());
+                    let postcopy = machine.is_postcopy();
+                    return (
+                        result.map(|(i, d)| (i, d, postcopy)).map_err(|f| f.0),
+                        machine.streams_opened(),
+                    );
                 }
                 if let Some(ev) = shell.execute(action) {
                     machine.handle(Instant::now(), ev);
@@ -241,6 +245,10 @@ impl Shell<'_, '_, '_, '_> {
                 self.finish_writer = Some(writer);
                 self.finish_frames = Some(finish.data_frames);
                 DestEvent::Finish { finish, stream }
+            }
+            Event::PostcopySwitch(stream, finish) => {
+                self.finish_frames = Some(finish.data_frames);
+                DestEvent::PostcopySwitch { finish, stream }
             }
             Event::Commit(stream, digest, writer) => {
                 self.commit_writer = Some(writer);

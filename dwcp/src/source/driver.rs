@@ -101,6 +101,7 @@ impl<'m, 'a> Driver<'m, 'a> {
             seed: self.s.links.session_id ^ dwcp_core::handshake::new_session_id(),
             max_bandwidth: self.m.bandwidth.get().map(|r| r as f64),
             record_handover: true,
+            postcopy: cfg.postcopy,
         };
         self.bandwidth_seen = self.m.bandwidth.generation();
         let mut machine = SourceMachine::new(params, Instant::now());
@@ -111,6 +112,8 @@ impl<'m, 'a> Driver<'m, 'a> {
         });
         let outcome = self.drive(&mut machine, dirty, vm);
         let result = match outcome {
+            // Ended in post-copy: the VM changes hands only once post-copy has moved the rest.
+            Ok(done) if done.postcopy.is_some() => Ok(self.report(done)),
             Ok(done) => {
                 vm.handed_over();
                 Ok(self.report(done))
@@ -415,6 +418,25 @@ impl<'m, 'a> Driver<'m, 'a> {
                     Err(e) => SourceEvent::LocalFailed(e),
                 })
             }
+            SourceAction::SwitchToPostcopy {
+                final_iteration,
+                data_frames,
+            } => {
+                let sent = self.s.links.lanes.send_control(Outgoing {
+                    frame_type: FrameType::PostcopySwitch,
+                    payload: Payload::Owned(
+                        Finish {
+                            final_iteration,
+                            data_frames,
+                        }
+                        .encode(),
+                    ),
+                });
+                Some(match sent {
+                    Ok(_) => SourceEvent::SwitchSent,
+                    Err(e) => SourceEvent::LocalFailed(e),
+                })
+            }
             SourceAction::ComputeDigest => {
                 // The destination hashes its copy while we hash ours.
                 let start = Instant::now();
@@ -612,7 +634,8 @@ impl<'m, 'a> Driver<'m, 'a> {
             logical_bytes: done.logical_bytes,
             wire_bytes: s.links.lanes.wire_bytes(),
             logical_throughput_bps: memory_bytes as f64 / total_time,
-            digest_match: true,
+            // After a switch to post-copy nothing was compared yet: post-copy compares its digest.
+            digest_match: done.postcopy.is_none(),
             digest: hex(done.digest),
             streams: s.links.lanes.live(),
             peak_streams: done.peak_streams,
@@ -627,6 +650,11 @@ impl<'m, 'a> Driver<'m, 'a> {
             pool: s.pool.stats(),
             passes: done.passes,
             latency: s.links.dialer.latency.report(),
+            postcopy: done.postcopy.map(|h| crate::report::PostcopyPages {
+                count: h.pages.len() as u64,
+                why: h.why,
+                pages: h.pages,
+            }),
         }
     }
 }
