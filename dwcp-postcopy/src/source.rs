@@ -74,7 +74,10 @@ pub fn send(
                 config,
             ) {
                 Ok(c) => break Ok(c),
-                Err(e) if !crate::is_recoverable(&e) => break Err(e),
+                // Once the destination runs the VM, a refused or broken handshake while
+                // reconnecting (a peer closing mid-handshake looks the same as one refusing us) is
+                // retried until the recovery deadline too: giving up early loses the VM.
+                Err(e) if !retried(&e, session_id) => break Err(e),
                 Err(e) => {
                     machine.lock().on_disconnect();
                     if established {
@@ -111,6 +114,16 @@ pub fn send(
             digest: own.value(),
         })
     })
+}
+
+/// Whether `e` is worth another connection: a lost or silent stream always; once a session runs
+/// (`session_id` != 0), also a failed handshake or an error frame from the destination.
+fn retried(e: &Error, session_id: u64) -> bool {
+    let refusal = matches!(
+        e,
+        Error::Security(_) | Error::Handshake(_) | Error::Peer { .. }
+    );
+    crate::is_recoverable(e) || (session_id != 0 && refusal)
 }
 
 fn set_digest(memory: &dyn MemorySource, set: &PageSet) -> SetDigest {

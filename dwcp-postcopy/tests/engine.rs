@@ -118,10 +118,8 @@ fn with_post_copy_the_same_guest_moves_bit_exact_and_the_destination_runs_before
     assert!(handoff.why.contains("converge"), "{}", handoff.why);
     assert!(!running(&guest), "the source guest stays paused");
 
-    let mut set = PageSet::new(guest.layout().total_pages());
-    for &p in handoff.pages.iter() {
-        set.insert(p);
-    }
+    let set = PageSet::from_pages(guest.layout().total_pages(), handoff.pages.iter().copied())
+        .expect("pages of this memory");
     let switched = Instant::now();
     let sender = {
         let (guest, set) = (Arc::clone(&guest), set.clone());

@@ -21,6 +21,18 @@ impl PageSet {
         }
     }
 
+    /// The set of `pages` (any order, repeats allowed) below `bound`; `None` if one is not below it.
+    pub fn from_pages(bound: u64, pages: impl IntoIterator<Item = u64>) -> Option<Self> {
+        let mut set = Self::new(bound);
+        for p in pages {
+            if p >= bound {
+                return None;
+            }
+            set.insert(p);
+        }
+        Some(set)
+    }
+
     /// Every page below `bound`.
     pub fn full(bound: u64) -> Self {
         let mut set = Self::new(bound);
@@ -178,6 +190,12 @@ mod tests {
             }
             prop_assert!(set.is_empty());
         }
+    }
+
+    #[test]
+    fn from_pages_refuses_a_page_past_the_bound() {
+        assert_eq!(PageSet::from_pages(10, [3, 1, 3]).unwrap().len(), 2);
+        assert!(PageSet::from_pages(10, [10]).is_none());
     }
 
     #[test]
