@@ -104,8 +104,9 @@ pub enum DestEvent {
         /// The stream it came on.
         stream: u16,
     },
-    /// Pre-copy ended in post-copy (PostcopySwitch, Finish's payload, on `stream`): once every
-    /// data frame it announces is applied the session ends, its memory left for post-copy.
+    /// Pre-copy ended in post-copy (PostcopySwitch, Finish's payload, on `stream`): the handover
+    /// goes on as after Finish (the digest covers the pages as last sent), and the session ends
+    /// with the pages the source dirtied since left for post-copy to bring.
     PostcopySwitch {
         /// The message.
         finish: Finish,
@@ -316,8 +317,8 @@ impl DestMachine {
         self.phase == Phase::Done
     }
 
-    /// Whether the session ended in a switch to post-copy: everything pre-copy sent is applied,
-    /// the rest is for post-copy to bring, and nobody ran the VM yet.
+    /// Whether the session ended in a switch to post-copy: everything pre-copy sent is applied and
+    /// verified, the VM is ours, and the pages the source dirtied since are for post-copy to bring.
     pub fn is_postcopy(&self) -> bool {
         self.postcopy && self.phase == Phase::Done
     }
@@ -374,14 +375,6 @@ impl DestMachine {
                     return self.fail(Error::Protocol(format!(
                         "source finished but {missing_pages} pages were never sent"
                     )));
-                }
-                if self.postcopy {
-                    // No digest: the source's pages are not all here, by design. Post-copy
-                    // compares one over what it moves.
-                    self.phase = Phase::Done;
-                    self.actions
-                        .push_back(DestAction::Finished(Ok((finish.final_iteration, 0))));
-                    return;
                 }
                 self.phase = Phase::Hashing;
                 self.actions.push_back(DestAction::ComputeDigest);

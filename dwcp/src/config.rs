@@ -107,12 +107,13 @@ pub struct MigrationConfig {
     /// The last resort when pre-copy cannot converge within [`downtime_ceiling`](Self::downtime_ceiling)
     /// (or by [`precopy_deadline`](Self::precopy_deadline)): instead of failing with
     /// [`dwcp_core::Error::NotConverged`], pause the guest, wait until the destination has applied
-    /// everything sent, and end the session with the pages it does not have right in
-    /// [`MigrationReport::postcopy`](crate::MigrationReport::postcopy). The guest then stays
-    /// paused and the VM has not changed hands: the caller moves those pages with
-    /// `dwcp_postcopy::send` while the destination runs the VM on a `PostcopyMemory`
-    /// (docs/postcopy.md). Off by default: from that moment the VM lives on both hosts at once, and
-    /// losing the source for longer than post-copy's recovery window loses it.
+    /// everything sent, compare digests of that, hand the VM over (record and commit as usual), and
+    /// return with the pages the destination does not have right in
+    /// [`MigrationReport::postcopy`](crate::MigrationReport::postcopy). The guest stays paused and
+    /// its memory must stay: the caller moves those pages with `dwcp_postcopy::send` while the
+    /// destination runs the VM on a `PostcopyMemory` (docs/postcopy.md), and calls
+    /// `VmControl::handed_over` after. Off by default: from the commit on, the VM needs both hosts
+    /// until post-copy ends, and losing the source for longer than its recovery window loses it.
     pub postcopy: bool,
     /// The VM's UUID, announced to the destination with the fingerprint of the memory layout
     /// (protocol version 2), which may refuse another VM than the one it expects before any page is

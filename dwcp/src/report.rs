@@ -119,7 +119,8 @@ pub struct MigrationReport {
     /// written to acknowledged), digest; P50/P95/P99/max in microseconds.
     pub latency: LatencyReport,
     /// Set when pre-copy ended in post-copy ([`crate::MigrationConfig::postcopy`]): the guest is
-    /// paused, the VM has not changed hands, and these pages are to be moved by post-copy.
+    /// paused, the destination owns the VM (recorded and committed as after any handover), and
+    /// these pages are still to be moved by post-copy from this memory.
     pub postcopy: Option<PostcopyPages>,
 }
 
@@ -173,15 +174,15 @@ pub struct ReceiveReport {
     pub wire_bytes: u64,
     /// Last iteration of the source.
     pub final_iteration: u32,
-    /// Whether the digests matched (true in a returned report but after a switch to post-copy,
-    /// where none was compared: a mismatch is an error).
+    /// Whether the digests matched (always true in a returned report: a mismatch is an error).
+    /// After a switch to post-copy they cover the pages as last sent.
     pub digest_match: bool,
-    /// The whole-memory digest, hex (zero after a switch to post-copy).
+    /// The whole-memory digest, hex.
     pub digest: String,
     /// Latency of decoding and of applying each chunk, P50/P95/P99/max in microseconds.
     pub latency: LatencyReport,
     /// The source ended pre-copy in post-copy ([`crate::MigrationConfig::postcopy`]): every page
-    /// it sent is applied, the VM has not changed hands, and the rest of its memory is to come
-    /// through a `dwcp_postcopy::PostcopyListener` into the same memory.
+    /// it sent is applied and verified, the VM is ours, and the pages dirtied since are to come
+    /// through a `dwcp_postcopy::PostcopyListener` into the same memory before it may run.
     pub postcopy: bool,
 }

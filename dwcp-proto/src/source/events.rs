@@ -47,8 +47,9 @@ pub struct SourceParams {
     /// match, and commit only if it was recorded.
     pub record_handover: bool,
     /// When pre-copy cannot converge within the ceiling, end it in post-copy instead of failing:
-    /// the guest stays paused, the destination keeps what it received, and the pages it does not
-    /// have right are handed back ([`Completed::postcopy`]) for `dwcp-postcopy` to move.
+    /// the guest stays paused, both sides agree on a digest of what was sent, the VM changes
+    /// owner, and the pages the destination does not have right are handed back
+    /// ([`Completed::postcopy`]) for `dwcp-postcopy` to move.
     pub postcopy: bool,
 }
 
@@ -186,8 +187,6 @@ pub enum SourceEvent {
         /// The stream.
         lane: u16,
     },
-    /// PostcopySwitch went out ([`SourceAction::SwitchToPostcopy`]): pre-copy is over.
-    SwitchSent,
     /// The source's digest.
     DigestComputed {
         /// The digest.
@@ -310,7 +309,9 @@ pub enum SourceAction {
     /// Resume the paused guest: the migration failed before the commit.
     ResumeGuest,
     /// Pre-copy ends in post-copy: send PostcopySwitch (Finish's payload) on the control stream;
-    /// answer with [`SourceEvent::SwitchSent`].
+    /// answer with [`SourceEvent::FinishSent`]. The handover goes on as after Finish (digest with
+    /// the pages as last sent, Verdict, the record, Commit, CommitAck), and the pages left to
+    /// post-copy are in [`Completed::postcopy`].
     SwitchToPostcopy {
         /// The last pass.
         final_iteration: u32,
@@ -351,7 +352,8 @@ pub struct Completed {
     pub chunk_bytes: u64,
     /// Data frames sent.
     pub data_frames: u64,
-    /// Set when pre-copy ended in post-copy: the guest is paused, nothing was handed over yet.
+    /// Set when pre-copy ended in post-copy: the guest is paused, the destination owns the VM,
+    /// and these pages are still to be moved before the source may let its memory go.
     pub postcopy: Option<PostcopyHandoff>,
 }
 

@@ -398,12 +398,6 @@ impl SourceMachine {
                 self.phase = Phase::FinalDirty;
                 self.actions.push_back(SourceAction::TakeDirty);
             }
-            SourceEvent::SwitchSent => {
-                if self.phase != Phase::FinishSending || self.postcopy_pages.is_none() {
-                    return self.fail(Error::Protocol("a post-copy switch unasked".into()));
-                }
-                self.complete(now);
-            }
             SourceEvent::FinishSent { lane } => {
                 self.control_lane = Some(lane);
                 self.phase = Phase::AwaitingVerdict;

@@ -305,6 +305,11 @@ pub struct Sim {
     dst: DestMachine,
     // guest
     memory: Vec<u64>,
+    /// Each page's value as last encoded into a chunk (0: never): what a digest of sent pages
+    /// folds, as the engine's page-hash table.
+    sent: Vec<u64>,
+    /// PostcopySwitch went out instead of Finish.
+    switched: bool,
     dirty: BTreeSet<u64>,
     dirty_started: bool,
     paused: bool,
@@ -405,6 +410,8 @@ impl Sim {
             now: Duration::ZERO,
             src,
             dst,
+            sent: vec![0; memory.len()],
+            switched: false,
             memory,
             dirty: BTreeSet::new(),
             dirty_started: false,
@@ -936,14 +943,20 @@ impl Sim {
                             final_iteration,
                             data_frames,
                         }));
-                    self.src_event(SourceEvent::SwitchSent);
+                    self.switched = true;
+                    self.src_event(SourceEvent::FinishSent { lane });
                 }
                 None => self.src_event(SourceEvent::LocalFailed(Error::Protocol(
                     "no stream for PostcopySwitch".into(),
                 ))),
             },
             SourceAction::ComputeDigest => {
-                let d = digest(&self.memory);
+                // After a switch the destination holds the pages as last sent, by design.
+                let d = digest(if self.switched {
+                    &self.sent
+                } else {
+                    &self.memory
+                });
                 self.src_event(SourceEvent::DigestComputed {
                     digest: d,
                     elapsed: Duration::from_micros(100),
@@ -1032,7 +1045,13 @@ impl Sim {
                 id: first_chunk + i as u64,
                 iteration,
                 // Read at send time, as the encoder does: the guest may write again right after.
-                pages: c.iter().map(|&p| (p, self.memory[p as usize])).collect(),
+                pages: c
+                    .iter()
+                    .map(|&p| {
+                        self.sent[p as usize] = self.memory[p as usize];
+                        (p, self.memory[p as usize])
+                    })
+                    .collect(),
             };
             wire += chunk.pages.len() as u64 * PAGE_WIRE;
             self.in_flight += CHUNK_BUFFER;

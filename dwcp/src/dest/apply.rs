@@ -31,8 +31,9 @@ pub(super) enum Event {
     Joined(u16, StreamReader, StreamWriter, bool),
     /// The source sent Finish on a stream (answer on the same stream).
     Finish(u16, Finish, SharedWriter),
-    /// The source ends pre-copy in post-copy (PostcopySwitch, Finish's payload).
-    PostcopySwitch(u16, Finish),
+    /// The source ends pre-copy in post-copy (PostcopySwitch, Finish's payload; answer on the
+    /// same stream).
+    PostcopySwitch(u16, Finish, SharedWriter),
     /// The source committed the handover.
     Commit(u16, u128, SharedWriter),
     /// A stream ended.
@@ -152,7 +153,7 @@ pub(super) fn apply_stream(
             },
             FrameType::PostcopySwitch => match Finish::decode(&payload) {
                 Ok(f) => {
-                    let _ = events.send(Event::PostcopySwitch(index, f));
+                    let _ = events.send(Event::PostcopySwitch(index, f, Arc::clone(writer)));
                 }
                 Err(e) => return fatal(e.into()),
             },

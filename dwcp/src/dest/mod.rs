@@ -721,7 +721,7 @@ impl<'l> Incoming<'l> {
             logical_bytes: (pages + shared.stale.load(Ordering::Relaxed)) * PAGE_SIZE as u64,
             wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
             final_iteration,
-            digest_match: !postcopy,
+            digest_match: true,
             digest: hex(digest),
             latency: shared.latency.report(),
             postcopy,

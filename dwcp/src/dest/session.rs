@@ -246,7 +246,8 @@ impl Shell<'_, '_, '_, '_> {
                 self.finish_frames = Some(finish.data_frames);
                 DestEvent::Finish { finish, stream }
             }
-            Event::PostcopySwitch(stream, finish) => {
+            Event::PostcopySwitch(stream, finish, writer) => {
+                self.finish_writer = Some(writer);
                 self.finish_frames = Some(finish.data_frames);
                 DestEvent::PostcopySwitch { finish, stream }
             }
