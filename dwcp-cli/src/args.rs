@@ -211,6 +211,11 @@ pub struct DemoArgs {
     /// during the migration (by default it is preallocated before, as a VMM preallocates guest RAM).
     #[arg(long)]
     pub lazy_destination: bool,
+    /// When pre-copy cannot converge within --downtime-ceiling-ms, end it in post-copy: the
+    /// destination runs the guest (a thread reading its memory) and faults the missing pages in
+    /// while the source pushes them (docs/postcopy.md). Needs a ceiling.
+    #[arg(long, requires = "downtime_ceiling_ms", conflicts_with = "vms")]
+    pub postcopy: bool,
     /// Migrate this many guests (each of --size) at once, through one connection pool and one
     /// buffer pool, as a host being evacuated does; the report gives each one's time and Jain's
     /// fairness index of their throughputs.

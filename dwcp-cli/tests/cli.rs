@@ -308,6 +308,48 @@ fn assert_migration_keys(v: &Value) {
 }
 
 #[test]
+fn demo_with_postcopy_moves_a_guest_that_cannot_converge_and_verifies_it_byte_for_byte() {
+    // 32 MiB of random memory dirtied at 2 GiB/s over a 32 MiB/s cap, no throttle, a 20 ms
+    // ceiling over a 10 ms limit: pre-copy cannot pause in time, so it ends in post-copy.
+    let f = run(
+        "demo",
+        &[
+            "demo",
+            "--size",
+            "32M",
+            "--mix",
+            "random",
+            "--dirty-rate",
+            "2048",
+            "--max-bandwidth",
+            "32M",
+            "--downtime-ms",
+            "10",
+            "--downtime-ceiling-ms",
+            "20",
+            "--no-throttle",
+            "--postcopy",
+            "--json",
+            "--no-progress",
+        ],
+        MIGRATION_TIMEOUT,
+    );
+    f.assert_success("demo --postcopy");
+    let v = f.json();
+    assert_eq!(v["stop_reason"], "postcopy", "{v}");
+    assert_eq!(v["byte_identical"], Value::Bool(true), "{v}");
+    assert_eq!(v["receiver"]["postcopy"], Value::Bool(true), "{v}");
+    let pages = v["postcopy_source"]["pages"].as_u64().unwrap();
+    assert!(pages > 0, "{v}");
+    assert_eq!(
+        v["postcopy_destination"]["pages"].as_u64(),
+        Some(pages),
+        "{v}"
+    );
+    assert_eq!(v["postcopy"]["count"].as_u64(), Some(pages), "{v}");
+}
+
+#[test]
 fn demo_json_report() {
     let f = run(
         "demo",

@@ -115,8 +115,13 @@ impl PostcopyListener {
             FrameType::PostcopyStart,
             total,
         )?;
+        let arming = Instant::now();
         let uffd = memory.arm(&set)?;
-        tracing::info!(pages = set.len(), "post-copy armed; the VM may run");
+        tracing::info!(
+            pages = set.len(),
+            arm_us = arming.elapsed().as_micros() as u64,
+            "post-copy armed; the VM may run"
+        );
         let Stream {
             reader: urgent_reader,
             writer: urgent_writer,

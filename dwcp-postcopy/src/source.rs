@@ -32,8 +32,8 @@ pub struct SourceReport {
     pub connections: u32,
     /// From the call until the destination confirmed every page.
     pub duration: Duration,
-    /// The digest both sides computed over the set's pages (they are equal, or `send` fails).
-    pub digest: u128,
+    /// The digest both sides computed over the set's pages (they are equal, or `send` fails), hex.
+    pub digest: String,
 }
 
 /// Post-copy of `set` from `memory` to the [`crate::PostcopyListener`] at `addr`.
@@ -111,7 +111,7 @@ pub fn send(
             faults: complete.faults,
             connections: m.connections(),
             duration: started.elapsed(),
-            digest: own.value(),
+            digest: format!("{:032x}", own.value()),
         })
     })
 }
