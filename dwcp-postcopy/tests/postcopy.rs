@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use dwcp_core::Error;
 use dwcp_core::handshake::Psk;
 use dwcp_core::memory::{DirtyLog, MemorySink, MemorySource, PAGE_SIZE, VmControl};
 use dwcp_core::sim::{ContentMix, SimulatedGuest, SimulatedGuestConfig};
-use dwcp_core::{Error, MemoryLayout};
 use dwcp_postcopy::{PageSet, PostcopyConfig, PostcopyListener, PostcopyMemory, send};
 use dwcp_tls::Security;
 use parking_lot::Mutex;
@@ -30,6 +30,32 @@ fn guest(mib: u64, seed: u64) -> Arc<SimulatedGuest> {
         seed,
     })
     .unwrap()
+}
+
+/// A paused source guest, fresh destination memory, the whole memory as the post-copy set, and
+/// a destination listener keyed by `key`.
+fn paused_pair(
+    mib: u64,
+    seed: u64,
+    key: u8,
+    config: &PostcopyConfig,
+) -> (
+    Arc<SimulatedGuest>,
+    Arc<PostcopyMemory>,
+    PageSet,
+    PostcopyListener,
+) {
+    let src = guest(mib, seed);
+    src.control().pause().unwrap();
+    let dst = Arc::new(PostcopyMemory::new(src.layout().clone()).unwrap());
+    let set = PageSet::full(src.layout().total_pages());
+    let listener = PostcopyListener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        security(key),
+        config.clone(),
+    )
+    .unwrap();
+    (src, dst, set, listener)
 }
 
 fn quick() -> PostcopyConfig {
@@ -151,19 +177,13 @@ fn a_guest_dirtying_faster_than_any_link_moves_by_post_copy_bit_exact_while_the_
 
 #[test]
 fn pure_post_copy_serves_every_fault_of_fresh_memory() {
-    let src = guest(32, 2);
-    src.control().pause().unwrap();
-    let dst = Arc::new(PostcopyMemory::new(src.layout().clone()).unwrap());
-    let set = PageSet::full(src.layout().total_pages());
-    let listener =
-        PostcopyListener::bind("127.0.0.1:0".parse().unwrap(), security(2), quick()).unwrap();
+    let (src, dst, set, listener) = paused_pair(32, 2, 2, &quick());
     let addr = listener.local_addr().unwrap();
     std::thread::scope(|s| {
         let source = s.spawn(|| send(addr, &security(2), &*src, set.clone(), &quick()));
         let receiver = listener
             .accept(Arc::clone(&dst), Duration::from_secs(10))
             .unwrap();
-        let never = AtomicBool::new(false);
         // The guest starts at once and touches 500 pages before most have been pushed.
         let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(3);
         let mut buf = vec![0u8; PAGE_SIZE];
@@ -175,7 +195,6 @@ fn pure_post_copy_serves_every_fault_of_fresh_memory() {
         assert!(report.faults > 0, "the guest faulted on missing pages");
         assert_eq!(report.zero_fills, 0, "every page is in the set");
         assert_eq!(sent.served, report.faults);
-        let _ = never;
         assert_bit_exact(&src, &dst, &[]);
     });
 }
@@ -264,12 +283,7 @@ impl Drop for Relay {
 
 #[test]
 fn a_connection_lost_in_the_middle_is_recovered_and_the_memory_still_arrives_bit_exact() {
-    let src = guest(32, 4);
-    src.control().pause().unwrap();
-    let dst = Arc::new(PostcopyMemory::new(src.layout().clone()).unwrap());
-    let set = PageSet::full(src.layout().total_pages());
-    let listener =
-        PostcopyListener::bind("127.0.0.1:0".parse().unwrap(), security(3), quick()).unwrap();
+    let (src, dst, set, listener) = paused_pair(32, 4, 3, &quick());
     // Cut after about a third of the memory has gone through.
     let relay = Relay::start(listener.local_addr().unwrap(), 10 << 20, false);
     let done = AtomicBool::new(false);
@@ -295,17 +309,11 @@ fn a_connection_lost_in_the_middle_is_recovered_and_the_memory_still_arrives_bit
 
 #[test]
 fn a_source_that_never_comes_back_fails_both_ends_and_missing_pages_stay_missing() {
-    let src = guest(32, 5);
-    src.control().pause().unwrap();
-    let layout = src.layout().clone();
-    let dst = Arc::new(PostcopyMemory::new(layout.clone()).unwrap());
-    let set = PageSet::full(layout.total_pages());
     let short = PostcopyConfig {
         recovery_timeout: Duration::from_secs(1),
         ..PostcopyConfig::default()
     };
-    let listener =
-        PostcopyListener::bind("127.0.0.1:0".parse().unwrap(), security(4), short.clone()).unwrap();
+    let (src, dst, set, listener) = paused_pair(32, 5, 4, &short);
     let relay = Relay::start(listener.local_addr().unwrap(), 4 << 20, true);
     std::thread::scope(|s| {
         let source = s.spawn(|| send(relay.addr, &security(4), &*src, set.clone(), &short));
@@ -319,17 +327,11 @@ fn a_source_that_never_comes_back_fails_both_ends_and_missing_pages_stay_missing
         let err = source.join().unwrap().unwrap_err();
         assert!(matches!(err, Error::Timeout(_)), "{err}");
     });
-    let _ = MemoryLayout::flat(4096);
 }
 
 #[test]
 fn a_source_with_the_wrong_key_is_refused_and_nothing_is_armed() {
-    let src = guest(4, 6);
-    src.control().pause().unwrap();
-    let dst = Arc::new(PostcopyMemory::new(src.layout().clone()).unwrap());
-    let set = PageSet::full(src.layout().total_pages());
-    let listener =
-        PostcopyListener::bind("127.0.0.1:0".parse().unwrap(), security(5), quick()).unwrap();
+    let (src, dst, set, listener) = paused_pair(4, 6, 5, &quick());
     let addr = listener.local_addr().unwrap();
     std::thread::scope(|s| {
         let source = s.spawn(|| send(addr, &security(6), &*src, set.clone(), &quick()));

@@ -509,6 +509,20 @@ impl Sim {
         }
     }
 
+    /// Queues Finish or PostcopySwitch on the first live stream, as the shell's `send_control`.
+    fn send_finish(&mut self, frame: Up) {
+        match self.live_lanes().first().copied() {
+            Some(lane) => {
+                self.finish_lane = Some(lane);
+                self.streams.get_mut(&lane).unwrap().up.push_back(frame);
+                self.src_event(SourceEvent::FinishSent { lane });
+            }
+            None => self.src_event(SourceEvent::LocalFailed(Error::Protocol(
+                "no stream for Finish".into(),
+            ))),
+        }
+    }
+
     fn src_event(&mut self, ev: SourceEvent) {
         let at = self.at();
         self.src.handle(at, ev);
@@ -912,44 +926,20 @@ impl Sim {
             SourceAction::SendFinish {
                 final_iteration,
                 data_frames,
-            } => match self.live_lanes().first().copied() {
-                Some(lane) => {
-                    self.finish_lane = Some(lane);
-                    self.streams
-                        .get_mut(&lane)
-                        .unwrap()
-                        .up
-                        .push_back(Up::Finish(Finish {
-                            final_iteration,
-                            data_frames,
-                        }));
-                    self.src_event(SourceEvent::FinishSent { lane });
-                }
-                None => self.src_event(SourceEvent::LocalFailed(Error::Protocol(
-                    "no stream for Finish".into(),
-                ))),
-            },
+            } => self.send_finish(Up::Finish(Finish {
+                final_iteration,
+                data_frames,
+            })),
             SourceAction::SwitchToPostcopy {
                 final_iteration,
                 data_frames,
-            } => match self.live_lanes().first().copied() {
-                Some(lane) => {
-                    self.finish_lane = Some(lane);
-                    self.streams
-                        .get_mut(&lane)
-                        .unwrap()
-                        .up
-                        .push_back(Up::Switch(Finish {
-                            final_iteration,
-                            data_frames,
-                        }));
-                    self.switched = true;
-                    self.src_event(SourceEvent::FinishSent { lane });
-                }
-                None => self.src_event(SourceEvent::LocalFailed(Error::Protocol(
-                    "no stream for PostcopySwitch".into(),
-                ))),
-            },
+            } => {
+                self.switched = true;
+                self.send_finish(Up::Switch(Finish {
+                    final_iteration,
+                    data_frames,
+                }))
+            }
             SourceAction::ComputeDigest => {
                 // After a switch the destination holds the pages as last sent, by design.
                 let d = digest(if self.switched {

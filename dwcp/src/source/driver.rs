@@ -403,47 +403,13 @@ impl<'m, 'a> Driver<'m, 'a> {
             SourceAction::SendFinish {
                 final_iteration,
                 data_frames,
-            } => {
-                let sent = self.s.links.lanes.send_control(Outgoing {
-                    frame_type: FrameType::Finish,
-                    payload: Payload::Owned(
-                        Finish {
-                            final_iteration,
-                            data_frames,
-                        }
-                        .encode(),
-                    ),
-                });
-                Some(match sent {
-                    Ok(lane) => {
-                        self.control_lane = Some(lane);
-                        SourceEvent::FinishSent { lane }
-                    }
-                    Err(e) => SourceEvent::LocalFailed(e),
-                })
-            }
+            } => Some(self.send_finish(FrameType::Finish, final_iteration, data_frames)),
             SourceAction::SwitchToPostcopy {
                 final_iteration,
                 data_frames,
             } => {
-                let sent = self.s.links.lanes.send_control(Outgoing {
-                    frame_type: FrameType::PostcopySwitch,
-                    payload: Payload::Owned(
-                        Finish {
-                            final_iteration,
-                            data_frames,
-                        }
-                        .encode(),
-                    ),
-                });
-                Some(match sent {
-                    Ok(lane) => {
-                        self.control_lane = Some(lane);
-                        self.postcopy_switched = true;
-                        SourceEvent::FinishSent { lane }
-                    }
-                    Err(e) => SourceEvent::LocalFailed(e),
-                })
+                self.postcopy_switched = true;
+                Some(self.send_finish(FrameType::PostcopySwitch, final_iteration, data_frames))
             }
             SourceAction::ComputeDigest => {
                 // The destination hashes its copy while we hash ours.
@@ -603,6 +569,33 @@ impl<'m, 'a> Driver<'m, 'a> {
                 small
             }
             _ => buf,
+        }
+    }
+
+    /// Sends Finish, or PostcopySwitch (the same payload), on the control stream, which then
+    /// carries the rest of the handover.
+    fn send_finish(
+        &mut self,
+        frame_type: FrameType,
+        final_iteration: u32,
+        data_frames: u64,
+    ) -> SourceEvent {
+        let sent = self.s.links.lanes.send_control(Outgoing {
+            frame_type,
+            payload: Payload::Owned(
+                Finish {
+                    final_iteration,
+                    data_frames,
+                }
+                .encode(),
+            ),
+        });
+        match sent {
+            Ok(lane) => {
+                self.control_lane = Some(lane);
+                SourceEvent::FinishSent { lane }
+            }
+            Err(e) => SourceEvent::LocalFailed(e),
         }
     }
 
