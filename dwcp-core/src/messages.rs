@@ -79,6 +79,11 @@ impl<'a> Cursor<'a> {
         Ok(u128::from_le_bytes(self.array()?))
     }
 
+    /// Bytes not taken yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Fails unless every byte was consumed.
     pub fn finish(self) -> Result<(), FrameError> {
         if self.buf.is_empty() {

@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use dwcp_core::error::{Error, FrameError};
 use dwcp_core::memory::PAGE_SIZE;
+use dwcp_core::messages::Cursor;
 
 /// Most ranges in one PostcopyMissing frame (1 MiB of payload).
 pub const MAX_RANGES_PER_FRAME: usize = 65_536;
@@ -34,77 +35,20 @@ fn malformed(what: &'static str, why: impl Into<String>) -> Error {
     .into()
 }
 
-struct Cursor<'a> {
-    what: &'static str,
-    rest: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn new(what: &'static str, payload: &'a [u8]) -> Self {
-        Self {
+/// Reads an entry count of at most `max`, each entry `each` bytes, and checks that the payload
+/// holds that many before anything is allocated for them.
+fn count(c: &mut Cursor<'_>, what: &'static str, max: usize, each: usize) -> Result<usize, Error> {
+    let n = c.u32()? as usize;
+    if n > max {
+        return Err(malformed(what, format!("{n} entries (at most {max})")));
+    }
+    if c.remaining() < n * each {
+        return Err(malformed(
             what,
-            rest: payload,
-        }
+            format!("{n} entries announced, {} bytes left", c.remaining()),
+        ));
     }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        if self.rest.len() < n {
-            return Err(malformed(
-                self.what,
-                format!(
-                    "truncated: {} more bytes needed, {} left",
-                    n,
-                    self.rest.len()
-                ),
-            ));
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, Error> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn u128(&mut self) -> Result<u128, Error> {
-        Ok(u128::from_le_bytes(
-            self.take(16)?.try_into().expect("16 bytes"),
-        ))
-    }
-
-    fn count(&mut self, max: usize, each: usize) -> Result<usize, Error> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(malformed(self.what, format!("{n} entries (at most {max})")));
-        }
-        if self.rest.len() < n * each {
-            return Err(malformed(
-                self.what,
-                format!("{n} entries announced, {} bytes left", self.rest.len()),
-            ));
-        }
-        Ok(n)
-    }
-
-    fn end(self) -> Result<(), Error> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(malformed(
-                self.what,
-                format!("{} bytes after the end", self.rest.len()),
-            ))
-        }
-    }
+    Ok(n)
 }
 
 /// Encodes one PostcopyMissing frame's ranges (at most [`MAX_RANGES_PER_FRAME`]).
@@ -120,8 +64,8 @@ pub fn encode_missing(ranges: &[Range<u64>], out: &mut Vec<u8>) {
 
 /// Decodes a PostcopyMissing payload; every range is non-empty and ends at or below `total_pages`.
 pub fn decode_missing(payload: &[u8], total_pages: u64) -> Result<Vec<Range<u64>>, Error> {
-    let mut c = Cursor::new("PostcopyMissing", payload);
-    let n = c.count(MAX_RANGES_PER_FRAME, 16)?;
+    let mut c = Cursor::new(payload, "PostcopyMissing");
+    let n = count(&mut c, "PostcopyMissing", MAX_RANGES_PER_FRAME, 16)?;
     let mut ranges = Vec::with_capacity(n);
     for _ in 0..n {
         let first = c.u64()?;
@@ -137,7 +81,7 @@ pub fn decode_missing(payload: &[u8], total_pages: u64) -> Result<Vec<Range<u64>
         };
         ranges.push(first..end);
     }
-    c.end()?;
+    c.finish()?;
     Ok(ranges)
 }
 
@@ -164,13 +108,13 @@ impl SetEnd {
 
     /// Parses the payload of `what` ("PostcopyStart" or "PostcopyResume").
     pub fn decode(what: &'static str, payload: &[u8]) -> Result<Self, Error> {
-        let mut c = Cursor::new(what, payload);
+        let mut c = Cursor::new(payload, what);
         let end = Self {
             total_pages: c.u64()?,
             pages: c.u64()?,
             ranges: c.u64()?,
         };
-        c.end()?;
+        c.finish()?;
         Ok(end)
     }
 }
@@ -187,8 +131,8 @@ pub fn encode_request(pages: &[u64], out: &mut Vec<u8>) {
 
 /// Decodes a PageRequest; every page is below `total_pages`.
 pub fn decode_request(payload: &[u8], total_pages: u64) -> Result<Vec<u64>, Error> {
-    let mut c = Cursor::new("PageRequest", payload);
-    let n = c.count(MAX_REQUEST_PAGES, 8)?;
+    let mut c = Cursor::new(payload, "PageRequest");
+    let n = count(&mut c, "PageRequest", MAX_REQUEST_PAGES, 8)?;
     if n == 0 {
         return Err(malformed("PageRequest", "no pages"));
     }
@@ -203,7 +147,7 @@ pub fn decode_request(payload: &[u8], total_pages: u64) -> Result<Vec<u64>, Erro
         }
         pages.push(page);
     }
-    c.end()?;
+    c.finish()?;
     Ok(pages)
 }
 
@@ -275,8 +219,8 @@ pub fn decode_pages<'a>(
     total_pages: u64,
     mut each: impl FnMut(u64, PageBody<'a>) -> Result<(), Error>,
 ) -> Result<usize, Error> {
-    let mut c = Cursor::new("PostcopyPages", payload);
-    let n = c.count(MAX_PAGES_PER_FRAME, 9)?;
+    let mut c = Cursor::new(payload, "PostcopyPages");
+    let n = count(&mut c, "PostcopyPages", MAX_PAGES_PER_FRAME, 9)?;
     if n == 0 {
         return Err(malformed("PostcopyPages", "no pages"));
     }
@@ -297,7 +241,7 @@ pub fn decode_pages<'a>(
         }
     }
     let data = c.take(literal * PAGE_SIZE)?;
-    c.end()?;
+    c.finish()?;
     let mut pages = data.chunks_exact(PAGE_SIZE);
     for entry in index.chunks_exact(9) {
         let page = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
@@ -334,13 +278,13 @@ impl Complete {
 
     /// Parses the payload.
     pub fn decode(payload: &[u8]) -> Result<Self, Error> {
-        let mut c = Cursor::new("PostcopyComplete", payload);
+        let mut c = Cursor::new(payload, "PostcopyComplete");
         let complete = Self {
             digest: c.u128()?,
             pages: c.u64()?,
             faults: c.u64()?,
         };
-        c.end()?;
+        c.finish()?;
         Ok(complete)
     }
 }
